@@ -1,0 +1,242 @@
+"""pgwarden's server configuration: listen address, TLS, upstream, users.
+
+A DBA reads and edits this YAML by hand, so every error names the file and
+line it came from. Users carry PostgreSQL-format password verifiers (never
+clear text): ``pgwarden passwd`` prints them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .wire.codec import DEFAULT_MAX_MESSAGE
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message starts with file:line."""
+
+
+# --- YAML with positions --------------------------------------------------------------
+
+
+class _Located:
+    """Maps a path of keys inside the document to the line it was written on."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: dict[tuple[Any, ...], int] = {}
+
+    def where(self, *path: Any) -> str:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return f"{self.source}:{self.lines.get(path, 1)}"
+
+
+def _to_python(node: yaml.Node, loc: _Located, path: tuple[Any, ...]) -> Any:
+    loc.lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                raise ConfigError(f"{loc.source}:{k.start_mark.line + 1}: mapping keys must be plain names")
+            key = k.value
+            if key in out:
+                raise ConfigError(f"{loc.source}:{k.start_mark.line + 1}: duplicate key {key!r}")
+            out[key] = _to_python(v, loc, path + (key,))
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(v, loc, path + (i,)) for i, v in enumerate(node.value)]
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path: str | Path) -> tuple[Any, _Located]:
+    """Parse YAML keeping each key's line number (for file:line errors)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}:1: cannot read: {exc.strerror}") from exc
+    return load_yaml_text(text, source)
+
+
+def load_yaml_text(text: str, source: str = "<config>") -> tuple[Any, _Located]:
+    loc = _Located(source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise ConfigError(f"{source}:{line}: invalid YAML: {exc.problem or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}:1: invalid YAML: {exc}") from exc
+    if node is None:
+        return {}, loc
+    return _to_python(node, loc, ()), loc
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    """A person (or service account) pgwarden authenticates itself."""
+
+    name: str
+    role: str
+    department: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    scram: str | None = None  # "SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>"
+    md5: str | None = None  # "md5" + md5(password + user), for legacy clients
+    method: str = "scram-sha-256"  # or md5 / password (cleartext, TLS only)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "pgwarden_svc"
+    password: str | None = None
+    sslmode: str = "prefer"  # disable | prefer | require
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Config:
+    upstream: UpstreamConfig
+    users: dict[str, UserEntry]
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 6432
+    tls: TLSConfig | None = None
+    trust_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    audit_path: str = "-"  # "-" is stdout
+    max_message_size: int = DEFAULT_MAX_MESSAGE
+    max_connections: int = 1000
+    secret: bytes = b""  # keys the fake SCRAM salts of unknown users; random per start if unset
+    source: str = "<config>"
+
+
+_METHODS = ("scram-sha-256", "md5", "password")
+_SSLMODES = ("disable", "prefer", "require")
+
+
+def _expect(cond: bool, loc: _Located, path: tuple[Any, ...], msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{loc.where(*path)}: {msg}")
+
+
+def _check_keys(d: Any, allowed: set[str], loc: _Located, path: tuple[Any, ...]) -> dict[str, Any]:
+    _expect(isinstance(d, dict), loc, path, f"'{'.'.join(map(str, path)) or 'config'}' must be a mapping")
+    for k in d:
+        _expect(k in allowed, loc, path + (k,), f"unknown key {k!r} (expected one of: {', '.join(sorted(allowed))})")
+    return d
+
+
+def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
+    p = ("users", name)
+    d = _check_keys(d, {"password", "md5", "role", "department", "attributes", "method"}, loc, p)
+    _expect(isinstance(d.get("role"), str) and d["role"], loc, p, f"user {name!r} needs a role")
+    scram = md5 = None
+    for key in ("password", "md5"):
+        v = d.get(key)
+        if v is None:
+            continue
+        _expect(isinstance(v, str), loc, p + (key,), "password verifiers are strings")
+        if v.startswith("SCRAM-SHA-256$"):
+            from .auth import parse_scram_verifier  # local: auth imports config
+
+            try:
+                parse_scram_verifier(v)
+            except ValueError as exc:
+                raise ConfigError(f"{loc.where(*p, key)}: {exc}") from exc
+            scram = v
+        elif len(v) == 35 and v.startswith("md5") and all(c in "0123456789abcdef" for c in v[3:]):
+            md5 = v
+        else:
+            raise ConfigError(
+                f"{loc.where(*p, key)}: user {name!r}: expected a SCRAM-SHA-256 verifier or an md5 hash "
+                "(run `pgwarden passwd` to make one; clear-text passwords are not accepted)"
+            )
+    method = d.get("method") or ("scram-sha-256" if scram else "md5" if md5 else "scram-sha-256")
+    _expect(method in _METHODS, loc, p + ("method",), f"method must be one of {', '.join(_METHODS)}")
+    if method == "md5":
+        _expect(md5 is not None, loc, p, f"user {name!r} uses md5 but has no md5 hash (pgwarden passwd --md5)")
+    elif method == "scram-sha-256":
+        _expect(scram is not None, loc, p, f"user {name!r} has no SCRAM-SHA-256 verifier (pgwarden passwd)")
+    else:
+        _expect(scram is not None or md5 is not None, loc, p, f"user {name!r} has no password verifier")
+    attrs = d.get("attributes") or {}
+    _expect(isinstance(attrs, dict), loc, p + ("attributes",), "attributes must be a mapping")
+    dept = d.get("department")
+    return UserEntry(
+        name=name, role=d["role"], department=None if dept is None else str(dept),
+        attributes=dict(attrs), scram=scram, md5=md5, method=method,
+    )
+
+
+def parse_config(data: Any, loc: _Located) -> Config:
+    d = _check_keys(data, {"listen", "tls", "upstream", "auth", "audit", "limits", "users", "secret"}, loc, ())
+    listen = _check_keys(d.get("listen") or {}, {"host", "port"}, loc, ("listen",))
+    up = _check_keys(d.get("upstream") or {}, {"host", "port", "user", "password", "sslmode", "connect_timeout"},
+                     loc, ("upstream",))
+    _expect("upstream" in d, loc, (), "an 'upstream' section (the real PostgreSQL) is required")
+    sslmode = up.get("sslmode", "prefer")
+    _expect(sslmode in _SSLMODES, loc, ("upstream", "sslmode"), f"sslmode must be one of {', '.join(_SSLMODES)}")
+    password = up.get("password")
+    if isinstance(password, str) and password.startswith("env:"):
+        var = password[4:]
+        password = os.environ.get(var)
+        _expect(password is not None, loc, ("upstream", "password"), f"environment variable {var} is not set")
+    upstream = UpstreamConfig(
+        host=str(up.get("host", "127.0.0.1")), port=int(up.get("port", 5432)), user=str(up.get("user", "pgwarden_svc")),
+        password=None if password is None else str(password), sslmode=sslmode,
+        connect_timeout=float(up.get("connect_timeout", 10.0)),
+    )
+    tls = None
+    if d.get("tls"):
+        t = _check_keys(d["tls"], {"cert", "key"}, loc, ("tls",))
+        _expect("cert" in t and "key" in t, loc, ("tls",), "tls needs both cert and key")
+        for k in ("cert", "key"):
+            _expect(Path(t[k]).is_file(), loc, ("tls", k), f"tls {k} file {t[k]!r} does not exist")
+        tls = TLSConfig(cert=str(t["cert"]), key=str(t["key"]))
+    auth = _check_keys(d.get("auth") or {}, {"trust"}, loc, ("auth",))
+    nets = []
+    for i, n in enumerate(auth.get("trust") or []):
+        try:
+            nets.append(ipaddress.ip_network(str(n), strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"{loc.where('auth', 'trust', i)}: {exc}") from exc
+    audit = _check_keys(d.get("audit") or {}, {"path"}, loc, ("audit",))
+    limits = _check_keys(d.get("limits") or {}, {"max_message_size", "max_connections"}, loc, ("limits",))
+    users_raw = d.get("users") or {}
+    _expect(isinstance(users_raw, dict), loc, ("users",), "users must be a mapping of name -> entry")
+    users = {str(name): _parse_user(str(name), u, loc) for name, u in users_raw.items()}
+    secret = d.get("secret")
+    return Config(
+        upstream=upstream, users=users, listen_host=str(listen.get("host", "127.0.0.1")),
+        listen_port=int(listen.get("port", 6432)), tls=tls, trust_networks=tuple(nets),
+        audit_path=str(audit.get("path", "-")),
+        max_message_size=int(limits.get("max_message_size", DEFAULT_MAX_MESSAGE)),
+        max_connections=int(limits.get("max_connections", 1000)),
+        secret=str(secret).encode() if secret else os.urandom(32), source=loc.source,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    data, loc = load_yaml(path)
+    return parse_config(data, loc)

@@ -1,0 +1,627 @@
+"""A throwaway PostgreSQL cluster for `pgwarden demo` and the test harness.
+
+Theory of operation
+-------------------
+pgwarden is tested against a real PostgreSQL, never a mock, so both the demo
+and pytest need a private server they can create and destroy in seconds:
+
+* ``initdb`` into a fresh work directory, with SCRAM over TCP and trust over a
+  Unix socket that lives *inside* the work directory (so nothing else on the
+  machine can reach it, and no password is needed for setup);
+* ``pg_ctl start`` on a free port on 127.0.0.1, with durability switched off
+  (fsync, full_page_writes, synchronous_commit) because the data is disposable;
+* ``psql`` over the Unix socket creates the ``hotel`` database and the proxy's
+  upstream login ``pgwarden_svc``, which is deliberately neither superuser nor
+  table owner (DESIGN.md, "defence in depth").
+
+PostgreSQL refuses to run as root, and CI runs as root: in that case every
+server command runs as an unprivileged system user through ``runuser`` (or
+``setpriv``), and the work directory is handed over to that user.
+
+Everything here is synchronous (subprocesses only) so it can be used from a
+pytest session fixture or a CLI command, with or without a running event loop.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+__all__ = ["ClusterError", "PgCluster", "find_bindir"]
+
+#: System user created (only when running as root) if there is no ``postgres`` user.
+FALLBACK_RUN_USER = "pgwarden-pg"
+
+#: PG* variables that would silently redirect our psql / pg_ctl calls elsewhere.
+_PG_ENV_VARS = (
+    "PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD",
+    "PGPASSFILE", "PGSERVICE", "PGSERVICEFILE", "PGOPTIONS", "PGDATA",
+    "PGSSLMODE", "PGTARGETSESSIONATTRS", "PGCLIENTENCODING",
+)
+
+#: Max length of a Unix socket path (sun_path is 108 bytes on Linux, keep a margin).
+_MAX_SOCKET_PATH = 100
+
+_STATE_FILE = "pgwarden-cluster.json"
+
+
+class ClusterError(RuntimeError):
+    """The throwaway cluster could not be created, started or stopped."""
+
+
+# --------------------------------------------------------------------------
+# Locating the server binaries
+# --------------------------------------------------------------------------
+
+
+def _has_server(bindir: Path) -> bool:
+    return all(os.access(bindir / exe, os.X_OK) for exe in ("initdb", "pg_ctl", "postgres"))
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    # /usr/lib/postgresql/<ver>/bin: sort "9.6" < "15" < "16" numerically.
+    return tuple(int(p) for p in re.findall(r"\d+", path.parent.name)) or (0,)
+
+
+def _pgserver_bindir() -> Path | None:
+    """Bundled binaries of the `pgserver` wheel, located without importing it.
+
+    Importing pgserver registers atexit hooks and lock files; we only need the
+    files, which the wheel ships as ``pgserver/pginstall/{bin,lib,share}``.
+    """
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.origin:
+        return None
+    bindir = Path(spec.origin).parent / "pginstall" / "bin"
+    return bindir if _has_server(bindir) else None
+
+
+def find_bindir() -> Path:
+    """Return the directory holding ``initdb``/``pg_ctl``/``postgres``.
+
+    Order: ``$PG_BINDIR``; the newest ``/usr/lib/postgresql/*/bin``;
+    ``pg_config --bindir``; the ``pgserver`` pip package. An explicit
+    ``$PG_BINDIR`` that is unusable is an error rather than silently ignored.
+    """
+    env = os.environ.get("PG_BINDIR")
+    if env:
+        path = Path(env)
+        if not _has_server(path):
+            raise ClusterError(f"PG_BINDIR={env} does not contain initdb, pg_ctl and postgres")
+        return path
+
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True)
+    for path in debian:
+        if _has_server(path):
+            return path
+
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            if out and _has_server(Path(out)):
+                return Path(out)
+
+    bundled = _pgserver_bindir()
+    if bundled is not None:
+        return bundled
+
+    raise ClusterError(
+        "no PostgreSQL server binaries found: install the server package "
+        "(e.g. apt-get install postgresql), set PG_BINDIR, or "
+        "`pip install 'pgwarden[pgserver]'`"
+    )
+
+
+# --------------------------------------------------------------------------
+# Running as an unprivileged user when we are root
+# --------------------------------------------------------------------------
+
+
+def _ensure_run_user() -> str:
+    """Pick (or create) the system user the server runs as when we are root."""
+    with contextlib.suppress(KeyError):
+        pwd.getpwnam("postgres")
+        return "postgres"
+    with contextlib.suppress(KeyError):
+        pwd.getpwnam(FALLBACK_RUN_USER)
+        return FALLBACK_RUN_USER
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    proc = subprocess.run(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", FALLBACK_RUN_USER],
+        capture_output=True, text=True,
+    )
+    # Exit code 9: created concurrently by another process (e.g. pytest-xdist).
+    if proc.returncode not in (0, 9):
+        raise ClusterError(
+            f"running as root and could not create system user {FALLBACK_RUN_USER!r}: "
+            f"{proc.stderr.strip() or proc.stdout.strip()}"
+        )
+    return FALLBACK_RUN_USER
+
+
+def _as_user(user: str | None, argv: Sequence[str]) -> list[str]:
+    if user is None:
+        return list(argv)
+    runuser = shutil.which("runuser") or ("/usr/sbin/runuser" if os.path.exists("/usr/sbin/runuser") else None)
+    if runuser:
+        return [runuser, "-u", user, "--", *argv]
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]
+    raise ClusterError("running as root but neither runuser nor setpriv is available to drop privileges")
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _PG_ENV_VARS}
+    env.setdefault("LC_MESSAGES", "C")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _sql_ident(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+# --------------------------------------------------------------------------
+# The cluster
+# --------------------------------------------------------------------------
+
+
+class PgCluster:
+    """A private PostgreSQL server in a work directory, on 127.0.0.1:<port>.
+
+    ``superuser`` is the DBA login (scram over TCP); ``service_user`` is the
+    proxy's own upstream login: it may read/write the hotel tables and create
+    its ``pgwarden`` state schema, but owns no table and is not superuser.
+
+    A work directory passed in is kept (and reused with its passwords) unless
+    this object created it; a temporary one is always removed by :meth:`stop`.
+    """
+
+    host: str = "127.0.0.1"
+    superuser: str = "postgres"
+    service_user: str = "pgwarden_svc"
+    database: str = "hotel"
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        port: int | None = None,
+        *,
+        superuser_password: str | None = None,
+        service_password: str | None = None,
+    ) -> None:
+        self._explicit_port = port is not None
+        self._workdir_arg = Path(workdir).absolute() if workdir is not None else None
+        self._created_workdir = False
+        self._running = False
+        self._atexit_registered = False
+        self._short_sockdir: Path | None = None
+        self.workdir: Path | None = self._workdir_arg
+        self.port: int = port if port is not None else 0
+        self.superuser_password: str = superuser_password or secrets.token_urlsafe(18)
+        self.service_password: str = service_password or secrets.token_urlsafe(18)
+        self._passwords_given = (superuser_password is not None, service_password is not None)
+        self.bindir: Path | None = None
+        self.run_user: str | None = None
+
+    # -- paths -------------------------------------------------------------
+
+    def _wd(self) -> Path:
+        if self.workdir is None:
+            raise ClusterError("cluster has not been started")
+        return self.workdir
+
+    @property
+    def datadir(self) -> Path:
+        return self._wd() / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self._wd() / "server.log"
+
+    @property
+    def socket_dir(self) -> Path:
+        """Directory of the server's Unix socket (local trust auth for setup)."""
+        if self._short_sockdir is not None:
+            return self._short_sockdir
+        return self._wd() / "run"
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    # -- public API ----------------------------------------------------------
+
+    def dsn(self, user: str | None = None, password: str | None = None, database: str = "hotel") -> str:
+        """A ``postgresql://`` URL over TCP; known users get their password filled in."""
+        user = user or self.superuser
+        if password is None:
+            password = {self.superuser: self.superuser_password,
+                        self.service_user: self.service_password}.get(user)
+        auth = quote(user, safe="")
+        if password is not None:
+            auth += ":" + quote(password, safe="")
+        return f"postgresql://{auth}@{self.host}:{self.port}/{quote(database, safe='')}"
+
+    def start(self) -> None:
+        """Create (if needed) and start the cluster, then set up hotel + pgwarden_svc.
+
+        Calling it again on a running cluster does nothing; on a stopped
+        cluster whose work directory still exists it restarts the same data.
+        """
+        if self._running:
+            return
+        self.bindir = find_bindir()
+        self.run_user = _ensure_run_user() if os.geteuid() == 0 else None
+        try:
+            self._prepare_workdir()
+            self._load_state()
+            if not (self.datadir / "PG_VERSION").exists():
+                self._initdb()
+            self._start_server()
+            self._register_atexit()
+            self._setup_roles()
+        except BaseException:
+            # Never leave a half-started server or a stray temp dir behind.
+            with contextlib.suppress(Exception):
+                self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Fast shutdown; removes the work directory if this object created it."""
+        try:
+            if self.workdir is not None and self.bindir is not None and (self.datadir / "PG_VERSION").exists():
+                if self._pg_ctl_status():
+                    proc = self._run_pg(["pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "-t", "60", "stop"],
+                                        check=False, timeout=90)
+                    if proc.returncode != 0 and self._pg_ctl_status():
+                        self._run_pg(["pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "-t", "30", "stop"],
+                                     check=False, timeout=60)
+        finally:
+            self._running = False
+            if self._atexit_registered:
+                atexit.unregister(self._atexit_stop)
+                self._atexit_registered = False
+            if self._created_workdir and self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self._created_workdir = False
+                self.workdir = self._workdir_arg
+            if self._short_sockdir is not None:
+                shutil.rmtree(self._short_sockdir, ignore_errors=True)
+                self._short_sockdir = None
+
+    def psql(self, sql: str, database: str = "hotel", *, user: str | None = None) -> str:
+        """Run SQL through psql over the Unix socket (trust auth); return stdout.
+
+        Synchronous on purpose: usable from fixtures and the CLI without an
+        event loop. Stops at the first error and raises ClusterError.
+        """
+        psql = self._psql_path()
+        argv = [str(psql), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                "-h", str(self.socket_dir), "-p", str(self.port),
+                "-U", user or self.superuser, "-d", database, "-f", "-"]
+        proc = subprocess.run(argv, input=sql, capture_output=True, text=True,
+                              env=_clean_env(), timeout=300)
+        if proc.returncode != 0:
+            raise ClusterError(f"psql failed on {database}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def __enter__(self) -> PgCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self._running else "stopped"
+        return f"<PgCluster {self.host}:{self.port} {state} workdir={self.workdir}>"
+
+    # -- internals -----------------------------------------------------------
+
+    def _run_pg(self, argv: Sequence[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a server binary, as the unprivileged user if we are root."""
+        assert self.bindir is not None
+        full = [str(self.bindir / argv[0]), *argv[1:]]
+        proc = subprocess.run(
+            _as_user(self.run_user, full), capture_output=True, text=True, env=_clean_env(),
+            cwd=str(self._wd()), timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+        if check and proc.returncode != 0:
+            raise ClusterError(
+                f"{argv[0]} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
+            )
+        return proc
+
+    def _psql_path(self) -> Path:
+        if self.bindir is not None and os.access(self.bindir / "psql", os.X_OK):
+            return self.bindir / "psql"
+        found = shutil.which("psql")
+        if not found:
+            raise ClusterError("psql not found next to the server binaries nor on PATH")
+        return Path(found)
+
+    def _chown(self, path: Path) -> None:
+        if self.run_user is not None:
+            pw = pwd.getpwnam(self.run_user)
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def _user_can(self, test_flag: str, path: Path) -> bool:
+        """Whether the run user can access ``path`` (``test -x``/``-w`` as that user)."""
+        if self.run_user is None:
+            return True
+        proc = subprocess.run(_as_user(self.run_user, ["test", test_flag, str(path)]),
+                              capture_output=True, cwd="/", env=_clean_env())
+        return proc.returncode == 0
+
+    def _prepare_workdir(self) -> None:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="pgwarden-pg-"))
+            self._created_workdir = True
+        elif not self.workdir.exists():
+            self.workdir.mkdir(parents=True)
+            self._created_workdir = True
+        wd = self.workdir
+        # mkdtemp makes 0700 dirs; the server user must be able to enter it.
+        wd.chmod(0o755)
+        self._chown(wd)
+        run = wd / "run"
+        run.mkdir(exist_ok=True)
+        run.chmod(0o755)
+        self._chown(run)
+        if self.run_user is not None:
+            if not self._user_can("-w", wd):
+                self._open_tmp_parents(wd)
+            if not self._user_can("-w", wd):
+                raise ClusterError(
+                    f"running as root: system user {self.run_user!r} cannot reach {wd}; "
+                    "a parent directory is not traversable (use a work dir under /tmp)"
+                )
+            self._make_bindir_reachable()
+
+    @staticmethod
+    def _open_tmp_parents(wd: Path) -> None:
+        """Add o+x (traverse, not list) to 0700 parents inside the temp dir.
+
+        pytest's ``tmp_path`` as root is /tmp/pytest-of-root/pytest-N/..., all
+        0700. Only directories under the system temp dir are touched; a work
+        dir under e.g. /root is refused with a clear error instead.
+        """
+        tmp = Path(tempfile.gettempdir()).resolve()
+        real = wd.resolve()
+        if tmp not in real.parents:
+            return
+        for parent in real.parents:
+            if parent == tmp:
+                break
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o001)
+
+    def _make_bindir_reachable(self) -> None:
+        """Copy pgserver's bundled install somewhere the run user can execute it.
+
+        As root the venv (and so pgserver's binaries) usually lives under a
+        0700 home directory. pgserver itself chmods every parent directory up
+        to ``/``; copying the relocatable install tree once is less invasive.
+        """
+        assert self.bindir is not None
+        if self._user_can("-x", self.bindir / "initdb"):
+            return
+        # The wheel is auditwheel-repaired: binaries find libpq & co. through
+        # RPATH $ORIGIN/../../../pgserver.libs, so keep the site-packages
+        # layout (<site>/pgserver/pginstall, <site>/pgserver.libs) in the copy.
+        install = self.bindir.parent
+        site = install.parent.parent
+        rel_install = install.relative_to(site)
+        tag = hashlib.sha1(str(install.resolve()).encode()).hexdigest()[:12]
+        dest = Path(tempfile.gettempdir()) / f"pgwarden-pginstall-{tag}"
+        if not (dest / rel_install / "bin" / "initdb").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.", dir=dest.parent))
+            tree = tmp / "tree"
+            shutil.copytree(install, tree / rel_install, symlinks=True)
+            libs = site / f"{install.parent.name}.libs"  # pgserver.libs
+            if libs.is_dir():
+                shutil.copytree(libs, tree / libs.name, symlinks=True)
+            for root, dirs, files in os.walk(tree):
+                os.chmod(root, 0o755)
+                for f in files:
+                    p = os.path.join(root, f)
+                    if not os.path.islink(p):
+                        os.chmod(p, os.stat(p).st_mode | 0o444)
+            try:
+                os.rename(tree, dest)
+            except OSError:  # another process won the race
+                pass
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.bindir = dest / rel_install / "bin"
+        if not self._user_can("-x", self.bindir / "initdb"):
+            raise ClusterError(f"system user {self.run_user!r} cannot execute {self.bindir}/initdb")
+
+    def _load_state(self) -> None:
+        """Reuse passwords (and port) of a persistent work directory."""
+        wd = self._wd()
+        if len(str(wd / "run" / ".s.PGSQL.65535")) > _MAX_SOCKET_PATH:
+            self._short_sockdir = Path(tempfile.mkdtemp(prefix="pgw-sock-"))
+            self._short_sockdir.chmod(0o755)
+            self._chown(self._short_sockdir)
+        state_file = wd / _STATE_FILE
+        if (wd / "data" / "PG_VERSION").exists() and state_file.exists():
+            state = json.loads(state_file.read_text())
+            if not self._passwords_given[0]:
+                self.superuser_password = state.get("superuser_password", self.superuser_password)
+            if not self._passwords_given[1]:
+                self.service_password = state.get("service_password", self.service_password)
+            if not self._explicit_port and state.get("port"):
+                self.port = int(state["port"])
+        if not self.port:
+            self.port = _free_port()
+
+    def _save_state(self) -> None:
+        state_file = self._wd() / _STATE_FILE
+        fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"port": self.port, "superuser_password": self.superuser_password,
+                       "service_password": self.service_password}, fh)
+
+    def _initdb(self) -> None:
+        wd = self._wd()
+        pwfile = wd / "pwfile"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.superuser_password + "\n")
+        self._chown(pwfile)
+        try:
+            base = ["initdb", "-D", str(self.datadir), "-U", self.superuser, f"--pwfile={pwfile}",
+                    "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--no-sync"]
+            proc = self._run_pg([*base, "--locale=C.UTF-8"], check=False)
+            if proc.returncode != 0 and "locale" in (proc.stderr + proc.stdout).lower():
+                shutil.rmtree(self.datadir, ignore_errors=True)
+                proc = self._run_pg([*base, "--locale=C"], check=False)
+            if proc.returncode != 0:
+                raise ClusterError(f"initdb failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+        finally:
+            pwfile.unlink(missing_ok=True)
+        self._write_config()
+        self._save_state()
+
+    def _write_config(self) -> None:
+        """pg_hba and settings for a disposable test box (no durability)."""
+        hba = self.datadir / "pg_hba.conf"
+        hba.write_text(
+            "# written by pgwarden PgCluster\n"
+            "local   all all                trust\n"
+            "host    all all 127.0.0.1/32   scram-sha-256\n"
+            "host    all all ::1/128        scram-sha-256\n"
+        )
+        self._chown(hba)
+        with open(self.datadir / "postgresql.conf", "a") as fh:
+            fh.write(
+                "\n# --- pgwarden PgCluster: disposable test cluster ---\n"
+                "listen_addresses = '127.0.0.1'\n"
+                "password_encryption = 'scram-sha-256'\n"
+                "fsync = off\n"
+                "synchronous_commit = off\n"
+                "full_page_writes = off\n"
+                "max_connections = 200\n"
+                "shared_buffers = 128MB\n"
+                "max_wal_size = 2GB\n"
+                "logging_collector = off\n"
+            )
+
+    def _pg_ctl_status(self) -> bool:
+        proc = self._run_pg(["pg_ctl", "-D", str(self.datadir), "status"], check=False, timeout=30)
+        return proc.returncode == 0
+
+    def _start_server(self) -> None:
+        if self._pg_ctl_status():
+            # Reused work dir whose server is still up (e.g. after a crash of the test runner).
+            self._running = True
+            return
+        attempts = 1 if self._explicit_port else 4
+        for attempt in range(attempts):
+            opts = f"-c port={self.port} -c unix_socket_directories='{self.socket_dir}'"
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            proc = self._run_pg(
+                ["pg_ctl", "-D", str(self.datadir), "-l", str(self.log_path), "-o", opts,
+                 "-w", "-t", "60", "start"],
+                check=False, timeout=120,
+            )
+            if proc.returncode == 0:
+                self._running = True
+                self._save_state()
+                return
+            log_tail = self._log_tail(log_offset)
+            port_taken = "could not bind" in log_tail or "could not create any TCP/IP sockets" in log_tail
+            if port_taken and attempt + 1 < attempts:
+                time.sleep(0.1)
+                self.port = _free_port()
+                continue
+            raise ClusterError(
+                f"PostgreSQL failed to start on {self.host}:{self.port} "
+                f"(pg_ctl exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()})\n"
+                f"--- tail of {self.log_path} ---\n{log_tail}"
+            )
+
+    def _log_tail(self, offset: int = 0, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(offset)
+                text = fh.read().decode("utf-8", "replace")
+        except OSError as exc:
+            return f"(no server log: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _register_atexit(self) -> None:
+        if not self._atexit_registered:
+            atexit.register(self._atexit_stop)
+            self._atexit_registered = True
+
+    def _atexit_stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+
+    def _setup_roles(self) -> None:
+        """Create the hotel database and the least-privileged service login.
+
+        Idempotent, so a reused work directory converges to the same state.
+        Default privileges are tied to the schema, which is why the sample
+        loader drops tables, never the ``public`` schema.
+        """
+        su, svc, db = _sql_ident(self.superuser), _sql_ident(self.service_user), _sql_ident(self.database)
+        svc_name = _sql_literal(self.service_user)
+        self.psql(
+            f"ALTER ROLE {su} PASSWORD {_sql_literal(self.superuser_password)};\n"
+            f"SELECT 'CREATE DATABASE {db}' WHERE NOT EXISTS "
+            f"(SELECT FROM pg_database WHERE datname = {_sql_literal(self.database)})\\gexec\n"
+            f"SELECT 'CREATE ROLE {svc} LOGIN' WHERE NOT EXISTS "
+            f"(SELECT FROM pg_roles WHERE rolname = {svc_name})\\gexec\n"
+            f"ALTER ROLE {svc} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+            f"NOBYPASSRLS PASSWORD {_sql_literal(self.service_password)};\n"
+            f"GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {db} TO {svc};\n",
+            database="postgres",
+        )
+        self.psql(
+            f"GRANT USAGE ON SCHEMA public TO {svc};\n"
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {svc};\n"
+            f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {svc};\n"
+            f"ALTER DEFAULT PRIVILEGES FOR ROLE {su} IN SCHEMA public "
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {svc};\n"
+            f"ALTER DEFAULT PRIVILEGES FOR ROLE {su} IN SCHEMA public "
+            f"GRANT USAGE, SELECT ON SEQUENCES TO {svc};\n",
+            database=self.database,
+        )

@@ -1,0 +1,157 @@
+"""The accept loop: TLS context, connection admission, cancel routing, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ssl
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+from rules.engine import Engine
+
+from . import upstream
+from .audit import AuditLog
+from .config import Config
+from .session import ClientSession
+
+
+def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Server:
+    """Accepts clients and owns what sessions share: config, engine, audit log, cancel keys."""
+
+    def __init__(self, config: Config, *, engine: Engine | None = None, audit: AuditLog | None = None) -> None:
+        self.config = config
+        self.engine = engine or Engine()
+        self.audit = audit or AuditLog(config.audit_path)
+        self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
+        self.sessions: set[ClientSession] = set()
+        self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.port = config.listen_port
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientSession(self), self.config.listen_host, self.config.listen_port, reuse_address=True,
+            backlog=1024,
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    def admit(self, session: ClientSession) -> bool:
+        if len(self.sessions) >= self.config.max_connections:
+            return False
+        self.sessions.add(session)
+        return True
+
+    def release(self, session: ClientSession) -> None:
+        self.sessions.discard(session)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background task whose failure must not take the server down."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel(self, pid: int, secret: bytes) -> None:
+        """Route a client's CancelRequest to the upstream backend it belongs to."""
+        for (kpid, ksecret), session in list(self.cancel_keys.items()):
+            if kpid == pid and hmac.compare_digest(ksecret, secret):
+                if session.up_pid:
+                    await upstream.send_cancel(self.config.upstream, session.up_pid, session.up_secret)
+                    self.audit.emit("cancel", session.principal)
+                return
+        # Like PostgreSQL, an unknown key is ignored silently.
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            with contextlib.suppress(Exception):
+                await s.shutdown()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        for t in list(self._tasks):
+            t.cancel()
+        self.audit.close()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.new_event_loop()
+
+
+class ServerThread:
+    """A server on its own event loop in a thread: pgwarden in-process for tests and the demo."""
+
+    def __init__(self, config: Config, *, engine: Engine | None = None, audit: AuditLog | None = None) -> None:
+        self.config = config
+        self._engine = engine
+        self._audit = audit
+        self.loop = new_event_loop()
+        self.server: Server | None = None
+        self._thread = threading.Thread(target=self._run, name="pgwarden", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.server = Server(self.config, engine=self._engine, audit=self._audit)
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as exc:  # reported to the starting thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+    def start(self) -> int:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        assert self.server is not None
+        return self.server.port
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run fn(*args) on the server's loop and wait for it (thread-safe access to server state)."""
+        async def run() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(30)
+
+    def stop(self) -> None:
+        if self.server is None or not self.loop.is_running():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self.server.close(), self.loop)
+        with contextlib.suppress(Exception):
+            fut.result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(15)

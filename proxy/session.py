@@ -1,0 +1,793 @@
+"""One client connection: login, then the relay in both directions.
+
+Theory of operation. Login (SSL negotiation, startup, authentication, the
+upstream login) is a coroutine. After it the session is driven by callbacks
+only: bytes from the client are framed, every SQL text (Query, Parse) goes to
+the policy engine, and the messages are forwarded in one write; bytes from
+the server are scanned for message boundaries and forwarded uncopied.
+
+To audit one event per statement the session keeps a queue of what it
+expects the server to answer, one entry per request message, in order
+(Parse -> ParseComplete, Execute -> rows + CommandComplete, Sync ->
+ReadyForQuery, ...). After an error the server skips to the next Sync, and
+so does the queue. A refused statement is never shown to the server: it is
+replaced by a statement that fails to parse, so the server itself aborts the
+transaction and skips to Sync exactly as it would for a real error, and the
+server's error is then replaced by pgwarden's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import secrets
+import shlex
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from rules.decision import Decision
+
+from . import auth, upstream
+from .identity import Principal
+from .sqltext import split_statements, statement_type, type_from_tag
+from .wire import codec
+from .wire.codes import B, F, SqlState
+from .wire.messages import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
+
+if TYPE_CHECKING:
+    from .server import Server
+
+LOGIN_TIMEOUT = 60.0
+WRITE_HIGH_WATER = 1 << 20
+
+# Settings a client may set at startup (parameters or -c options); forwarded upstream.
+# Anything else is refused: an unknown GUC could change how the server parses or
+# authorises (role, session_authorization, standard_conforming_strings=off, ...).
+STARTUP_SETTINGS = frozenset({
+    "application_name", "client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits",
+    "search_path", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
+    "default_transaction_isolation", "default_transaction_read_only", "bytea_output", "geqo",
+    "standard_conforming_strings", "client_min_messages", "jit", "work_mem",
+})
+# Settings that pgwarden itself interprets (tickets and break-glass come later); never forwarded.
+PGWARDEN_SETTINGS = frozenset({"pgwarden.ticket", "pgwarden.emergency"})
+
+# PostgreSQL encoding names -> Python codecs, for decoding statement text.
+PG_ENCODINGS = {
+    "UTF8": "utf-8", "UNICODE": "utf-8", "SQL_ASCII": "ascii", "LATIN1": "latin-1", "LATIN2": "iso8859-2",
+    "LATIN9": "iso8859-15", "WIN1250": "cp1250", "WIN1251": "cp1251", "WIN1252": "cp1252", "GBK": "gbk",
+    "GB18030": "gb18030", "BIG5": "big5", "SJIS": "shift_jis", "EUC_JP": "euc_jp", "EUC_KR": "euc_kr",
+    "EUC_CN": "gb2312", "UHC": "cp949", "KOI8R": "koi8-r",
+}
+POISON_SQL = b"pgwarden refused this statement\x00"  # a syntax error: the server aborts and skips to Sync
+
+# Expectation kinds (what the server will answer next).
+_Q, _P, _B, _D, _E, _C, _S, _F = range(8)
+
+
+class Run:
+    """One statement on its way through the server, for its audit event."""
+
+    __slots__ = ("sql", "text", "start", "decision", "done")
+
+    def __init__(self, sql: bytes | None, decision: Decision | None = None, text: str | None = None) -> None:
+        self.sql = sql  # as the client sent it (decoded only when the event is written)
+        self.text = text  # already decoded (statements split out of a simple Query)
+        self.start = 0.0
+        self.decision = decision
+        self.done = False
+
+
+class Expect:
+    """What one request message will be answered with."""
+
+    __slots__ = ("kind", "runs", "index", "refusal", "rows0", "sql")
+
+    def __init__(self, kind: int, runs: list[Run] | None = None, refusal: bytes | None = None,
+                 sql: bytes | None = None) -> None:
+        self.kind = kind
+        self.runs = runs
+        self.index = 0
+        self.refusal = refusal  # our ErrorResponse, replacing the server's answer to the poison statement
+        self.rows0 = 0
+        self.sql = sql
+
+
+class LoginError(Exception):
+    def __init__(self, sqlstate: str, message: str, raw: bytes | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.raw = raw  # an ErrorResponse from the upstream, relayed unchanged
+
+
+def parse_options(options: str) -> list[tuple[str, str]]:
+    """``-c name=value`` / ``--name=value`` pairs from the libpq ``options`` parameter."""
+    out: list[tuple[str, str]] = []
+    try:
+        words = shlex.split(options.replace("\\ ", "\x00"), posix=True)
+    except ValueError as exc:
+        raise LoginError(SqlState.PROTOCOL_VIOLATION, f"invalid options startup parameter: {exc}") from exc
+    words = [w.replace("\x00", " ") for w in words]
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w == "-c" and i + 1 < len(words):
+            kv, i = words[i + 1], i + 2
+        elif w.startswith("-c"):
+            kv, i = w[2:], i + 1
+        elif w.startswith("--"):
+            kv, i = w[2:], i + 1
+        else:
+            raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE,
+                             f"pgwarden: startup option {w!r} is not allowed (only -c name=value settings are)")
+        if "=" not in kv:
+            raise LoginError(SqlState.PROTOCOL_VIOLATION, f"invalid startup option {kv!r}: expected name=value")
+        name, value = kv.split("=", 1)
+        out.append((name.strip().lower().replace("-", "_"), value))
+    return out
+
+
+class ClientSession(asyncio.Protocol):
+    """The client side of one connection, and the relay once logged in."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.principal: Principal | None = None
+        self.client_addr = ""
+        self.client_port = 0
+        self.tls = False
+        self.relaying = False
+        self.closed = False
+        # login
+        self._rx = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._startup = codec.StartupReader()
+        self._reader = codec.MessageReader(server.config.max_message_size)
+        self._pending: deque[tuple[int, bytes]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        # relay
+        self.up_transport: asyncio.Transport | None = None
+        self.up_proto: upstream.UpstreamProtocol | None = None
+        self.up_pid = 0
+        self.up_secret = b""
+        self.key: tuple[int, bytes] | None = None
+        self._scanner = codec.BackendScanner()
+        self._expect: deque[Expect] = deque()
+        self._statements: dict[bytes, tuple[bytes, Decision | None]] = {}
+        self._portals: dict[bytes, tuple[bytes, Decision | None] | None] = {}
+        self.tx_status = "I"
+        self.encoding = "utf-8"
+        self.parameters: dict[str, str] = {}
+        self._client_paused = False
+        self._upstream_fatal = False
+        self.statements = 0
+
+    # --- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_addr, self.client_port = str(peer[0]), int(peer[1])
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[union-attr]
+        if not self.server.admit(self):
+            self.transport.write(codec.error_response(  # type: ignore[union-attr]
+                SqlState.TOO_MANY_CONNECTIONS, "sorry, too many clients already", severity="FATAL"))
+            self.transport.close()  # type: ignore[union-attr]
+            self.closed = True
+            return
+        self._task = self.loop.create_task(self._login())
+
+    def data_received(self, data: bytes) -> None:
+        if self.relaying:
+            self._on_client_data(data)
+            return
+        self._rx += data
+        if len(self._rx) > self.server.config.max_message_size + 16:
+            self._abort_login("message too large during login")
+            return
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._teardown(client_gone=True)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server produces: stop reading the server.
+        t = self.up_transport
+        if t is not None and not t.is_closing():
+            t.pause_reading()
+
+    def resume_writing(self) -> None:
+        t = self.up_transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
+    def pause_client_reading(self) -> None:
+        if self.transport is not None and not self._client_paused and not self.transport.is_closing():
+            self._client_paused = True
+            self.transport.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        if self.transport is not None and self._client_paused and not self.transport.is_closing():
+            self._client_paused = False
+            self.transport.resume_reading()
+
+    # --- login --------------------------------------------------------------------------------
+
+    def _abort_login(self, why: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(codec.error_response(SqlState.PROTOCOL_VIOLATION, why, severity="FATAL"))
+            self.transport.close()
+
+    async def _more(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("client closed the connection")
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self.closed and not self._rx:
+            raise ConnectionResetError("client closed the connection")
+
+    async def _read_startup(self) -> Any:
+        while True:
+            if self._rx:
+                self._startup.feed(bytes(self._rx))
+                self._rx.clear()
+            pkt = self._startup.next()
+            if pkt is not None:
+                return pkt
+            await self._more()
+
+    async def _recv(self) -> tuple[int, bytes]:
+        while not self._pending:
+            if self._rx:
+                data = bytes(self._rx)
+                self._rx.clear()
+                self._pending.extend(self._reader.feed(data))
+                continue
+            await self._more()
+        return self._pending.popleft()
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def _login(self) -> None:
+        started = time.monotonic()
+        user = ""
+        try:
+            async with asyncio.timeout(LOGIN_TIMEOUT):
+                startup = await self._negotiate()
+                if startup is None:
+                    return
+                user = startup.params.get("user", "")
+                self.principal = await self._authenticate(startup)
+                await self._connect_upstream(startup)
+        except LoginError as exc:
+            self._login_failed(user, exc.sqlstate, exc.message, exc.raw)
+            return
+        except auth.AuthFailed as exc:
+            self._login_failed(user, exc.sqlstate, exc.message, None)
+            return
+        except codec.ProtocolError as exc:
+            self._login_failed(user, SqlState.PROTOCOL_VIOLATION, f"invalid startup packet: {exc}", None)
+            return
+        except TimeoutError:
+            self._login_failed(user, SqlState.PROTOCOL_VIOLATION, "pgwarden: login timed out", None)
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            self._close_upstream()
+            return
+        self.server.audit.emit("login", self.principal, auth_method=self.principal.auth_method,
+                               tls=self.tls, database=self.principal.database,
+                               login_ms=round((time.monotonic() - started) * 1000, 3))
+
+    async def _negotiate(self) -> StartupMessage | None:
+        """SSL/GSS negotiation, cancel requests, then the StartupMessage."""
+        while True:
+            pkt = await self._read_startup()
+            if isinstance(pkt, SSLRequest):
+                if self.tls:
+                    raise codec.ProtocolError("SSLRequest after TLS is established")
+                ctx = self.server.ssl_context
+                if ctx is None:
+                    self._send(b"N")
+                    continue
+                if self._rx or self._startup.take_rest():
+                    # Bytes sent before the handshake could be injected by a man in the middle.
+                    raise codec.ProtocolError("received unencrypted data after SSL request")
+                self._send(b"S")
+                assert self.transport is not None
+                new = await self.loop.start_tls(self.transport, self, ctx, server_side=True)
+                if new is None:
+                    raise ConnectionResetError("TLS handshake failed")
+                self.transport = new  # type: ignore[assignment]
+                self.tls = True
+                continue
+            if isinstance(pkt, GSSENCRequest):
+                self._send(b"N")
+                continue
+            if isinstance(pkt, CancelRequest):
+                await self.server.cancel(pkt.pid, pkt.secret)
+                if self.transport is not None:
+                    self.transport.close()
+                return None
+            assert isinstance(pkt, StartupMessage)
+            rest = self._startup.take_rest()
+            if rest:
+                self._rx[:0] = rest
+            return pkt
+
+    def _settings_from_startup(self, startup: StartupMessage) -> tuple[dict[str, str], dict[str, str]]:
+        """(parameters to forward upstream, pgwarden's own settings); refuses anything else."""
+        forward: dict[str, str] = {}
+        own: dict[str, str] = {}
+        unsupported: list[str] = []
+
+        def take(name: str, value: str, how: str) -> None:
+            key = name.lower()
+            if key in PGWARDEN_SETTINGS:
+                own[key] = value
+            elif key in STARTUP_SETTINGS:
+                if key == "standard_conforming_strings" and value.lower() not in ("on", "true", "1", "yes"):
+                    raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE,
+                                     "pgwarden: standard_conforming_strings must stay on")
+                forward[name] = value
+            else:
+                raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE,
+                                 f"pgwarden: {how} {name!r} is not allowed; "
+                                 f"allowed settings: {', '.join(sorted(STARTUP_SETTINGS))}")
+
+        for name, value in startup.params.items():
+            low = name.lower()
+            if low in ("user", "database"):
+                continue
+            if low == "replication":
+                if value.lower() not in ("false", "0", "off", "no"):
+                    raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE,
+                                     "pgwarden: replication connections are not allowed")
+                continue
+            if low.startswith("_pq_."):
+                unsupported.append(name)
+                continue
+            if low == "options":
+                for k, v in parse_options(value):
+                    take(k, v, "startup option")
+                continue
+            take(name, value, "startup parameter")
+        if startup.minor > 0 or unsupported:
+            self._send(codec.negotiate_protocol_version(0, unsupported))
+        return forward, own
+
+    async def _authenticate(self, startup: StartupMessage) -> Principal:
+        params = startup.params
+        user = params.get("user", "")
+        if not user:
+            raise LoginError(SqlState.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+        self._forward_params, self._own_settings = self._settings_from_startup(startup)
+        entry, method = await auth.authenticate(self.server.config, user, self.client_addr, self.tls,
+                                                self._send, self._recv)
+        app = params.get("application_name", "")
+        return Principal(
+            user=entry.name, role=entry.role, department=entry.department, attributes=dict(entry.attributes),
+            client_addr=self.client_addr, client_port=self.client_port, application=app,
+            session_id=secrets.token_hex(8), tls=self.tls, auth_method=method,
+            database=params.get("database") or user,
+        )
+
+    async def _connect_upstream(self, startup: StartupMessage) -> None:
+        p = self.principal
+        assert p is not None
+        self._send(codec.auth_request(0))
+        params = {"database": p.database}
+        for k, v in self._forward_params.items():
+            if k.lower() != "application_name":
+                params[k] = v
+        # The DBA sees the person, not only the service login, in pg_stat_activity.
+        params["application_name"] = f"{p.user}/{p.application}" if p.application else p.user
+        try:
+            transport, proto, login = await upstream.connect(self.server.config.upstream, params,
+                                                            self.server.config.max_message_size)
+        except upstream.UpstreamError as exc:
+            raise LoginError(exc.sqlstate, str(exc), exc.error) from exc
+        if self.closed:
+            transport.close()
+            raise ConnectionResetError("client left during login")
+        self.up_transport, self.up_proto = transport, proto
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.up_pid, self.up_secret = login.pid, login.secret
+        for name, value in login.parameters:
+            self._track_parameter(name, value)
+        # Our own secret, the upstream's real pid: drivers compare NOTIFY pids with it.
+        key = (login.pid, secrets.token_bytes(4))
+        while key in self.server.cancel_keys:
+            key = (login.pid, secrets.token_bytes(4))
+        self.key = key
+        self.server.cancel_keys[key] = self
+        self.tx_status = login.status
+        out = b"".join(login.notices) + b"".join(login.parameter_messages)
+        out += codec.backend_key_data(key[0], key[1]) + codec.ready_for_query(login.status)
+        proto.session = self
+        self.relaying = True
+        self._send(out)
+        # Anything that arrived while logging in goes through the relay like the rest.
+        if login.rest:
+            self.on_upstream_data(login.rest)
+        leftover = list(self._pending)
+        self._pending.clear()
+        if self._rx:
+            leftover.extend(self._reader.feed(bytes(self._rx)))
+            self._rx.clear()
+        if leftover:
+            self._handle_client(leftover, None)
+
+    def _login_failed(self, user: str, sqlstate: str, message: str, raw: bytes | None) -> None:
+        if raw is not None:
+            self._send(codec.message(B.ERROR_RESPONSE, raw))
+        else:
+            self._send(codec.error_response(sqlstate, message, severity="FATAL"))
+        if self.transport is not None:
+            self.transport.close()
+        self._close_upstream()
+        self.server.audit.emit("login_failed", None, user=user, client_addr=self.client_addr,
+                               sqlstate=sqlstate, error=message, tls=self.tls)
+
+    # --- relay: client -> server --------------------------------------------------------------
+
+    def _on_client_data(self, data: bytes) -> None:
+        reader = self._reader
+        whole = not reader.buffered
+        try:
+            msgs = reader.feed(data)
+        except codec.ProtocolError as exc:
+            self._fatal(SqlState.PROTOCOL_VIOLATION, f"pgwarden: invalid message from client: {exc}")
+            return
+        if msgs:
+            self._handle_client(msgs, data if whole and not reader.buffered else None)
+
+    def _handle_client(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
+        """Track and police each message; forward ``raw`` as is unless something changed."""
+        changed: list[bytes] | None = None
+        expect = self._expect
+        now = time.perf_counter()
+        for i, (t, payload) in enumerate(msgs):
+            replacement: bytes | None = None
+            if t == F.BIND:
+                portal, stmt = codec.bind_names(payload)
+                self._portals[portal] = self._statements.get(stmt)
+                expect.append(Expect(_B))
+            elif t == F.EXECUTE:
+                end = payload.find(b"\x00")
+                st = self._portals.get(payload[:end] if end >= 0 else payload)
+                run = Run(st[0] if st else None, st[1] if st else None)
+                run.start = now
+                expect.append(Expect(_E, [run]))
+            elif t == F.SYNC:
+                expect.append(Expect(_S))
+            elif t == F.QUERY:
+                replacement = self._on_query(payload, now)
+            elif t == F.PARSE:
+                replacement = self._on_parse(payload)
+            elif t == F.DESCRIBE:
+                expect.append(Expect(_D))
+            elif t == F.CLOSE:
+                c = codec.decode_close(payload)
+                if c.kind == "S":
+                    self._statements.pop(c.name, None)
+                else:
+                    self._portals.pop(c.name, None)
+                expect.append(Expect(_C))
+            elif t in (F.FLUSH, F.COPY_DATA, F.COPY_DONE, F.COPY_FAIL):
+                pass
+            elif t == F.TERMINATE:
+                self._forward_parts(changed, raw, msgs[: i + 1])
+                self._close_client()
+                return
+            elif t == F.FUNCTION_CALL:
+                # Calls a function by OID, bypassing SQL and therefore every rule.
+                replacement = self._refuse_simple(
+                    b"", codec.error_response(SqlState.INSUFFICIENT_PRIVILEGE,
+                                              "pgwarden: the FunctionCall protocol message is not allowed"),
+                    now, kind=_F)
+            else:
+                self._fatal(SqlState.PROTOCOL_VIOLATION, f"invalid frontend message type {t}")
+                return
+            if replacement is not None:
+                if changed is None:
+                    changed = [codec.message(tt, pp) for tt, pp in msgs[:i]]
+                changed.append(replacement)
+            elif changed is not None:
+                changed.append(codec.message(t, payload))
+        self._forward_parts(changed, raw, msgs)
+
+    def _forward_parts(self, changed: list[bytes] | None, raw: bytes | None, msgs: list[tuple[int, bytes]]) -> None:
+        t = self.up_transport
+        if t is None or t.is_closing():
+            return
+        if changed is not None:
+            t.write(b"".join(changed))
+        elif raw is not None:
+            t.write(raw)
+        else:
+            t.write(b"".join([codec.message(tt, pp) for tt, pp in msgs]))
+
+    def _decode(self, sql: bytes) -> str:
+        return sql.decode(self.encoding, "replace")
+
+    def _on_query(self, payload: bytes, now: float) -> bytes | None:
+        sql = payload[:-1] if payload.endswith(b"\x00") else payload
+        if b"\x00" in sql:
+            self._fatal(SqlState.PROTOCOL_VIOLATION, "invalid Query message")
+            return None
+        text = self._decode(sql)
+        runs: list[Run] = []
+        engine = self.server.engine
+        p = self.principal
+        for part in split_statements(text):
+            d = engine.decide(p, part)
+            if d.action == "refuse":
+                # One refused statement refuses the whole Query (nothing of it runs).
+                err = codec.error_response(d.sqlstate, d.message)
+                return self._refuse_simple(sql, err, now, decision=d)
+            r = Run(None, d, part)
+            r.start = now
+            runs.append(r)
+        if not runs:
+            runs = [Run(None)]
+            runs[0].start = now
+        self._expect.append(Expect(_Q, runs))
+        return None
+
+    def _on_parse(self, payload: bytes) -> bytes | None:
+        msg = codec.decode_parse(payload)
+        text = self._decode(msg.sql)
+        d = self.server.engine.decide(self.principal, text)
+        if d.action == "refuse":
+            self._statements[msg.name] = (msg.sql, d)
+            err = codec.error_response(d.sqlstate, d.message)
+            self._expect.append(Expect(_P, [Run(msg.sql, d)], refusal=err, sql=msg.sql))
+            poison = msg.name + b"\x00" + POISON_SQL + b"\x00\x00"
+            return codec.message(F.PARSE, poison)
+        self._statements[msg.name] = (msg.sql, d)
+        self._expect.append(Expect(_P, sql=msg.sql))
+        return None
+
+    def _refuse_simple(self, sql: bytes, error: bytes, now: float, *, decision: Decision | None = None,
+                       kind: int = _Q) -> bytes:
+        run = Run(sql, decision)
+        run.start = now
+        self._expect.append(Expect(kind, [run], refusal=error))
+        return codec.query_message(POISON_SQL[:-1])
+
+    # --- relay: server -> client ------------------------------------------------------------
+
+    def on_upstream_data(self, data: bytes) -> None:
+        try:
+            out, events = self._scanner.feed(data)
+        except codec.ProtocolError as exc:
+            self._fatal(SqlState.PROTOCOL_VIOLATION, f"pgwarden: invalid message from the server: {exc}")
+            return
+        pieces: list[bytes] | None = None
+        last = 0
+        for t, payload, rows, start, end in events:
+            replace = self._on_backend(t, payload, rows)
+            if replace is not None:
+                if pieces is None:
+                    pieces = []
+                pieces.append(out[last:start])
+                pieces.append(replace)
+                last = end
+        if self.transport is None or self.transport.is_closing():
+            return
+        if pieces is None:
+            if out:
+                self.transport.write(out)
+        else:
+            pieces.append(out[last:])
+            self.transport.write(b"".join(pieces))
+
+    def _on_backend(self, t: int, payload: bytes, rows: int) -> bytes | None:
+        """Advance the expectation queue; return bytes to send instead of this message, if any."""
+        expect = self._expect
+        if t == B.COMMAND_COMPLETE or t == B.EMPTY_QUERY_RESPONSE or t == B.PORTAL_SUSPENDED:
+            if not expect:
+                return None
+            head = expect[0]
+            if head.kind == _Q:
+                runs = head.runs
+                assert runs is not None
+                if head.index >= len(runs):
+                    runs.append(Run(None))
+                    runs[-1].start = runs[0].start
+                run = runs[head.index]
+                head.index += 1
+                tag = codec.decode_command_tag(payload) if t == B.COMMAND_COMPLETE else ""
+                self._finish(run, "ok", tag, rows - head.rows0)
+                head.rows0 = rows
+                if head.index < len(runs):
+                    runs[head.index].start = time.perf_counter()
+            elif head.kind == _E:
+                expect.popleft()
+                tag = codec.decode_command_tag(payload) if t == B.COMMAND_COMPLETE else ""
+                self._finish(head.runs[0], "suspended" if t == B.PORTAL_SUSPENDED else "ok", tag,  # type: ignore[index]
+                             rows - head.rows0)
+            return None
+        if t == B.READY_FOR_QUERY:
+            self.tx_status = chr(payload[0]) if payload else "I"
+            if expect and expect[0].kind in (_S, _Q, _F):
+                expect.popleft()
+            if expect:
+                expect[0].rows0 = rows
+            return None
+        if t == B.PARSE_COMPLETE or t == B.BIND_COMPLETE or t == B.CLOSE_COMPLETE:
+            if expect:
+                expect.popleft()
+                if expect:
+                    expect[0].rows0 = rows
+            return None
+        if t == B.ROW_DESCRIPTION or t == B.NO_DATA:
+            if expect and expect[0].kind == _D:
+                expect.popleft()
+                if expect:
+                    expect[0].rows0 = rows
+            return None
+        if t == B.ERROR_RESPONSE:
+            return self._on_error(payload)
+        if t == B.PARAMETER_STATUS:
+            ps = codec.decode_parameter_status(payload)
+            self._track_parameter(ps.name, ps.value)
+            return None
+        if t == B.FUNCTION_CALL_RESPONSE:
+            return None
+        return None
+
+    def _on_error(self, payload: bytes) -> bytes | None:
+        err = codec.decode_error(payload)
+        if err.severity in ("FATAL", "PANIC"):
+            self._upstream_fatal = True
+        expect = self._expect
+        if not expect:
+            self.server.audit.emit("error", self.principal, sqlstate=err.sqlstate, error=err.message)
+            return None
+        head = expect[0]
+        refusal = head.refusal
+        if head.kind in (_Q, _F):
+            runs = head.runs or [Run(None)]
+            if head.index < len(runs):
+                run = runs[head.index]
+                head.index = len(runs)  # the rest of the Query is not run
+                self._finish(run, "refused" if refusal else "error", "", 0, err if not refusal else None)
+            return refusal
+        # Extended protocol: the server now skips everything up to Sync.
+        failed: Run | None = None
+        while expect and expect[0].kind != _S:
+            e = expect.popleft()
+            if failed is None and e.kind == _E and e.runs:
+                failed = e.runs[0]
+        if failed is None:
+            # Parse, Bind or Describe failed before any Execute of this batch.
+            failed = Run(head.sql)
+            failed.start = time.perf_counter()
+        if refusal is not None:
+            failed.sql, failed.text = head.sql, None
+            if head.runs:
+                failed.decision = head.runs[0].decision
+            self._finish(failed, "refused", "", 0, None)
+        else:
+            self._finish(failed, "error", "", 0, err)
+        return refusal
+
+    def _track_parameter(self, name: str, value: str) -> None:
+        self.parameters[name] = value
+        if name == "client_encoding":
+            self.encoding = PG_ENCODINGS.get(value.upper(), "utf-8")
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                self.encoding = "utf-8"
+
+    def _finish(self, run: Run, outcome: str, tag: str, rows: int, err: Any = None) -> None:
+        if run.done:
+            return
+        run.done = True
+        self.statements += 1
+        dur = (time.perf_counter() - run.start) * 1000.0 if run.start else 0.0
+        text = run.text if run.text is not None else (self._decode(run.sql) if run.sql else "")
+        stype = type_from_tag(tag) if tag else statement_type(text)
+        fields: dict[str, Any] = {
+            "statement_type": stype, "statement": text, "outcome": outcome,
+            "rows": (codec.rows_from_tag(tag) if tag else None) if outcome != "suspended" else rows,
+            "duration_ms": round(dur, 3),
+        }
+        if fields["rows"] is None:
+            fields["rows"] = rows
+        if err is not None:
+            fields["sqlstate"] = err.sqlstate
+            fields["error"] = err.message
+        d = run.decision
+        if outcome == "refused" and d is not None:
+            fields["sqlstate"] = d.sqlstate
+            fields["reason"] = d.reason or d.message
+        elif outcome == "refused":
+            fields["sqlstate"] = SqlState.INSUFFICIENT_PRIVILEGE
+        self.server.audit.emit("statement", self.principal, **fields)
+
+    # --- endings ------------------------------------------------------------------------------
+
+    def _fatal(self, sqlstate: str, message: str) -> None:
+        """A protocol violation: tell the client why, then close both sides."""
+        self._send(codec.error_response(sqlstate, message, severity="FATAL"))
+        self.server.audit.emit("protocol_error", self.principal, sqlstate=sqlstate, error=message)
+        self._close_client()
+
+    def _close_client(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _close_upstream(self) -> None:
+        t = self.up_transport
+        if t is not None and not t.is_closing():
+            try:
+                t.write(codec.terminate_message())
+            finally:
+                t.close()
+
+    def on_upstream_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if not self._upstream_fatal:
+            self._send(codec.error_response(
+                SqlState.CONNECTION_FAILURE,
+                "pgwarden: the connection to the database server was lost; reconnect to continue",
+                severity="FATAL"))
+        self._abandon_runs("upstream_lost", SqlState.CONNECTION_FAILURE)
+        self._close_client()
+
+    def _abandon_runs(self, outcome: str, sqlstate: str) -> None:
+        while self._expect:
+            e = self._expect.popleft()
+            for r in (e.runs or [])[e.index if e.kind == _Q else 0:]:
+                if not r.done:
+                    r.done = True
+                    text = r.text if r.text is not None else (self._decode(r.sql) if r.sql else "")
+                    self.server.audit.emit("statement", self.principal, statement_type=statement_type(text),
+                                           statement=text, outcome=outcome, sqlstate=sqlstate, rows=None,
+                                           duration_ms=round((time.perf_counter() - r.start) * 1000.0, 3))
+
+    def _teardown(self, client_gone: bool) -> None:
+        busy = bool(self._expect)
+        if busy and client_gone and self.up_pid and self.up_transport is not None and not self.up_transport.is_closing():
+            # Stop the running query instead of letting it finish for nobody.
+            cfg = self.server.config.upstream
+            self.server.spawn(upstream.send_cancel(cfg, self.up_pid, self.up_secret))
+        if busy:
+            self._abandon_runs("client_disconnected", SqlState.CONNECTION_FAILURE)
+        self._close_upstream()
+        if self.key is not None:
+            self.server.cancel_keys.pop(self.key, None)
+        self.server.release(self)
+        if self.principal is not None and self.relaying:
+            self.server.audit.emit("disconnect", self.principal, statements=self.statements)
+
+    async def shutdown(self) -> None:
+        """Server is stopping: tell the client, as PostgreSQL does on a fast shutdown."""
+        self._send(codec.error_response(SqlState.ADMIN_SHUTDOWN,
+                                        "terminating connection due to administrator command", severity="FATAL"))
+        self._close_client()

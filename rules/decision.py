@@ -1,0 +1,34 @@
+"""What the policy engine answers for one statement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """allow as sent, rewrite to ``sql``, or refuse with ``sqlstate``/``message``.
+
+    A value, not a side effect: the proxy acts on it and the audit log records it,
+    and ``pgwarden explain`` prints the very same object.
+    """
+
+    action: str  # "allow" | "rewrite" | "refuse"
+    sql: str | None = None
+    sqlstate: str = INSUFFICIENT_PRIVILEGE
+    message: str = ""
+    reason: str = ""
+    tables: tuple[str, ...] = field(default=())
+
+    @property
+    def refused(self) -> bool:
+        return self.action == "refuse"
+
+
+ALLOW = Decision("allow")
+
+
+def refuse(message: str, *, reason: str = "", sqlstate: str = INSUFFICIENT_PRIVILEGE) -> Decision:
+    return Decision("refuse", sqlstate=sqlstate, message=message, reason=reason or message)
