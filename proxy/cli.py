@@ -1,15 +1,102 @@
-"""The ``pgwarden`` command."""
-import argparse, asyncio, sys
-from .config import load_config, ConfigError
-from .server import Server, new_event_loop
+"""The ``pgwarden`` command: serve, passwd, demo."""
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="pgwarden")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve"); s.add_argument("--config", "-c", required=True)
-    a = ap.parse_args(argv)
-    cfg = load_config(a.config)
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import signal
+import sys
+
+from .config import ConfigError, load_config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import Server, new_event_loop
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    if args.port is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, listen_port=args.port)
     loop = new_event_loop()
-    async def run():
-        srv = Server(cfg); await srv.start(); print("listening", srv.port, flush=True); await srv.serve_forever()
-    loop.run_until_complete(run())
+    asyncio.set_event_loop(loop)
+    server = Server(cfg)
+    try:
+        loop.run_until_complete(server.start())
+    except OSError as exc:
+        print(f"pgwarden: cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"listening {server.port}", flush=True)
+    stop = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    try:
+        loop.run_until_complete(stop)
+    finally:
+        loop.run_until_complete(server.close())
+        loop.close()
+    return 0
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    from .auth import make_md5, make_scram_verifier
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("pgwarden: passwords differ", file=sys.stderr)
+            return 1
+    if not password:
+        print("pgwarden: empty password", file=sys.stderr)
+        return 1
+    if args.md5:
+        if not args.user:
+            print("pgwarden: --md5 needs the user name (md5 hashes include it)", file=sys.stderr)
+            return 1
+        print(make_md5(password, args.user))
+    else:
+        print(make_scram_verifier(password, iterations=args.iterations))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(port=args.port, tour=args.tour, records=args.records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pgwarden", description="Access-control proxy for PostgreSQL.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", "-c", required=True, help="pgwarden YAML configuration")
+    s.add_argument("--port", type=int, help="override listen.port")
+    s.set_defaults(fn=_serve)
+
+    p = sub.add_parser("passwd", help="print a password verifier for the users section")
+    p.add_argument("user", nargs="?", help="user name (needed for --md5)")
+    p.add_argument("--md5", action="store_true", help="an md5 hash for legacy clients instead of SCRAM-SHA-256")
+    p.add_argument("--iterations", type=int, default=4096)
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.set_defaults(fn=_passwd)
+
+    d = sub.add_parser("demo", help="throwaway PostgreSQL with hotel sample data, pgwarden in front")
+    d.add_argument("--port", type=int, default=6432, help="pgwarden's port (default 6432)")
+    d.add_argument("--tour", action="store_true", help="run a scripted tour of queries as several users, then exit")
+    d.add_argument("--records", type=int, default=200_000, help="customer-service records to generate")
+    d.set_defaults(fn=_demo)
+
+    args = ap.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

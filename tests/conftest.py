@@ -1,0 +1,97 @@
+"""Shared fixtures: one real PostgreSQL per test session, pgwarden in-process in front of it.
+
+No mocks of PostgreSQL anywhere: the cluster is a throwaway initdb cluster
+(run as an unprivileged user when the tests run as root), loaded with the
+hotel sample data, and pgwarden runs on its own event loop thread so that
+blocking clients (psql, psycopg, JDBC) and asyncio clients can both use it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from proxy.audit import AuditLog
+from proxy.demo import DEMO_PASSWORD, demo_config
+from proxy.pgcluster import PgCluster
+from proxy.sampledata import load_sample_sync
+from proxy.server import ServerThread
+
+SAMPLE_RECORDS = int(os.environ.get("PGWARDEN_TEST_RECORDS", "30000"))
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+    c = PgCluster()
+    c.start()
+    try:
+        load_sample_sync(c.dsn(c.superuser, c.superuser_password), cs_records=SAMPLE_RECORDS, guests=2000)
+        yield c
+    finally:
+        c.stop()
+
+
+@dataclass
+class Proxy:
+    """A running pgwarden and what the tests need to talk to it and read its audit events."""
+
+    thread: ServerThread
+    audit_path: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def port(self) -> int:
+        return self.thread.port
+
+    def dsn(self, user: str = "dave", password: str = DEMO_PASSWORD, database: str = "hotel", **params: str) -> str:
+        extra = "".join(f" {k}={v}" for k, v in params.items())
+        return f"host=127.0.0.1 port={self.port} dbname={database} user={user} password={password}{extra}"
+
+    def url(self, user: str = "dave", password: str = DEMO_PASSWORD, database: str = "hotel") -> str:
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def take_events(self, kind: str | None = "statement") -> list[dict[str, Any]]:
+        """Audit events since the last call (of one kind, or all)."""
+        with self.lock:
+            out = [e for e in self.events if kind is None or e.get("event") == kind]
+            self.events.clear()
+        return out
+
+
+def start_proxy(cluster: PgCluster, tmp_dir: str, **extra: Any) -> Proxy:
+    audit_path = os.path.join(tmp_dir, "audit.jsonl")
+    cfg = demo_config(upstream_host=cluster.host, upstream_port=cluster.port, service_user=cluster.service_user,
+                      service_password=cluster.service_password, audit_path=audit_path, extra=extra or None)
+    audit = AuditLog(audit_path)
+    thread = ServerThread(cfg, audit=audit)
+    proxy = Proxy(thread=thread, audit_path=audit_path)
+
+    def collect(ev: dict[str, Any]) -> None:
+        with proxy.lock:
+            proxy.events.append(ev)
+
+    audit.subscribe(collect)
+    thread.start()
+    return proxy
+
+
+@pytest.fixture(scope="session")
+def pgwarden(cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    proxy = start_proxy(cluster, str(tmp_path_factory.mktemp("pgwarden")))
+    try:
+        yield proxy
+    finally:
+        proxy.thread.stop()
+
+
+@pytest.fixture()
+def proxy(pgwarden: Proxy) -> Proxy:
+    """The session's pgwarden with its audit event list emptied for this test."""
+    pgwarden.take_events(None)
+    return pgwarden
