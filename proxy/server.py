@@ -72,8 +72,8 @@ class Server:
         for (kpid, ksecret), session in list(self.cancel_keys.items()):
             if kpid == pid and hmac.compare_digest(ksecret, secret):
                 if session.up_pid:
-                    await upstream.send_cancel(self.config.upstream, session.up_pid, session.up_secret)
                     self.audit.emit("cancel", session.principal)
+                    await upstream.send_cancel(self.config.upstream, session.up_pid, session.up_secret)
                 return
         # Like PostgreSQL, an unknown key is ignored silently.
 

@@ -478,7 +478,10 @@ class ClientSession(asyncio.Protocol):
                 st = self._portals.get(payload[:end] if end >= 0 else payload)
                 run = Run(st[0] if st else None, st[1] if st else None)
                 run.start = now
-                expect.append(Expect(_E, [run]))
+                e = Expect(_E, [run])
+                if not expect:  # rows counted from here; otherwise from when it becomes the head
+                    e.rows0 = self._scanner.rows
+                expect.append(e)
             elif t == F.SYNC:
                 expect.append(Expect(_S))
             elif t == F.QUERY:
@@ -552,7 +555,10 @@ class ClientSession(asyncio.Protocol):
         if not runs:
             runs = [Run(None)]
             runs[0].start = now
-        self._expect.append(Expect(_Q, runs))
+        e = Expect(_Q, runs)
+        if not self._expect:
+            e.rows0 = self._scanner.rows
+        self._expect.append(e)
         return None
 
     def _on_parse(self, payload: bytes) -> bytes | None:
