@@ -49,6 +49,7 @@ def _to_python(node: yaml.Node, loc: _Located, path: tuple[Any, ...]) -> Any:
             if key in out:
                 raise ConfigError(f"{loc.source}:{k.start_mark.line + 1}: duplicate key {key!r}")
             out[key] = _to_python(v, loc, path + (key,))
+            loc.lines[path + (key,)] = k.start_mark.line + 1  # errors about a key point at the key
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(v, loc, path + (i,)) for i, v in enumerate(node.value)]
@@ -75,6 +76,9 @@ def load_yaml_text(text: str, source: str = "<config>") -> tuple[Any, _Located]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if exc.context_mark is not None and (mark is None or mark.index >= len(text.rstrip())):
+            # An unclosed quote or bracket is reported at the end of the file; its start is more useful.
+            mark = exc.context_mark
         line = mark.line + 1 if mark else 1
         raise ConfigError(f"{source}:{line}: invalid YAML: {exc.problem or exc}") from exc
     except yaml.YAMLError as exc:
@@ -140,6 +144,20 @@ def _expect(cond: bool, loc: _Located, path: tuple[Any, ...], msg: str) -> None:
         raise ConfigError(f"{loc.where(*path)}: {msg}")
 
 
+def _number(d: dict[str, Any], key: str, default: float, loc: _Located, path: tuple[Any, ...], *,
+            integer: bool = True, low: float = 0, high: float = 2**31 - 1) -> Any:
+    v = d.get(key, default)
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        n = int(v) if integer else float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{loc.where(*path, key)}: {key} must be a {'whole ' if integer else ''}number, "
+                          f"not {v!r}") from None
+    _expect(low <= n <= high, loc, path + (key,), f"{key} must be between {low} and {high}")
+    return n
+
+
 def _check_keys(d: Any, allowed: set[str], loc: _Located, path: tuple[Any, ...]) -> dict[str, Any]:
     _expect(isinstance(d, dict), loc, path, f"'{'.'.join(map(str, path)) or 'config'}' must be a mapping")
     for k in d:
@@ -203,9 +221,9 @@ def parse_config(data: Any, loc: _Located) -> Config:
         password = os.environ.get(var)
         _expect(password is not None, loc, ("upstream", "password"), f"environment variable {var} is not set")
     upstream = UpstreamConfig(
-        host=str(up.get("host", "127.0.0.1")), port=int(up.get("port", 5432)), user=str(up.get("user", "pgwarden_svc")),
+        host=str(up.get("host", "127.0.0.1")), port=_number(up, "port", 5432, loc, ("upstream",), low=1, high=65535), user=str(up.get("user", "pgwarden_svc")),
         password=None if password is None else str(password), sslmode=sslmode,
-        connect_timeout=float(up.get("connect_timeout", 10.0)),
+        connect_timeout=_number(up, "connect_timeout", 10.0, loc, ("upstream",), integer=False, low=0.1, high=3600),
     )
     tls = None
     if d.get("tls"):
@@ -216,7 +234,9 @@ def parse_config(data: Any, loc: _Located) -> Config:
         tls = TLSConfig(cert=str(t["cert"]), key=str(t["key"]))
     auth = _check_keys(d.get("auth") or {}, {"trust"}, loc, ("auth",))
     nets = []
-    for i, n in enumerate(auth.get("trust") or []):
+    trust = auth.get("trust") or []
+    _expect(isinstance(trust, list), loc, ("auth", "trust"), "auth.trust must be a list of networks (CIDR)")
+    for i, n in enumerate(trust):
         try:
             nets.append(ipaddress.ip_network(str(n), strict=False))
         except ValueError as exc:
@@ -229,10 +249,11 @@ def parse_config(data: Any, loc: _Located) -> Config:
     secret = d.get("secret")
     return Config(
         upstream=upstream, users=users, listen_host=str(listen.get("host", "127.0.0.1")),
-        listen_port=int(listen.get("port", 6432)), tls=tls, trust_networks=tuple(nets),
+        listen_port=_number(listen, "port", 6432, loc, ("listen",), high=65535), tls=tls, trust_networks=tuple(nets),
         audit_path=str(audit.get("path", "-")),
-        max_message_size=int(limits.get("max_message_size", DEFAULT_MAX_MESSAGE)),
-        max_connections=int(limits.get("max_connections", 1000)),
+        max_message_size=_number(limits, "max_message_size", DEFAULT_MAX_MESSAGE, loc, ("limits",), low=1024,
+                                 high=1 << 30),
+        max_connections=_number(limits, "max_connections", 1000, loc, ("limits",), low=1, high=1_000_000),
         secret=str(secret).encode() if secret else os.urandom(32), source=loc.source,
     )
 

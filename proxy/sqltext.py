@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import re
 
-_DOLLAR_TAG = re.compile(r"\$([A-Za-z_\u0080-\uffff][A-Za-z_0-9\u0080-\uffff]*)?\$")
+# PostgreSQL treats every non-ASCII character as an identifier letter.
+_DOLLAR_TAG = re.compile(r"\$([A-Za-z_\u0080-\U0010ffff][A-Za-z_0-9\u0080-\U0010ffff]*)?\$")
 _WORD = re.compile(r"[A-Za-z_]+")
 _SPECIAL = re.compile(r"""['"$;/\-]""")
+_NEWLINE = re.compile(r"[\r\n]")
 
 
 def split_statements(sql: str) -> list[str]:
@@ -33,11 +35,11 @@ def split_statements(sql: str) -> list[str]:
         c = sql[i]
         if c == ";":
             piece = sql[start:i].strip()
-            if piece:
+            if piece and not _only_comments(piece):
                 out.append(piece)
             start = i = i + 1
         elif c == "'":
-            escapes = i > 0 and sql[i - 1] in "eE" and (i < 2 or not (sql[i - 2].isalnum() or sql[i - 2] == "_"))
+            escapes = i > 0 and sql[i - 1] in "eE" and (i < 2 or not _ident_char(sql[i - 2]))
             i = _skip_string(sql, i + 1, escapes)
         elif c == '"':
             j = i + 1
@@ -55,15 +57,14 @@ def split_statements(sql: str) -> list[str]:
         elif c == "$":
             prev = sql[i - 1] if i > 0 else " "
             tm = _DOLLAR_TAG.match(sql, i)
-            if tm is None or prev.isalnum() or prev == "_" or prev == "$":
+            if tm is None or _ident_char(prev):
                 i += 1
                 continue
             tag = tm.group(0)
             end = sql.find(tag, tm.end())
             i = n if end < 0 else end + len(tag)
         elif c == "-" and sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
+            i = _line_end(sql, i)
         elif c == "/" and sql.startswith("/*", i):
             depth = 1
             j = i + 2
@@ -80,9 +81,24 @@ def split_statements(sql: str) -> list[str]:
         else:
             i += 1
     tail = sql[start:].strip()
-    if tail:
+    if tail and not _only_comments(tail):
         out.append(tail)
     return out
+
+
+def _ident_char(c: str) -> bool:
+    """Can c continue an identifier (so a following $ or ' is not a new token)?"""
+    return c.isalnum() or c == "_" or c == "$" or ord(c) > 127
+
+
+def _line_end(sql: str, i: int) -> int:
+    """End of a -- comment: PostgreSQL ends it at \n or \r."""
+    m = _NEWLINE.search(sql, i)
+    return len(sql) if m is None else m.end()
+
+
+def _only_comments(piece: str) -> bool:
+    return _skip_space_and_comments(piece, 0, parens=False) >= len(piece)
 
 
 def _skip_string(sql: str, i: int, escapes: bool) -> int:
@@ -101,15 +117,14 @@ def _skip_string(sql: str, i: int, escapes: bool) -> int:
     return n
 
 
-def _skip_space_and_comments(sql: str, i: int = 0) -> int:
+def _skip_space_and_comments(sql: str, i: int = 0, parens: bool = True) -> int:
     n = len(sql)
     while i < n:
         c = sql[i]
-        if c.isspace() or c == "(":
+        if c.isspace() or (parens and c == "("):
             i += 1
         elif sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
+            i = _line_end(sql, i)
         elif sql.startswith("/*", i):
             depth, i = 1, i + 2
             while depth and i < n:
