@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from rules.decision import Decision
 
 from . import auth, upstream
+from .audit import principal_fields
 from .identity import Principal
 from .sqltext import split_statements, statement_type, type_from_tag
 from .wire import codec
@@ -69,11 +70,10 @@ _Q, _P, _B, _D, _E, _C, _S, _F = range(8)
 class Run:
     """One statement on its way through the server, for its audit event."""
 
-    __slots__ = ("sql", "text", "start", "decision", "done")
+    __slots__ = ("text", "start", "decision", "done")
 
-    def __init__(self, sql: bytes | None, decision: Decision | None = None, text: str | None = None) -> None:
-        self.sql = sql  # as the client sent it (decoded only when the event is written)
-        self.text = text  # already decoded (statements split out of a simple Query)
+    def __init__(self, text: str = "", decision: Decision | None = None) -> None:
+        self.text = text  # decoded with the session's client_encoding
         self.start = 0.0
         self.decision = decision
         self.done = False
@@ -85,7 +85,7 @@ class Expect:
     __slots__ = ("kind", "runs", "index", "refusal", "rows0", "sql")
 
     def __init__(self, kind: int, runs: list[Run] | None = None, refusal: bytes | None = None,
-                 sql: bytes | None = None) -> None:
+                 sql: str | None = None) -> None:
         self.kind = kind
         self.runs = runs
         self.index = 0
@@ -157,8 +157,10 @@ class ClientSession(asyncio.Protocol):
         self.key: tuple[int, bytes] | None = None
         self._scanner = codec.BackendScanner()
         self._expect: deque[Expect] = deque()
-        self._statements: dict[bytes, tuple[bytes, Decision | None]] = {}
-        self._portals: dict[bytes, tuple[bytes, Decision | None] | None] = {}
+        # prepared statement / portal name -> (statement text, decision)
+        self._statements: dict[bytes, tuple[str, Decision | None]] = {}
+        self._portals: dict[bytes, tuple[str, Decision | None] | None] = {}
+        self._audit_base: dict[str, Any] = {}
         self.tx_status = "I"
         self.encoding = "utf-8"
         self.parameters: dict[str, str] = {}
@@ -425,6 +427,7 @@ class ClientSession(asyncio.Protocol):
         out = b"".join(login.notices) + b"".join(login.parameter_messages)
         out += codec.backend_key_data(key[0], key[1]) + codec.ready_for_query(login.status)
         proto.session = self
+        self._audit_base = principal_fields(p)
         self.relaying = True
         self._send(out)
         # Anything that arrived while logging in goes through the relay like the rest.
@@ -476,7 +479,7 @@ class ClientSession(asyncio.Protocol):
             elif t == F.EXECUTE:
                 end = payload.find(b"\x00")
                 st = self._portals.get(payload[:end] if end >= 0 else payload)
-                run = Run(st[0] if st else None, st[1] if st else None)
+                run = Run(st[0], st[1]) if st else Run()
                 run.start = now
                 e = Expect(_E, [run])
                 if not expect:  # rows counted from here; otherwise from when it becomes the head
@@ -549,11 +552,11 @@ class ClientSession(asyncio.Protocol):
                 # One refused statement refuses the whole Query (nothing of it runs).
                 err = codec.error_response(d.sqlstate, d.message)
                 return self._refuse_simple(sql, err, now, decision=d)
-            r = Run(None, d, part)
+            r = Run(part, d)
             r.start = now
             runs.append(r)
         if not runs:
-            runs = [Run(None)]
+            runs = [Run()]
             runs[0].start = now
         e = Expect(_Q, runs)
         if not self._expect:
@@ -566,18 +569,18 @@ class ClientSession(asyncio.Protocol):
         text = self._decode(msg.sql)
         d = self.server.engine.decide(self.principal, text)
         if d.action == "refuse":
-            self._statements[msg.name] = (msg.sql, d)
+            self._statements[msg.name] = (text, d)
             err = codec.error_response(d.sqlstate, d.message)
-            self._expect.append(Expect(_P, [Run(msg.sql, d)], refusal=err, sql=msg.sql))
+            self._expect.append(Expect(_P, [Run(text, d)], refusal=err, sql=text))
             poison = msg.name + b"\x00" + POISON_SQL + b"\x00\x00"
             return codec.message(F.PARSE, poison)
-        self._statements[msg.name] = (msg.sql, d)
-        self._expect.append(Expect(_P, sql=msg.sql))
+        self._statements[msg.name] = (text, d)
+        self._expect.append(Expect(_P, sql=text))
         return None
 
     def _refuse_simple(self, sql: bytes, error: bytes, now: float, *, decision: Decision | None = None,
                        kind: int = _Q) -> bytes:
-        run = Run(sql, decision)
+        run = Run(self._decode(sql), decision)
         run.start = now
         self._expect.append(Expect(kind, [run], refusal=error))
         return codec.query_message(POISON_SQL[:-1])
@@ -620,7 +623,7 @@ class ClientSession(asyncio.Protocol):
                 runs = head.runs
                 assert runs is not None
                 if head.index >= len(runs):
-                    runs.append(Run(None))
+                    runs.append(Run())
                     runs[-1].start = runs[0].start
                 run = runs[head.index]
                 head.index += 1
@@ -675,7 +678,7 @@ class ClientSession(asyncio.Protocol):
         head = expect[0]
         refusal = head.refusal
         if head.kind in (_Q, _F):
-            runs = head.runs or [Run(None)]
+            runs = head.runs or [Run()]
             if head.index < len(runs):
                 run = runs[head.index]
                 head.index = len(runs)  # the rest of the Query is not run
@@ -689,10 +692,10 @@ class ClientSession(asyncio.Protocol):
                 failed = e.runs[0]
         if failed is None:
             # Parse, Bind or Describe failed before any Execute of this batch.
-            failed = Run(head.sql)
+            failed = Run(head.sql or "")
             failed.start = time.perf_counter()
         if refusal is not None:
-            failed.sql, failed.text = head.sql, None
+            failed.text = head.sql or ""
             if head.runs:
                 failed.decision = head.runs[0].decision
             self._finish(failed, "refused", "", 0, None)
@@ -715,7 +718,7 @@ class ClientSession(asyncio.Protocol):
         run.done = True
         self.statements += 1
         dur = (time.perf_counter() - run.start) * 1000.0 if run.start else 0.0
-        text = run.text if run.text is not None else (self._decode(run.sql) if run.sql else "")
+        text = run.text
         stype = type_from_tag(tag) if tag else statement_type(text)
         fields: dict[str, Any] = {
             "statement_type": stype, "statement": text, "outcome": outcome,
@@ -733,7 +736,7 @@ class ClientSession(asyncio.Protocol):
             fields["reason"] = d.reason or d.message
         elif outcome == "refused":
             fields["sqlstate"] = SqlState.INSUFFICIENT_PRIVILEGE
-        self.server.audit.emit("statement", self.principal, **fields)
+        self.server.audit.emit_with("statement", self._audit_base, fields)
 
     # --- endings ------------------------------------------------------------------------------
 
@@ -772,7 +775,7 @@ class ClientSession(asyncio.Protocol):
             for r in (e.runs or [])[e.index if e.kind == _Q else 0:]:
                 if not r.done:
                     r.done = True
-                    text = r.text if r.text is not None else (self._decode(r.sql) if r.sql else "")
+                    text = r.text
                     self.server.audit.emit("statement", self.principal, statement_type=statement_type(text),
                                            statement=text, outcome=outcome, sqlstate=sqlstate, rows=None,
                                            duration_ms=round((time.perf_counter() - r.start) * 1000.0, 3))
