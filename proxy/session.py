@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import re
 import secrets
 import shlex
 import time
@@ -61,10 +62,18 @@ PG_ENCODINGS = {
     "GB18030": "gb18030", "BIG5": "big5", "SJIS": "shift_jis", "EUC_JP": "euc_jp", "EUC_KR": "euc_kr",
     "EUC_CN": "gb2312", "UHC": "cp949", "KOI8R": "koi8-r",
 }
-POISON_SQL = b"pgwarden refused this statement\x00"  # a syntax error: the server aborts and skips to Sync
+POISON_SQL = b"pgwarden refused this statement\x00"
+# SET application_name = 'x' would hide the person from the DBA (or name another one): keep the prefix.
+_SET_APPNAME = re.compile(
+    r"\s*SET\s+(?:SESSION\s+|LOCAL\s+)?application_name\s*(?:=|\bTO\b)\s*"
+    r"(?:'((?:[^']|'')*)'|(DEFAULT)\b|([A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*", re.IGNORECASE)  # a syntax error: the server aborts and skips to Sync
 
 # Expectation kinds (what the server will answer next).
 _Q, _P, _B, _D, _E, _C, _S, _F = range(8)
+
+
+def _quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 class Run:
@@ -403,7 +412,7 @@ class ClientSession(asyncio.Protocol):
             if k.lower() != "application_name":
                 params[k] = v
         # The DBA sees the person, not only the service login, in pg_stat_activity.
-        params["application_name"] = f"{p.user}/{p.application}" if p.application else p.user
+        params["application_name"] = self._app_prefix(p.application)
         try:
             transport, proto, login = await upstream.connect(self.server.config.upstream, params,
                                                             self.server.config.max_message_size)
@@ -546,7 +555,15 @@ class ClientSession(asyncio.Protocol):
         runs: list[Run] = []
         engine = self.server.engine
         p = self.principal
-        for part in split_statements(text):
+        parts = split_statements(text)
+        rewritten = False
+        for i, part in enumerate(parts):
+            if part[:3].upper() == "SET":
+                pinned = self._pin_application_name(part)
+                if pinned is not None:
+                    parts[i] = part = pinned
+                    rewritten = True
+        for part in parts:
             d = engine.decide(p, part)
             if d.action == "refuse":
                 # One refused statement refuses the whole Query (nothing of it runs).
@@ -562,11 +579,36 @@ class ClientSession(asyncio.Protocol):
         if not self._expect:
             e.rows0 = self._scanner.rows
         self._expect.append(e)
+        if rewritten:
+            return codec.query_message(";\n".join(parts).encode(self.encoding, "replace"))
         return None
+
+    def _pin_application_name(self, stmt: str) -> str | None:
+        """SET application_name = 'x' -> SET application_name = 'person/x' (None: not such a SET)."""
+        m = _SET_APPNAME.fullmatch(stmt)
+        if m is None:
+            if "application_name" in stmt.lower():
+                # Any other spelling is not recognised: keep it from reaching the server unpinned.
+                return "SET application_name = " + _quote_literal(self._app_prefix(""))
+            return None
+        value = m.group(1).replace("''", "'") if m.group(1) is not None else (m.group(3) or "")
+        if m.group(2):
+            value = self.principal.application if self.principal else ""
+        return "SET application_name = " + _quote_literal(self._app_prefix(value))
+
+    def _app_prefix(self, app: str) -> str:
+        user = self.principal.user if self.principal else ""
+        return f"{user}/{app}" if app else user
 
     def _on_parse(self, payload: bytes) -> bytes | None:
         msg = codec.decode_parse(payload)
         text = self._decode(msg.sql)
+        pinned = self._pin_application_name(text) if text.lstrip()[:3].upper() == "SET" else None
+        if pinned is not None:
+            text = pinned
+            msg_sql = pinned.encode(self.encoding, "replace")
+            rest = payload[len(msg.name) + 1 + len(msg.sql) + 1:]
+            payload = msg.name + b"\x00" + msg_sql + b"\x00" + rest
         d = self.server.engine.decide(self.principal, text)
         if d.action == "refuse":
             self._statements[msg.name] = (text, d)
@@ -576,7 +618,7 @@ class ClientSession(asyncio.Protocol):
             return codec.message(F.PARSE, poison)
         self._statements[msg.name] = (text, d)
         self._expect.append(Expect(_P, sql=text))
-        return None
+        return codec.message(F.PARSE, payload) if pinned is not None else None
 
     def _refuse_simple(self, sql: bytes, error: bytes, now: float, *, decision: Decision | None = None,
                        kind: int = _Q) -> bytes:

@@ -127,3 +127,16 @@ def test_audit_file_is_json_lines(proxy: Proxy) -> None:
                 "duration_ms", "rows", "outcome"):
         assert key in ev, key
     assert ev["role"] == "general_manager" and ev["application"] == "psql" and ev["rows"] == 1
+
+
+@pytest.mark.parametrize("stmt,expected", [
+    ("SET application_name = 'frank/psql'", "dave/frank/psql"),
+    ("set session application_name to 'x''y'", "dave/x'y"),
+    ("SET application_name TO plain", "dave/plain"),
+    ("SET application_name = DEFAULT", "dave/psql"),
+    ("SET application_name=''", "dave"),
+])
+def test_application_name_keeps_the_person(proxy: Proxy, stmt: str, expected: str) -> None:
+    # The DBA identifies the person behind the service login by application_name: a client cannot drop it.
+    out = psql(proxy, f"{stmt}; SHOW application_name")
+    assert out.stdout.strip().splitlines()[-1] == expected
