@@ -68,6 +68,24 @@ _SET_APPNAME = re.compile(
     r"\s*SET\s+(?:SESSION\s+|LOCAL\s+)?application_name\s*(?:=|\bTO\b)\s*"
     r"(?:'((?:[^']|'')*)'|(DEFAULT)\b|([A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*", re.IGNORECASE)  # a syntax error: the server aborts and skips to Sync
 
+# Backend message types as plain ints: the relay compares them per message.
+_M_COMPLETE, _M_EMPTY, _M_SUSPENDED = B.COMMAND_COMPLETE, B.EMPTY_QUERY_RESPONSE, B.PORTAL_SUSPENDED
+_M_READY, _M_ERROR, _M_ROWDESC, _M_NODATA = B.READY_FOR_QUERY, B.ERROR_RESPONSE, B.ROW_DESCRIPTION, B.NO_DATA
+_M_DONE = frozenset((B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE))
+
+_TAGS: dict[bytes, tuple[str, int | None]] = {}  # CommandComplete payload -> (statement type, rows)
+
+
+def _tag_facts(payload: bytes) -> tuple[str, int | None]:
+    facts = _TAGS.get(payload)
+    if facts is None:
+        tag = codec.decode_command_tag(payload)
+        facts = (type_from_tag(tag), codec.rows_from_tag(tag))
+        if len(_TAGS) < 4096:
+            _TAGS[payload] = facts
+    return facts
+
+
 # Expectation kinds (what the server will answer next).
 _Q, _P, _B, _D, _E, _C, _S, _F = range(8)
 
@@ -657,7 +675,7 @@ class ClientSession(asyncio.Protocol):
     def _on_backend(self, t: int, payload: bytes, rows: int) -> bytes | None:
         """Advance the expectation queue; return bytes to send instead of this message, if any."""
         expect = self._expect
-        if t == B.COMMAND_COMPLETE or t == B.EMPTY_QUERY_RESPONSE or t == B.PORTAL_SUSPENDED:
+        if t == _M_COMPLETE or t == _M_EMPTY or t == _M_SUSPENDED:
             if not expect:
                 return None
             head = expect[0]
@@ -669,37 +687,35 @@ class ClientSession(asyncio.Protocol):
                     runs[-1].start = runs[0].start
                 run = runs[head.index]
                 head.index += 1
-                tag = codec.decode_command_tag(payload) if t == B.COMMAND_COMPLETE else ""
-                self._finish(run, "ok", tag, rows - head.rows0)
+                self._finish(run, "ok", _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
                 head.rows0 = rows
                 if head.index < len(runs):
                     runs[head.index].start = time.perf_counter()
             elif head.kind == _E:
                 expect.popleft()
-                tag = codec.decode_command_tag(payload) if t == B.COMMAND_COMPLETE else ""
-                self._finish(head.runs[0], "suspended" if t == B.PORTAL_SUSPENDED else "ok", tag,  # type: ignore[index]
-                             rows - head.rows0)
+                self._finish(head.runs[0], "suspended" if t == _M_SUSPENDED else "ok",  # type: ignore[index]
+                             _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
             return None
-        if t == B.READY_FOR_QUERY:
+        if t == _M_READY:
             self.tx_status = chr(payload[0]) if payload else "I"
             if expect and expect[0].kind in (_S, _Q, _F):
                 expect.popleft()
             if expect:
                 expect[0].rows0 = rows
             return None
-        if t == B.PARSE_COMPLETE or t == B.BIND_COMPLETE or t == B.CLOSE_COMPLETE:
+        if t in _M_DONE:
             if expect:
                 expect.popleft()
                 if expect:
                     expect[0].rows0 = rows
             return None
-        if t == B.ROW_DESCRIPTION or t == B.NO_DATA:
+        if t == _M_ROWDESC or t == _M_NODATA:
             if expect and expect[0].kind == _D:
                 expect.popleft()
                 if expect:
                     expect[0].rows0 = rows
             return None
-        if t == B.ERROR_RESPONSE:
+        if t == _M_ERROR:
             return self._on_error(payload)
         if t == B.PARAMETER_STATUS:
             ps = codec.decode_parameter_status(payload)
@@ -724,7 +740,7 @@ class ClientSession(asyncio.Protocol):
             if head.index < len(runs):
                 run = runs[head.index]
                 head.index = len(runs)  # the rest of the Query is not run
-                self._finish(run, "refused" if refusal else "error", "", 0, err if not refusal else None)
+                self._finish(run, "refused" if refusal else "error", None, 0, err if not refusal else None)
             return refusal
         # Extended protocol: the server now skips everything up to Sync.
         failed: Run | None = None
@@ -740,9 +756,9 @@ class ClientSession(asyncio.Protocol):
             failed.text = head.sql or ""
             if head.runs:
                 failed.decision = head.runs[0].decision
-            self._finish(failed, "refused", "", 0, None)
+            self._finish(failed, "refused", None, 0, None)
         else:
-            self._finish(failed, "error", "", 0, err)
+            self._finish(failed, "error", None, 0, err)
         return refusal
 
     def _track_parameter(self, name: str, value: str) -> None:
@@ -754,21 +770,25 @@ class ClientSession(asyncio.Protocol):
             except LookupError:
                 self.encoding = "utf-8"
 
-    def _finish(self, run: Run, outcome: str, tag: str, rows: int, err: Any = None) -> None:
+    def _finish(self, run: Run, outcome: str, tag: tuple[str, int | None] | None, rows: int,
+                err: Any = None) -> None:
+        """Write the statement's audit event. ``tag``: (type, rows) from its CommandComplete, if any."""
         if run.done:
             return
         run.done = True
         self.statements += 1
         dur = (time.perf_counter() - run.start) * 1000.0 if run.start else 0.0
         text = run.text
-        stype = type_from_tag(tag) if tag else statement_type(text)
+        if tag is not None:
+            stype, tag_rows = tag
+            if tag_rows is not None and outcome != "suspended":
+                rows = tag_rows
+        else:
+            stype = statement_type(text)
         fields: dict[str, Any] = {
-            "statement_type": stype, "statement": text, "outcome": outcome,
-            "rows": (codec.rows_from_tag(tag) if tag else None) if outcome != "suspended" else rows,
+            "statement_type": stype, "statement": text, "outcome": outcome, "rows": rows,
             "duration_ms": round(dur, 3),
         }
-        if fields["rows"] is None:
-            fields["rows"] = rows
         if err is not None:
             fields["sqlstate"] = err.sqlstate
             fields["error"] = err.message

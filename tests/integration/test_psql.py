@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -120,9 +121,16 @@ def test_unknown_database_error_relayed(proxy: Proxy) -> None:
 
 def test_audit_file_is_json_lines(proxy: Proxy) -> None:
     psql(proxy, "SELECT 42")
-    with open(proxy.audit_path, encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f]
-    ev = [e for e in lines if e.get("statement") == "SELECT 42"][-1]
+    # Lines are written once per event-loop iteration of the proxy thread: give it a moment.
+    deadline = time.monotonic() + 5
+    while True:
+        with open(proxy.audit_path, encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f]
+        found = [e for e in lines if e.get("statement") == "SELECT 42"]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    ev = found[-1]
     for key in ("time", "session", "user", "role", "client_addr", "application", "statement", "statement_type",
                 "duration_ms", "rows", "outcome"):
         assert key in ev, key
