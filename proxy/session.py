@@ -121,6 +121,11 @@ class Expect:
         self.sql = sql
 
 
+# Answers that carry no state of their own are shared (rows0 is written but never read on them).
+_EXPECT_BIND, _EXPECT_SYNC, _EXPECT_DESCRIBE, _EXPECT_CLOSE = Expect(_B), Expect(_S), Expect(_D), Expect(_C)
+_F_BIND, _F_EXECUTE, _F_SYNC = F.BIND, F.EXECUTE, F.SYNC
+
+
 class LoginError(Exception):
     def __init__(self, sqlstate: str, message: str, raw: bytes | None = None) -> None:
         super().__init__(message)
@@ -483,14 +488,14 @@ class ClientSession(asyncio.Protocol):
 
     def _on_client_data(self, data: bytes) -> None:
         reader = self._reader
-        whole = not reader.buffered
+        whole = not reader._buf
         try:
             msgs = reader.feed(data)
         except codec.ProtocolError as exc:
             self._fatal(SqlState.PROTOCOL_VIOLATION, f"pgwarden: invalid message from client: {exc}")
             return
         if msgs:
-            self._handle_client(msgs, data if whole and not reader.buffered else None)
+            self._handle_client(msgs, data if whole and not reader._buf else None)
 
     def _handle_client(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         """Track and police each message; forward ``raw`` as is unless something changed."""
@@ -499,11 +504,15 @@ class ClientSession(asyncio.Protocol):
         now = time.perf_counter()
         for i, (t, payload) in enumerate(msgs):
             replacement: bytes | None = None
-            if t == F.BIND:
-                portal, stmt = codec.bind_names(payload)
-                self._portals[portal] = self._statements.get(stmt)
-                expect.append(Expect(_B))
-            elif t == F.EXECUTE:
+            if t == _F_BIND:
+                a = payload.find(b"\x00")
+                b = payload.find(b"\x00", a + 1)
+                if b < 0:
+                    self._fatal(SqlState.PROTOCOL_VIOLATION, "invalid Bind message")
+                    return
+                self._portals[payload[:a]] = self._statements.get(payload[a + 1 : b])
+                expect.append(_EXPECT_BIND)
+            elif t == _F_EXECUTE:
                 end = payload.find(b"\x00")
                 st = self._portals.get(payload[:end] if end >= 0 else payload)
                 run = Run(st[0], st[1]) if st else Run()
@@ -512,21 +521,21 @@ class ClientSession(asyncio.Protocol):
                 if not expect:  # rows counted from here; otherwise from when it becomes the head
                     e.rows0 = self._scanner.rows
                 expect.append(e)
-            elif t == F.SYNC:
-                expect.append(Expect(_S))
+            elif t == _F_SYNC:
+                expect.append(_EXPECT_SYNC)
             elif t == F.QUERY:
                 replacement = self._on_query(payload, now)
             elif t == F.PARSE:
                 replacement = self._on_parse(payload)
             elif t == F.DESCRIBE:
-                expect.append(Expect(_D))
+                expect.append(_EXPECT_DESCRIBE)
             elif t == F.CLOSE:
                 c = codec.decode_close(payload)
                 if c.kind == "S":
                     self._statements.pop(c.name, None)
                 else:
                     self._portals.pop(c.name, None)
-                expect.append(Expect(_C))
+                expect.append(_EXPECT_CLOSE)
             elif t in (F.FLUSH, F.COPY_DATA, F.COPY_DONE, F.COPY_FAIL):
                 pass
             elif t == F.TERMINATE:
