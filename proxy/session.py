@@ -621,6 +621,8 @@ class ClientSession(asyncio.Protocol):
         value = m.group(1).replace("''", "'") if m.group(1) is not None else (m.group(3) or "")
         if m.group(2):
             value = self.principal.application if self.principal else ""
+        if self._audit_base:
+            self._audit_base["application"] = value  # later events name the application the client set
         return "SET application_name = " + _quote_literal(self._app_prefix(value))
 
     def _app_prefix(self, app: str) -> str:
