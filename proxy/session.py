@@ -174,6 +174,7 @@ class ClientSession(asyncio.Protocol):
         self.tls = False
         self.relaying = False
         self.closed = False
+        self._over_limit = False
         # login
         self._rx = bytearray()
         self._waiter: asyncio.Future[None] | None = None
@@ -208,12 +209,9 @@ class ClientSession(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.client_addr, self.client_port = str(peer[0]), int(peer[1])
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[union-attr]
-        if not self.server.admit(self):
-            self.transport.write(codec.error_response(  # type: ignore[union-attr]
-                SqlState.TOO_MANY_CONNECTIONS, "sorry, too many clients already", severity="FATAL"))
-            self.transport.close()  # type: ignore[union-attr]
-            self.closed = True
-            return
+        # Over the limit, the client still gets SSL negotiation and its cancel requests served, and
+        # hears "too many clients" after its StartupMessage, as PostgreSQL does.
+        self._over_limit = not self.server.admit(self)
         self._task = self.loop.create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
@@ -312,6 +310,8 @@ class ClientSession(asyncio.Protocol):
                 if startup is None:
                     return
                 user = startup.params.get("user", "")
+                if self._over_limit:
+                    raise LoginError(SqlState.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
                 self.principal = await self._authenticate(startup)
                 await self._connect_upstream(startup)
         except LoginError as exc:
@@ -328,6 +328,10 @@ class ClientSession(asyncio.Protocol):
             return
         except (ConnectionError, asyncio.CancelledError):
             self._close_upstream()
+            return
+        except OSError as exc:  # ssl.SSLError from a failed TLS handshake, mostly
+            self._login_failed(user, SqlState.PROTOCOL_VIOLATION, f"pgwarden: connection failed during login: {exc}",
+                               None)
             return
         self.server.audit.emit("login", self.principal, auth_method=self.principal.auth_method,
                                tls=self.tls, database=self.principal.database,

@@ -149,10 +149,25 @@ async def authenticate(conn: RawConn, user: str, password: str) -> list[tuple[in
             raise AssertionError(f"unexpected authentication request {code}")
 
 
+async def start_tls(conn: RawConn) -> None:
+    """SSLRequest, 'S', then a TLS handshake (the certificate is not verified)."""
+    import ssl
+
+    conn.send(codec.ssl_request())
+    answer = await conn.read_byte()
+    assert answer == b"S", f"expected b'S' to SSLRequest, got {answer!r}"
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    await conn.writer.start_tls(ctx)
+
+
 async def login(port: int, user: str = "dave", password: str = "demo", database: str = "hotel",
-                **params: str) -> RawConn:
+                tls: bool = False, **params: str) -> RawConn:
     """A raw connection, logged in and idle (ReadyForQuery received)."""
     conn = await open_raw(port)
+    if tls:
+        await start_tls(conn)
     conn.send(codec.startup_message({"user": user, "database": database, **params}, PROTOCOL_3_0))
     await authenticate(conn, user, password)
     return conn
@@ -180,3 +195,20 @@ def data_rows(msgs: list[tuple[int, bytes]]) -> list[list[bytes | None]]:
                 pos += ln
         out.append(row)
     return out
+
+
+def wait_events(proxy, kind: str | None, n: int, timeout: float = 5.0) -> list[dict]:
+    """At least ``n`` audit events of ``kind`` (taken from ``proxy``), waiting for them to be written.
+
+    The proxy writes an event right after it answered the client, so a client can see the answer
+    a moment before the event exists. Returns all events of that kind taken (possibly more than n).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    out: list[dict] = []
+    while True:
+        out += proxy.take_events(kind)
+        if len(out) >= n or time.monotonic() > deadline:
+            return out
+        time.sleep(0.02)
