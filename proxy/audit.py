@@ -2,10 +2,11 @@
 
 Events pass through a structlog processor chain (plain functions: time stamp,
 event id, render) and reach the file through a logger that writes once per
-event-loop iteration: under load many statements finish in the same
-iteration, and one write system call for all of them is what keeps auditing
-every statement affordable on the relay's hot path. Outside an event loop
-(tools, tests) every event is written at once. The logger is built per
+few milliseconds: under load many statements finish close together, and one
+write system call for all of them is what keeps auditing
+every statement affordable on the relay's hot path (events wait at most
+FLUSH_DELAY; a clean shutdown writes them all). Outside the server's loop
+thread every event is written at once. The logger is built per
 server, not configured globally, so several servers never share one.
 """
 
@@ -54,27 +55,37 @@ def _render(_logger: Any, _name: str, ev: dict[str, Any]) -> bytes:
     return orjson.dumps(ev, default=str)
 
 
+FLUSH_DELAY = 0.002  # seconds an event may wait to be written together with others
+
+
 class _LoopBatchedWriter:
-    """A structlog logger whose lines are written once per event-loop iteration."""
+    """A structlog logger whose lines are written together, at most FLUSH_DELAY after the first.
+
+    Only the thread running the bound event loop batches; any other thread writes at once.
+    (``asyncio.get_running_loop()`` is not used to find out: it costs a getpid() system call.)
+    """
 
     def __init__(self, file: IO[bytes]) -> None:
         self._file = file
         self._pending: list[bytes] = []
         self._scheduled = False
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+
+    def bind(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.flush()
+        self._loop = loop
+        self._loop_thread = threading.get_ident() if loop is not None else 0
 
     def msg(self, line: bytes) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
         with self._lock:
             self._pending.append(line)
-            if loop is None:
+            if self._loop is None or threading.get_ident() != self._loop_thread or self._loop.is_closed():
                 self._flush_locked()
             elif not self._scheduled:
                 self._scheduled = True
-                loop.call_soon(self.flush)
+                self._loop.call_later(FLUSH_DELAY, self.flush)
 
     info = msg
 
@@ -145,10 +156,14 @@ class AuditLog:
             ev = proc(None, "info", ev)
         self._writer.msg(ev)
 
+    def bind_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Batch writes on this loop (called by the server on its own loop thread)."""
+        self._writer.bind(loop)
+
     def flush(self) -> None:
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.flush()
+        self._writer.bind(None)
         if self._owned:
             self._file.close()

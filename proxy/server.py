@@ -47,6 +47,7 @@ class Server:
         )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
+        self.audit.bind_loop(loop)
 
     async def serve_forever(self) -> None:
         assert self._server is not None
