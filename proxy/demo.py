@@ -107,8 +107,9 @@ async def run_tour(port: int, password: str = DEMO_PASSWORD) -> None:
 
     for user, title, sql in TOUR:
         print(f"\n== {user}: {title}\n   {sql}")
+        app = "opera-pms" if user == "pms" else "bi-report"
         conn = await asyncpg.connect(host="127.0.0.1", port=port, user=user, password=password,
-                                     database="hotel", ssl=False)
+                                     database="hotel", ssl=False, server_settings={"application_name": app})
         try:
             stmt = await conn.prepare(sql)
             rows = await stmt.fetch()

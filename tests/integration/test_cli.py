@@ -1,0 +1,91 @@
+"""The pgwarden command as a user runs it: demo, serve, passwd (real processes, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from proxy.auth import parse_scram_verifier
+
+PGWARDEN = [sys.executable, "-m", "proxy.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_tour_runs_and_exits_zero() -> None:
+    r = subprocess.run([*PGWARDEN, "demo", "--tour", "--records", "3000"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for user in ("dave", "alice", "erin", "carol", "pms"):
+        assert f"== {user}:" in r.stdout
+    assert "hotel | pms/opera-pms" in r.stdout  # the DBA sees the person behind the service login
+    assert "Audit log" in r.stdout
+
+
+def test_demo_serves_until_interrupted() -> None:
+    port = free_port()
+    proc = subprocess.Popen([*PGWARDEN, "demo", "--port", str(port), "--records", "3000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        out = "".join(lines)
+        assert f"port={port} dbname=hotel user=alice" in out, out
+        assert "Direct connection for the DBA" in out
+        with psycopg.connect(f"host=127.0.0.1 port={port} dbname=hotel user=judy password=demo") as c:
+            assert c.execute("SELECT count(*) > 0 FROM cs_records").fetchone() == (True,)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_serve_reports_config_errors_with_file_and_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("upstream:\n  host: 127.0.0.1\nlisten:\n  port: 6432\n  colour: blue\n", encoding="utf-8")
+    r = subprocess.run([*PGWARDEN, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"{cfg}:5: unknown key 'colour'" in r.stderr
+
+
+def test_passwd_prints_verifiers() -> None:
+    r = subprocess.run([*PGWARDEN, "passwd", "--password-stdin"], input="s3cret\n", capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0
+    iterations, salt, stored, server = parse_scram_verifier(r.stdout.strip())
+    assert iterations == 4096 and len(salt) == 16
+    r = subprocess.run([*PGWARDEN, "passwd", "pms", "--md5", "--password-stdin"], input="s3cret\n",
+                       capture_output=True, text=True, timeout=60)
+    import hashlib
+
+    assert r.stdout.strip() == "md5" + hashlib.md5(b"s3cretpms").hexdigest()
+
+
+@pytest.mark.parametrize("argv", [["passwd", "--md5", "--password-stdin"]])
+def test_passwd_md5_needs_user(argv: list[str]) -> None:
+    r = subprocess.run([*PGWARDEN, *argv], input="x\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "--md5 needs the user name" in r.stderr
