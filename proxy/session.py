@@ -321,7 +321,10 @@ class ClientSession(asyncio.Protocol):
             self._login_failed(user, exc.sqlstate, exc.message, None)
             return
         except codec.ProtocolError as exc:
-            self._login_failed(user, SqlState.PROTOCOL_VIOLATION, f"invalid startup packet: {exc}", None)
+            if isinstance(exc, codec.UnsupportedProtocol):
+                self._login_failed(user, exc.sqlstate, str(exc), None)
+            else:
+                self._login_failed(user, exc.sqlstate, f"invalid startup packet: {exc}", None)
             return
         except TimeoutError:
             self._login_failed(user, SqlState.PROTOCOL_VIOLATION, "pgwarden: login timed out", None)

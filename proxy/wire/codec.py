@@ -44,6 +44,14 @@ _HDR = struct.Struct("!ci")
 class ProtocolError(Exception):
     """The peer sent something that is not valid protocol 3.0."""
 
+    sqlstate = "08P01"  # protocol_violation
+
+
+class UnsupportedProtocol(ProtocolError):
+    """A protocol version other than 3.x: PostgreSQL answers feature_not_supported."""
+
+    sqlstate = "0A000"
+
 
 # --- framing ------------------------------------------------------------------------
 
@@ -156,7 +164,7 @@ def decode_startup(body: bytes) -> StartupPacket:
         return CancelRequest(pid=pid, secret=bytes(body[8:]))
     major = code >> 16
     if major != 3:
-        raise ProtocolError(f"unsupported frontend protocol {major}.{code & 0xFFFF}: server supports 3.0")
+        raise UnsupportedProtocol(f"unsupported frontend protocol {major}.{code & 0xFFFF}: server supports 3.0 to 3.0")
     parts = body[4:].split(b"\x00")
     # A valid packet is name\0value\0...\0 -> split leaves ['n','v',...,'','']
     if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"" or len(parts) % 2 != 0:

@@ -208,10 +208,12 @@ GARBAGE_BEFORE_STARTUP = {
 async def test_garbage_before_startup(proxy: Proxy, case: str) -> None:
     conn = await open_raw(proxy.port)
     conn.send(GARBAGE_BEFORE_STARTUP[case])
-    assert_fatal(await until_eof(conn), "08P01")
+    # Like PostgreSQL: an unsupported protocol version is feature_not_supported, the rest protocol_violation.
+    state = "0A000" if case == "protocol_2" else "08P01"
+    assert_fatal(await until_eof(conn), state)
     await conn.close()
     failed = wait_events(proxy, "login_failed", 1)
-    assert [e["sqlstate"] for e in failed] == ["08P01"]
+    assert [e["sqlstate"] for e in failed] == [state]
     wait_sessions(proxy, 0)  # every connection of this test (and earlier ones) is gone
     still_serves(proxy)
 
