@@ -22,7 +22,6 @@ import asyncio
 import codecs
 import re
 import secrets
-import shlex
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -134,14 +133,33 @@ class LoginError(Exception):
         self.raw = raw  # an ErrorResponse from the upstream, relayed unchanged
 
 
+def split_options(options: str) -> list[str]:
+    """Split the ``options`` startup parameter exactly as PostgreSQL does (pg_split_opts):
+    whitespace separates words and a backslash takes the next character literally."""
+    words: list[str] = []
+    cur: list[str] = []
+    i, n = 0, len(options)
+    while i < n:
+        c = options[i]
+        if c.isspace():
+            if cur:
+                words.append("".join(cur))
+                cur = []
+        elif c == "\\" and i + 1 < n:
+            i += 1
+            cur.append(options[i])
+        else:
+            cur.append(c)
+        i += 1
+    if cur:
+        words.append("".join(cur))
+    return words
+
+
 def parse_options(options: str) -> list[tuple[str, str]]:
     """``-c name=value`` / ``--name=value`` pairs from the libpq ``options`` parameter."""
     out: list[tuple[str, str]] = []
-    try:
-        words = shlex.split(options.replace("\\ ", "\x00"), posix=True)
-    except ValueError as exc:
-        raise LoginError(SqlState.PROTOCOL_VIOLATION, f"invalid options startup parameter: {exc}") from exc
-    words = [w.replace("\x00", " ") for w in words]
+    words = split_options(options)
     i = 0
     while i < len(words):
         w = words[i]
