@@ -132,6 +132,7 @@ class Config:
     max_message_size: int = DEFAULT_MAX_MESSAGE
     max_connections: int = 1000
     secret: bytes = b""  # keys the fake SCRAM salts of unknown users; random per start if unset
+    rules_path: str | None = None  # access rules (YAML); None: a transparent, audited relay
     source: str = "<config>"
 
 
@@ -208,7 +209,7 @@ def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
 
 
 def parse_config(data: Any, loc: _Located) -> Config:
-    d = _check_keys(data, {"listen", "tls", "upstream", "auth", "audit", "limits", "users", "secret"}, loc, ())
+    d = _check_keys(data, {"listen", "tls", "upstream", "auth", "audit", "limits", "users", "secret", "rules"}, loc, ())
     listen = _check_keys(d.get("listen") or {}, {"host", "port"}, loc, ("listen",))
     up = _check_keys(d.get("upstream") or {}, {"host", "port", "user", "password", "sslmode", "connect_timeout"},
                      loc, ("upstream",))
@@ -247,6 +248,13 @@ def parse_config(data: Any, loc: _Located) -> Config:
     _expect(isinstance(users_raw, dict), loc, ("users",), "users must be a mapping of name -> entry")
     users = {str(name): _parse_user(str(name), u, loc) for name, u in users_raw.items()}
     secret = d.get("secret")
+    rules_path = None
+    if d.get("rules"):
+        rp = Path(str(d["rules"]))
+        if not rp.is_absolute() and loc.source not in ("<config>", "<demo>"):
+            rp = Path(loc.source).parent / rp
+        _expect(rp.is_file(), loc, ("rules",), f"rules file {str(rp)!r} does not exist")
+        rules_path = str(rp)
     return Config(
         upstream=upstream, users=users, listen_host=str(listen.get("host", "127.0.0.1")),
         listen_port=_number(listen, "port", 6432, loc, ("listen",), high=65535), tls=tls, trust_networks=tuple(nets),
@@ -254,7 +262,7 @@ def parse_config(data: Any, loc: _Located) -> Config:
         max_message_size=_number(limits, "max_message_size", DEFAULT_MAX_MESSAGE, loc, ("limits",), low=1024,
                                  high=1 << 30),
         max_connections=_number(limits, "max_connections", 1000, loc, ("limits",), low=1, high=1_000_000),
-        secret=str(secret).encode() if secret else os.urandom(32), source=loc.source,
+        secret=str(secret).encode() if secret else os.urandom(32), rules_path=rules_path, source=loc.source,
     )
 
 

@@ -30,7 +30,16 @@ class Server:
 
     def __init__(self, config: Config, *, engine: Engine | None = None, audit: AuditLog | None = None) -> None:
         self.config = config
-        self.engine = engine or Engine()
+        if engine is None:
+            rules = None
+            if config.rules_path:
+                from rules.model import load_rules
+
+                rules = load_rules(config.rules_path)  # ConfigError (file:line) stops the start
+            engine = Engine(rules)
+        self.engine = engine
+        self._catalogs: dict[str, Any] = {}
+        self._catalog_locks: dict[str, asyncio.Lock] = {}
         self.audit = audit or AuditLog(config.audit_path)
         self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
         self.sessions: set[ClientSession] = set()
@@ -52,6 +61,23 @@ class Server:
     async def serve_forever(self) -> None:
         assert self._server is not None
         await self._server.serve_forever()
+
+    async def catalog_for(self, database: str) -> Any:
+        """The catalog snapshot of one database, read once with the service login and shared."""
+        cat = self._catalogs.get(database)
+        if cat is not None:
+            return cat
+        lock = self._catalog_locks.setdefault(database, asyncio.Lock())
+        async with lock:
+            cat = self._catalogs.get(database)
+            if cat is None:
+                cat = await load_catalog_for(self.config, database)
+                self._catalogs[database] = cat
+        return cat
+
+    def forget_catalogs(self) -> None:
+        """Read catalogs afresh on next use (after DDL upstream, or a reload)."""
+        self._catalogs.clear()
 
     def admit(self, session: ClientSession) -> bool:
         if len(self.sessions) >= self.config.max_connections:
@@ -90,6 +116,23 @@ class Server:
         for t in list(self._tasks):
             t.cancel()
         self.audit.close()
+
+
+async def load_catalog_for(config: Config, database: str) -> Any:
+    """Connect as the service user (its privileges decide how names resolve) and read the catalog."""
+    import asyncpg
+
+    from rules.catalog import load_catalog
+
+    up = config.upstream
+    ssl_arg: Any = False if up.sslmode == "disable" else ("require" if up.sslmode == "require" else "prefer")
+    conn = await asyncpg.connect(host=up.host, port=up.port, user=up.user, password=up.password, database=database,
+                                 ssl=ssl_arg, timeout=up.connect_timeout,
+                                 server_settings={"application_name": "pgwarden catalog"})
+    try:
+        return await load_catalog(conn)
+    finally:
+        await conn.close()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -218,6 +218,9 @@ class ClientSession(asyncio.Protocol):
         self._client_paused = False
         self._upstream_fatal = False
         self.statements = 0
+        self.catalog: Any = None  # the policy engine's snapshot of this database (None: no rules)
+        self._context: dict[str, Any] = {}
+        self._restricted = False
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -461,6 +464,20 @@ class ClientSession(asyncio.Protocol):
                 params[k] = v
         # The DBA sees the person, not only the service login, in pg_stat_activity.
         params["application_name"] = self._app_prefix(p.application)
+        if self.server.engine.enforcing:
+            self._restricted = self.server.engine.restricted(p)
+            try:
+                self.catalog = await self.server.catalog_for(p.database)
+            except Exception as exc:  # noqa: BLE001 - fail closed with a message the person can act on
+                raise LoginError(SqlState.CANNOT_CONNECT_NOW,
+                                 f"pgwarden: cannot read the catalog of database {p.database!r} to enforce the "
+                                 f"rules ({exc}); try again later or ask the DBA") from exc
+            sp = self._forward_params.get("search_path") or next(
+                (v for k, v in self._forward_params.items() if k.lower() == "search_path"), None)
+            if sp is not None:
+                from rules.catalog import parse_search_path
+
+                self._context["search_path"] = parse_search_path(sp, self.server.config.upstream.user)
         try:
             transport, proto, login = await upstream.connect(self.server.config.upstream, params,
                                                             self.server.config.max_message_size)
@@ -615,12 +632,15 @@ class ClientSession(asyncio.Protocol):
                 if pinned is not None:
                     parts[i] = part = pinned
                     rewritten = True
-        for part in parts:
-            d = engine.decide(p, part)
+        for i, part in enumerate(parts):
+            d = engine.decide(p, part, self.catalog, self._context)
             if d.action == "refuse":
                 # One refused statement refuses the whole Query (nothing of it runs).
                 err = codec.error_response(d.sqlstate, d.message)
                 return self._refuse_simple(sql, err, now, decision=d)
+            if d.action == "rewrite" and d.sql:
+                parts[i] = d.sql
+                rewritten = True
             r = Run(part, d)
             r.start = now
             runs.append(r)
@@ -663,7 +683,11 @@ class ClientSession(asyncio.Protocol):
             msg_sql = pinned.encode(self.encoding, "replace")
             rest = payload[len(msg.name) + 1 + len(msg.sql) + 1:]
             payload = msg.name + b"\x00" + msg_sql + b"\x00" + rest
-        d = self.server.engine.decide(self.principal, text)
+        d = self.server.engine.decide(self.principal, text, self.catalog, self._context)
+        if d.action == "rewrite" and d.sql:
+            rest = payload[len(msg.name) + 1 + len(msg.sql) + 1:] if pinned is None else rest
+            payload = msg.name + b"\x00" + d.sql.encode(self.encoding, "replace") + b"\x00" + rest
+            pinned = d.sql  # the payload changed: forward the new one
         if d.action == "refuse":
             self._statements[msg.name] = (text, d)
             err = codec.error_response(d.sqlstate, d.message)
@@ -770,14 +794,18 @@ class ClientSession(asyncio.Protocol):
             self.server.audit.emit("error", self.principal, sqlstate=err.sqlstate, error=err.message)
             return None
         head = expect[0]
-        refusal = head.refusal
+        refusal = head.refusal  # our own error, replacing the server's answer to the poison statement
+        replacement = refusal
+        if refusal is None and self._restricted and "D" in err.fields:
+            # DETAIL can echo row values ("Key (id)=(...)", "Failing row contains (...)").
+            replacement = codec.encode_error_fields({k: v for k, v in err.fields.items() if k != "D"})
         if head.kind in (_Q, _F):
             runs = head.runs or [Run()]
             if head.index < len(runs):
                 run = runs[head.index]
                 head.index = len(runs)  # the rest of the Query is not run
-                self._finish(run, "refused" if refusal else "error", None, 0, err if not refusal else None)
-            return refusal
+                self._finish(run, "refused" if refusal else "error", None, 0, None if refusal else err)
+            return replacement
         # Extended protocol: the server now skips everything up to Sync.
         failed: Run | None = None
         while expect and expect[0].kind != _S:
@@ -795,7 +823,7 @@ class ClientSession(asyncio.Protocol):
             self._finish(failed, "refused", None, 0, None)
         else:
             self._finish(failed, "error", None, 0, err)
-        return refusal
+        return replacement
 
     def _track_parameter(self, name: str, value: str) -> None:
         self.parameters[name] = value
@@ -829,6 +857,11 @@ class ClientSession(asyncio.Protocol):
             fields["sqlstate"] = err.sqlstate
             fields["error"] = err.message
         d = run.decision
+        if d is not None and d.action == "rewrite":
+            fields["decision"] = "rewrite"
+            fields["rewritten"] = d.sql
+            if d.tables:
+                fields["tables"] = list(d.tables)
         if outcome == "refused" and d is not None:
             fields["sqlstate"] = d.sqlstate
             fields["reason"] = d.reason or d.message

@@ -1,18 +1,22 @@
 """``decide()``: the single entry point the proxy and ``pgwarden explain`` share.
 
-Until access rules are configured (the rules model lands with the policy
-issue) the engine is a transparent relay: every statement is allowed as sent.
-The proxy already calls it for every statement of every Query and Parse, so
-rules slot in here without touching the wire layer.
+Pure: a Principal, the statement, the catalog snapshot and the session's
+context in, a Decision out. With no rules configured pgwarden is a
+transparent, audited relay and every statement is allowed as sent; with
+rules, everything not granted is refused (R1.7) and whatever cannot be
+analysed is refused too (R6.4).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from proxy.identity import Principal
 
-from .decision import ALLOW, Decision
+from .decision import ALLOW, Decision, refuse
+
+Context = Mapping[str, Any]  # "search_path": tuple[str, ...] | None
 
 
 class Engine:
@@ -20,10 +24,56 @@ class Engine:
 
     def __init__(self, rules: Any = None) -> None:
         self.rules = rules
+        self._grants: dict[tuple[Any, ...], tuple[Any, str]] = {}
 
-    def decide(self, principal: Principal, sql: str, catalog: Any = None, context: Any = None) -> Decision:
-        return ALLOW
+    @property
+    def enforcing(self) -> bool:
+        return self.rules is not None
+
+    def grants(self, principal: Principal) -> tuple[Any, str]:
+        """What this person is granted (cached per identity: the rules object is immutable)."""
+        key = (principal.user, principal.role, principal.department,
+               tuple(sorted((k, repr(v)) for k, v in principal.attributes.items())))
+        hit = self._grants.get(key)
+        if hit is None:
+            from .model import grants_for
+
+            hit = grants_for(self.rules, principal)
+            if len(self._grants) > 10_000:
+                self._grants.clear()
+            self._grants[key] = hit
+        return hit
+
+    def restricted(self, principal: Principal) -> bool:
+        """Does this person get rewritten statements and trimmed error details?"""
+        if self.rules is None:
+            return False
+        grants, _ = self.grants(principal)
+        return grants is None or not grants.unrestricted
+
+    def decide(self, principal: Principal, sql: str, catalog: Any = None, context: Context | None = None) -> Decision:
+        if self.rules is None:
+            return ALLOW
+        grants, why = self.grants(principal)
+        if grants is None:
+            return refuse(f"pgwarden: {principal.user} may not run statements here: {why}")
+        if grants.unrestricted:
+            return ALLOW
+        if catalog is None:
+            return refuse("pgwarden: the database catalog is not loaded, so the statement cannot be checked; "
+                          "try again in a moment")
+        try:
+            from .rewrite import rewrite
+        except ImportError:  # pragma: no cover - the rewriter is part of the package
+            return refuse("pgwarden: the SQL rewriter is not available")
+        search_path = (context or {}).get("search_path")
+        try:
+            return rewrite(sql, grants, catalog, search_path)
+        except Exception as exc:  # noqa: BLE001 - fail closed (R6.4), never pass what was not analysed
+            return refuse(f"pgwarden: statement could not be analysed ({type(exc).__name__}); refused",
+                          reason=f"engine error: {exc!r}")
 
 
-def decide(principal: Principal, sql: str, catalog: Any = None, context: Any = None, *, engine: Engine | None = None) -> Decision:
+def decide(principal: Principal, sql: str, catalog: Any = None, context: Context | None = None, *,
+           engine: Engine | None = None) -> Decision:
     return (engine or Engine()).decide(principal, sql, catalog, context)
