@@ -1,4 +1,4 @@
-"""The ``pgwarden`` command: serve, passwd, demo."""
+"""The ``pgwarden`` command: serve, passwd, check, explain, demo."""
 
 from __future__ import annotations
 
@@ -66,6 +66,91 @@ def _passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    """Validate a rules file; with --config, also against the live catalog of the upstream."""
+    from rules.model import load_rules
+
+    try:
+        rules = load_rules(args.rules)
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.rules}: {len(rules.tables)} tables, {len(rules.roles)} roles: the YAML is valid")
+    if not args.config:
+        print("(give --config to check it against the database as well)")
+        return 0
+    from rules.check import check_rules
+
+    from .server import load_catalog_for
+
+    try:
+        cfg = load_config(args.config)
+        cat = asyncio.run(load_catalog_for(cfg, args.database))
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - any connection problem, said plainly
+        print(f"pgwarden: cannot read the catalog of {args.database!r}: {exc}", file=sys.stderr)
+        return 1
+    problems = check_rules(rules, cat)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print(f"pgwarden: {len(problems)} problem(s)", file=sys.stderr)
+        return 2
+    print(f"database {args.database!r}: every table, column and mask exists and fits")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """Print the Decision for one statement as one user: the very code the proxy runs."""
+    import sqlglot
+
+    from rules.engine import Engine
+    from rules.model import load_rules
+
+    from .identity import Principal
+    from .server import load_catalog_for
+
+    try:
+        cfg = load_config(args.config)
+        rules_path = args.rules or cfg.rules_path
+        if not rules_path:
+            print("pgwarden: no rules: give --rules or set rules: in the config", file=sys.stderr)
+            return 2
+        rules = load_rules(rules_path)
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    entry = cfg.users.get(args.user)
+    if entry is None:
+        print(f"pgwarden: no user {args.user!r} in {args.config}", file=sys.stderr)
+        return 2
+    principal = Principal(user=entry.name, role=entry.role, department=entry.department,
+                          attributes=dict(entry.attributes), database=args.database)
+    engine = Engine(rules)
+    grants, why = engine.grants(principal)
+    cat = asyncio.run(load_catalog_for(cfg, args.database))
+    d = engine.decide(principal, args.sql, cat, {})
+    print(f"user:     {principal.user} (role {principal.role}, department {principal.department})")
+    if grants is not None:
+        print(f"rules:    role {grants.role}" + (f" ({why})" if why else ""))
+    print(f"decision: {d.action}")
+    if d.action == "refuse":
+        print(f"sqlstate: {d.sqlstate}\nmessage:  {d.message}")
+        if d.reason and d.reason != d.message:
+            print(f"reason:   {d.reason}")
+        return 1
+    if d.tables:
+        print("tables:   " + ", ".join(d.tables))
+    if d.action == "rewrite" and d.sql:
+        print("sql:")
+        for stmt in sqlglot.parse(d.sql, read="postgres"):
+            if stmt is not None:
+                print("  " + stmt.sql(dialect="postgres", pretty=True).replace("\n", "\n  "))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -87,6 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=4096)
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     p.set_defaults(fn=_passwd)
+
+    c = sub.add_parser("check", help="validate a rules file (and, with --config, against the database)")
+    c.add_argument("rules", help="rules YAML")
+    c.add_argument("--config", "-c", help="pgwarden configuration, to reach the upstream")
+    c.add_argument("--database", default="hotel")
+    c.set_defaults(fn=_check)
+
+    e = sub.add_parser("explain", help="show what pgwarden decides for one statement as one user")
+    e.add_argument("--config", "-c", required=True)
+    e.add_argument("--rules", help="rules YAML (default: rules: in the config)")
+    e.add_argument("--user", "-u", required=True)
+    e.add_argument("--database", default="hotel")
+    e.add_argument("--sql", required=True)
+    e.set_defaults(fn=_explain)
 
     d = sub.add_parser("demo", help="throwaway PostgreSQL with hotel sample data, pgwarden in front")
     d.add_argument("--port", type=int, default=6432, help="pgwarden's port (default 6432)")

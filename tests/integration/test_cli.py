@@ -89,3 +89,39 @@ def test_passwd_prints_verifiers() -> None:
 def test_passwd_md5_needs_user(argv: list[str]) -> None:
     r = subprocess.run([*PGWARDEN, *argv], input="x\n", capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "--md5 needs the user name" in r.stderr
+
+
+def _config_for(cluster, tmp_path: Path) -> Path:
+    cfg = tmp_path / "pgwarden.yaml"
+    cfg.write_text(
+        f"upstream: {{host: {cluster.host}, port: {cluster.port}, user: {cluster.service_user}, "
+        f"password: '{cluster.service_password}', sslmode: disable}}\nusers: {{}}\n", encoding="utf-8")
+    return cfg
+
+
+def test_check_hotel_rules_against_the_database(cluster, tmp_path: Path) -> None:
+    r = subprocess.run([*PGWARDEN, "check", str(ROOT / "deploy/rules/hotel.yaml"), "--config",
+                        str(_config_for(cluster, tmp_path))], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "every table, column and mask exists" in r.stdout
+
+
+def test_check_reports_unknown_columns_with_lines(cluster, tmp_path: Path) -> None:
+    rules = tmp_path / "bad.yaml"
+    rules.write_text(
+        "tables:\n"
+        "  public.guests:\n"
+        "    sensitive: {nickname: name}\n"
+        "  public.nowhere: {}\n"
+        "roles:\n"
+        "  r:\n"
+        "    grants:\n"
+        "      public.guests:\n"
+        "        hide: [shoe_size]\n", encoding="utf-8")
+    r = subprocess.run([*PGWARDEN, "check", str(rules), "--config", str(_config_for(cluster, tmp_path))],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert f"{rules}:2: sensitive column 'nickname' does not exist in public.guests" in lines
+    assert f"{rules}:4: table public.nowhere does not exist in database 'hotel'" in lines
+    assert f"{rules}:8: role r: column 'shoe_size' does not exist in public.guests" in lines
