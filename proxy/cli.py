@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    loop.add_signal_handler(signal.SIGHUP, server.reload_rules)
     try:
         loop.run_until_complete(stop)
     finally:

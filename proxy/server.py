@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import os
 import ssl
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any
@@ -16,6 +18,13 @@ from . import upstream
 from .audit import AuditLog
 from .config import Config
 from .session import ClientSession
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime_ns / 1e9
+    except OSError:
+        return -1.0
 
 
 def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
@@ -39,6 +48,7 @@ class Server:
             engine = Engine(rules)
         self.engine = engine
         self._catalogs: dict[str, Any] = {}
+        self._rules_mtime = 0.0
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self.audit = audit or AuditLog(config.audit_path)
         self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
@@ -57,10 +67,49 @@ class Server:
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self.audit.bind_loop(loop)
+        if self.config.rules_path:
+            self.spawn(self.watch_rules())
 
     async def serve_forever(self) -> None:
         assert self._server is not None
         await self._server.serve_forever()
+
+    def reload_rules(self) -> bool:
+        """Load the rules file again; new rules apply to every session's next statement.
+
+        Invalid rules are refused with their file:line errors and the old rules stay; no
+        connection is dropped either way.
+        """
+        path = self.config.rules_path
+        if not path:
+            return False
+        from rules.model import load_rules
+
+        from .config import ConfigError
+
+        try:
+            rules = load_rules(path)
+        except ConfigError as exc:
+            self.audit.emit("rules_reload_failed", None, path=path, error=str(exc))
+            print(f"pgwarden: rules NOT reloaded, the old rules stay: {exc}", file=sys.stderr, flush=True)
+            return False
+        self.engine = Engine(rules)
+        self._rules_mtime = _mtime(path)
+        self.audit.emit("rules_reloaded", None, path=path, roles=len(rules.roles), tables=len(rules.tables))
+        return True
+
+    async def watch_rules(self, interval: float = 2.0) -> None:
+        """Reload when the rules file changes on disk (SIGHUP does it at once)."""
+        path = self.config.rules_path
+        if not path:
+            return
+        self._rules_mtime = _mtime(path)
+        while True:
+            await asyncio.sleep(interval)
+            m = _mtime(path)
+            if m != self._rules_mtime:
+                self._rules_mtime = m
+                self.reload_rules()
 
     async def catalog_for(self, database: str) -> Any:
         """The catalog snapshot of one database, read once with the service login and shared."""

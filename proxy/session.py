@@ -220,7 +220,6 @@ class ClientSession(asyncio.Protocol):
         self.statements = 0
         self.catalog: Any = None  # the policy engine's snapshot of this database (None: no rules)
         self._context: dict[str, Any] = {}
-        self._restricted = False
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -465,7 +464,6 @@ class ClientSession(asyncio.Protocol):
         # The DBA sees the person, not only the service login, in pg_stat_activity.
         params["application_name"] = self._app_prefix(p.application)
         if self.server.engine.enforcing:
-            self._restricted = self.server.engine.restricted(p)
             try:
                 self.catalog = await self.server.catalog_for(p.database)
             except Exception as exc:  # noqa: BLE001 - fail closed with a message the person can act on
@@ -796,7 +794,7 @@ class ClientSession(asyncio.Protocol):
         head = expect[0]
         refusal = head.refusal  # our own error, replacing the server's answer to the poison statement
         replacement = refusal
-        if refusal is None and self._restricted and "D" in err.fields:
+        if refusal is None and "D" in err.fields and self.server.engine.restricted(self.principal):
             # DETAIL can echo row values ("Key (id)=(...)", "Failing row contains (...)").
             replacement = codec.encode_error_fields({k: v for k, v in err.fields.items() if k != "D"})
         if head.kind in (_Q, _F):

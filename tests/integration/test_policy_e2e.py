@@ -119,3 +119,39 @@ def test_refusal_is_audited(guarded: Proxy) -> None:
     refused(guarded, "alice", "SELECT * FROM guests")
     ev = [e for e in guarded.take_events() if e["outcome"] == "refused"]
     assert len(ev) == 1 and ev[0]["sqlstate"] == "42501" and ev[0]["statement"] == "SELECT * FROM guests"
+
+
+def test_reload_on_file_change_keeps_connections(cluster: PgCluster, tmp_path: Path) -> None:
+    import shutil
+    import time
+
+    rules = tmp_path / "rules.yaml"
+    shutil.copy(HOTEL, rules)
+    p = start_proxy(cluster, str(tmp_path), rules=str(rules))
+    try:
+        with psycopg.connect(p.dsn("carol"), autocommit=True) as c:
+            with pytest.raises(psycopg.Error) as ei:
+                c.execute("SELECT count(*) FROM training_dialogs").fetchall()
+            assert ei.value.sqlstate == "42501"
+            # grant it_ops the training dialogues
+            text = rules.read_text(encoding="utf-8").replace(
+                "      public.sys_params: {}\n      public.fault_logs: {}\n",
+                "      public.sys_params: {}\n      public.fault_logs: {}\n      public.training_dialogs: {}\n", 1)
+            rules.write_text(text, encoding="utf-8")
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    n = c.execute("SELECT count(*) FROM training_dialogs").fetchone()
+                    break
+                except psycopg.Error:
+                    assert time.monotonic() < deadline, "new rules never applied"
+                    time.sleep(0.3)
+            assert n is not None and n[0] > 0
+            # invalid rules: refused, the old (new) rules stay, the connection stays
+            rules.write_text(text + "roles: [broken\n", encoding="utf-8")
+            time.sleep(4)
+            assert c.execute("SELECT count(*) FROM training_dialogs").fetchone() == n
+        failed = [e for e in p.take_events(None) if e["event"] == "rules_reload_failed"]
+        assert failed and f"{rules}:" in failed[0]["error"]
+    finally:
+        p.thread.stop()
