@@ -19,14 +19,13 @@ server's error is then replaced by pgwarden's own.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import re
 import secrets
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from rules.decision import Decision
+from rules.decision import Decision, refuse
 
 from . import auth, upstream
 from .audit import principal_fields
@@ -219,6 +218,7 @@ class ClientSession(asyncio.Protocol):
         self._upstream_fatal = False
         self.statements = 0
         self.catalog: Any = None  # the policy engine's snapshot of this database (None: no rules)
+        self._unsafe_text: str | None = None  # why statement text cannot be analysed safely, if so
         self._context: dict[str, Any] = {}
 
     # --- asyncio callbacks -------------------------------------------------------------------
@@ -620,8 +620,6 @@ class ClientSession(asyncio.Protocol):
             return None
         text = self._decode(sql)
         runs: list[Run] = []
-        engine = self.server.engine
-        p = self.principal
         parts = split_statements(text)
         rewritten = False
         for i, part in enumerate(parts):
@@ -631,7 +629,7 @@ class ClientSession(asyncio.Protocol):
                     parts[i] = part = pinned
                     rewritten = True
         for i, part in enumerate(parts):
-            d = engine.decide(p, part, self.catalog, self._context)
+            d = self._decide(part)
             if d.action == "refuse":
                 # One refused statement refuses the whole Query (nothing of it runs).
                 err = codec.error_response(d.sqlstate, d.message)
@@ -652,6 +650,12 @@ class ClientSession(asyncio.Protocol):
         if rewritten:
             return codec.query_message(";\n".join(parts).encode(self.encoding, "replace"))
         return None
+
+    def _decide(self, text: str) -> Decision:
+        engine = self.server.engine
+        if self._unsafe_text is not None and engine.restricted(self.principal):
+            return refuse(f"pgwarden: {self._unsafe_text}; statement refused")
+        return engine.decide(self.principal, text, self.catalog, self._context)
 
     def _pin_application_name(self, stmt: str) -> str | None:
         """SET application_name = 'x' -> SET application_name = 'person/x' (None: not such a SET)."""
@@ -681,7 +685,7 @@ class ClientSession(asyncio.Protocol):
             msg_sql = pinned.encode(self.encoding, "replace")
             rest = payload[len(msg.name) + 1 + len(msg.sql) + 1:]
             payload = msg.name + b"\x00" + msg_sql + b"\x00" + rest
-        d = self.server.engine.decide(self.principal, text, self.catalog, self._context)
+        d = self._decide(text)
         if d.action == "rewrite" and d.sql:
             rest = payload[len(msg.name) + 1 + len(msg.sql) + 1:] if pinned is None else rest
             payload = msg.name + b"\x00" + d.sql.encode(self.encoding, "replace") + b"\x00" + rest
@@ -824,13 +828,17 @@ class ClientSession(asyncio.Protocol):
         return replacement
 
     def _track_parameter(self, name: str, value: str) -> None:
+        """Follow what changes how the server reads statement text (the lexer must see what it sees)."""
         self.parameters[name] = value
         if name == "client_encoding":
-            self.encoding = PG_ENCODINGS.get(value.upper(), "utf-8")
-            try:
-                codecs.lookup(self.encoding)
-            except LookupError:
-                self.encoding = "utf-8"
+            known = PG_ENCODINGS.get(value.upper())
+            self.encoding = known or "utf-8"
+            self._unsafe_text = None if known and value.upper() != "SQL_ASCII" else (
+                f"client_encoding {value} cannot be decoded exactly as the server does; "
+                "use UTF8, GBK, GB18030 or another encoding pgwarden knows")
+        elif name == "standard_conforming_strings":
+            self._unsafe_text = None if value == "on" else (
+                "standard_conforming_strings is off, so backslashes in strings would be read differently")
 
     def _finish(self, run: Run, outcome: str, tag: tuple[str, int | None] | None, rows: int,
                 err: Any = None) -> None:
