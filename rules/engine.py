@@ -17,6 +17,7 @@ from proxy.identity import Principal
 from .decision import ALLOW, Decision, refuse
 
 Context = Mapping[str, Any]  # "search_path": tuple[str, ...] | None
+DECISION_CACHE = 20_000
 
 
 class Engine:
@@ -25,6 +26,8 @@ class Engine:
     def __init__(self, rules: Any = None) -> None:
         self.rules = rules
         self._grants: dict[tuple[Any, ...], tuple[Any, str]] = {}
+        self._decisions: dict[tuple[Any, ...], Decision] = {}
+        self._pinned: dict[int, Any] = {}
 
     @property
     def enforcing(self) -> bool:
@@ -40,7 +43,9 @@ class Engine:
 
             hit = grants_for(self.rules, principal)
             if len(self._grants) > 10_000:
+                # Decisions are keyed by the id of a grants object: they go together.
                 self._grants.clear()
+                self._decisions.clear()
             self._grants[key] = hit
         return hit
 
@@ -67,11 +72,25 @@ class Engine:
         except ImportError:  # pragma: no cover - the rewriter is part of the package
             return refuse("pgwarden: the SQL rewriter is not available")
         search_path = (context or {}).get("search_path")
+        sp = tuple(search_path) if search_path is not None else None
+        # Decisions depend only on the text, what this person is granted, the catalog and the
+        # search_path: time windows are evaluated by PostgreSQL, not here.
+        key = (sql, id(grants), id(catalog), sp)
+        self._pinned[id(catalog)] = catalog  # keeps the id from being reused while cached
+        hit = self._decisions.get(key)
+        if hit is not None:
+            return hit
         try:
-            return rewrite(sql, grants, catalog, search_path)
+            d = rewrite(sql, grants, catalog, search_path)
         except Exception as exc:  # noqa: BLE001 - fail closed (R6.4), never pass what was not analysed
-            return refuse(f"pgwarden: statement could not be analysed ({type(exc).__name__}); refused",
-                          reason=f"engine error: {exc!r}")
+            d = refuse(f"pgwarden: statement could not be analysed ({type(exc).__name__}); refused",
+                       reason=f"engine error: {exc!r}")
+        if len(self._decisions) >= DECISION_CACHE:
+            self._decisions.clear()
+            self._pinned.clear()
+            self._pinned[id(catalog)] = catalog
+        self._decisions[key] = d
+        return d
 
 
 def decide(principal: Principal, sql: str, catalog: Any = None, context: Context | None = None, *,
