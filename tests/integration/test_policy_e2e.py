@@ -55,6 +55,7 @@ def test_supervisor_sees_own_department_last_72_hours(guarded: Proxy, cluster: P
 
 
 def test_front_desk_masks(guarded: Proxy) -> None:
+    pytest.importorskip("masking.kinds", reason="masks land with the masking package")
     rows = run(guarded, "alice", "SELECT phone, id_number, department FROM cs_records LIMIT 20")
     for phone, id_number, dept in rows:
         assert dept == "FO"

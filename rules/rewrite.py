@@ -1,0 +1,737 @@
+"""The SQL rewriter: one statement text + one principal's grants -> allow | rewrite to SQL' | refuse.
+
+Theory of operation (DESIGN.md "How a statement is decided")
+-------------------------------------------------------------
+1. Lex once with sqlglot's PostgreSQL tokenizer; refuse token shapes whose
+   regeneration PostgreSQL would read differently (``1_000``, ``0x1F``,
+   adjacent string literals).
+2. Split into statements at ``;`` tokens. Each statement is first matched by
+   :mod:`rules.classify` (utility statements, by strict token patterns), else
+   parsed by sqlglot and allow-listed by node type (SELECT-like, INSERT/UPDATE/
+   DELETE, COPY ... TO STDOUT). Anything else, including ``exp.Command``, is
+   refused: "parsed" is not "understood".
+3. :func:`_analyze` walks the tree: every table reference is resolved (CTE
+   names shadow tables, PostgreSQL identifier folding, the session
+   search_path) against the catalog snapshot; protected relations become
+   *hits*; ungranted, unknown, system and view relations are refused; so are
+   dangerous or unknown functions, nested data-modifying statements and
+   explicit references to hidden columns.
+4. Each hit's ``exp.Table`` is replaced by the fenced derived table
+   ``(SELECT <all columns, masked/NULL> FROM "s"."t" WHERE <filter> OFFSET 0) AS alias``.
+5. SQL' is generated from the AST, re-parsed, and analysed again with the
+   fences we built treated as opaque: it must contain no unfenced protected
+   relation, or the statement is refused.
+
+Statements that touch nothing protected are allowed as sent (byte-for-byte).
+Everything here is pure; no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from sqlglot import exp
+from sqlglot.dialects.postgres import Postgres
+from sqlglot.errors import SqlglotError
+from sqlglot.tokens import Token, TokenType
+
+from .catalog import BUILTIN_SCHEMAS, Catalog, Relation, normalise_identifier
+from .classify import Refused, Simple, Wrapped, recognise
+from .decision import ALLOW, Decision, refuse
+from .grants import StatementGrants, StatementKind, TableGrant, Treatment
+
+__all__ = ["rewrite", "REFUSED_FUNCTIONS", "NOT_UNDERSTOOD"]
+
+DIALECT = "postgres"
+NOT_UNDERSTOOD = "pgwarden: statement not understood; refused"
+_DIALECT = Postgres()
+_COMMANDS = frozenset(_DIALECT.tokenizer_class.COMMANDS)
+
+#: Built-in functions that run SQL text, touch files, large objects, other databases,
+#: settings, other sessions, or write (names in lower case).
+REFUSED_FUNCTIONS = frozenset({
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
+    "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
+    "cursor_to_xml", "cursor_to_xmlschema",
+    "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
+    "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
+    "ts_stat", "ts_rewrite", "pg_read_file", "pg_read_binary_file", "pg_stat_file", "set_config",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile", "pg_promote",
+    "pg_switch_wal", "pg_create_restore_point", "pg_notify", "setval", "nextval",
+    "pg_import_system_collations", "pg_log_backend_memory_contexts", "loread", "lowrite",
+    "pg_backup_start", "pg_backup_stop", "pg_start_backup", "pg_stop_backup", "pg_drop_replication_slot",
+    "pg_replication_origin_create", "pg_get_backend_memory_contexts", "pg_current_logfile",
+})
+_REFUSED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_file_", "pg_logical_", "pg_replication_",
+                     "pg_create_", "pg_copy_", "pg_stat_reset", "pg_stat_get_", "pg_wal_replay_")
+
+_STRINGISH = frozenset({TokenType.STRING, TokenType.NATIONAL_STRING, TokenType.BYTE_STRING,
+                        TokenType.HEREDOC_STRING, TokenType.UNICODE_STRING, TokenType.HEX_STRING,
+                        TokenType.BIT_STRING, TokenType.RAW_STRING})
+#: Nested nodes that are statements of their own (a SELECT must not hide one).
+_NESTED_STATEMENTS = (exp.DML, exp.DDL, exp.Command, exp.Copy, exp.Set, exp.Transaction, exp.Commit,
+                      exp.Rollback)
+#: format_type() names that sqlglot regenerates faithfully in CAST(NULL AS ...).
+_CASTABLE = re.compile(
+    r"(bigint|integer|smallint|text|boolean|date|jsonb|json|uuid|bytea|real|double precision|inet|interval"
+    r"|numeric(\(\d+(,\d+)?\))?|character varying(\(\d+\))?|character(\(\d+\))?"
+    r"|timestamp with time zone|timestamp without time zone|time without time zone)(\[\])?\Z")
+#: Table args a protected reference may carry; anything else (TABLESAMPLE, ...) is refused.
+_TABLE_ARGS = frozenset({"this", "db", "catalog", "alias", "only"})
+
+
+@dataclass
+class _Hit:
+    """One protected table reference to be fenced."""
+
+    node: exp.Table
+    rel: Relation
+    grant: TableGrant
+
+
+@dataclass
+class _Ctx:
+    """Per-statement-text state: inputs plus what was fenced (for verification and the Decision)."""
+
+    grants: StatementGrants
+    catalog: Catalog
+    search_path: Sequence[str] | None
+    fences: dict[str, _Hit] = field(default_factory=dict)  # generated body SQL -> hit
+    tables: list[str] = field(default_factory=list)
+    shadowed: int = 0  # CTE names that shadow catalogued relations: send our regenerated text
+
+    @property
+    def role(self) -> str:
+        return self.grants.role or "(unnamed)"
+
+
+# ---------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------
+
+
+def rewrite(sql: str, grants: StatementGrants, catalog: Catalog,
+            search_path: Sequence[str] | None = None) -> Decision:
+    """Decide one client SQL text (possibly several statements) for one principal's grants."""
+    if grants.unrestricted:
+        return ALLOW
+    ctx = _Ctx(grants, catalog, search_path)
+    try:
+        outs = []
+        for chunk in _split(_tokenize(sql)):
+            toks, text = _expand(chunk, sql)
+            _check_lexemes(toks, text)
+            _check_function_tokens(toks, ctx)
+            outs.append(_statement(toks, text, ctx))
+    except Refused as r:
+        return refuse(r.message, reason=r.reason)
+    except (SqlglotError, RecursionError, ValueError, TypeError, AttributeError, KeyError) as e:
+        return refuse(f"{NOT_UNDERSTOOD} (analysis failed)", reason=f"rewriter error: {e!r}"[:300])
+    if not any(touched for touched, _ in outs):
+        return ALLOW
+    tables = tuple(dict.fromkeys(ctx.tables))
+    return Decision("rewrite", sql=";\n".join(text for _, text in outs),
+                    reason="protected tables replaced by policy derived tables", tables=tables)
+
+
+def _tokenize(sql: str) -> list[Token]:
+    try:
+        return _DIALECT.tokenize(sql)
+    except SqlglotError as e:
+        raise Refused(f"{NOT_UNDERSTOOD} (cannot tokenize)", reason=str(e)[:200]) from None
+
+
+def _split(tokens: list[Token]) -> Iterator[list[Token]]:
+    """Statements at top-level semicolons (the tokenizer already consumed strings and comments)."""
+    chunk: list[Token] = []
+    for t in tokens:
+        if t.token_type == TokenType.SEMICOLON:
+            if chunk:
+                yield chunk
+            chunk = []
+        else:
+            chunk.append(t)
+    if chunk:
+        yield chunk
+
+
+def _expand(chunk: list[Token], sql: str) -> tuple[list[Token], str]:
+    """Undo the tokenizer's command quirk: after EXPLAIN/SHOW/FETCH/PREPARE/... at a statement's
+    start it swallows the rest of the statement as one STRING token; re-tokenize that text.
+
+    Returns the statement's tokens and the text their positions refer to.
+    """
+    for i in range(1, len(chunk)):
+        if chunk[i].token_type in _COMMANDS and chunk[i - 1].token_type == TokenType.BEGIN:
+            raise Refused(f"{NOT_UNDERSTOOD} ({chunk[i].text} after BEGIN)")
+    if chunk[0].token_type in _COMMANDS and len(chunk) == 2 and chunk[1].token_type == TokenType.STRING:
+        rest = chunk[1].text
+        head = Token(TokenType.VAR, chunk[0].text, start=0, end=-1)
+        return [head, *_tokenize(rest)], rest
+    return chunk, sql
+
+
+def _check_lexemes(tokens: list[Token], sql: str) -> None:
+    """Refuse token shapes sqlglot reads differently from PostgreSQL (regeneration would change them)."""
+    for i, t in enumerate(tokens):
+        raw = sql[t.start:t.end + 1]
+        if t.token_type == TokenType.NUMBER:
+            after = sql[t.end + 1:t.end + 2]
+            if after and (after.isalnum() or after in "_$\"'"):
+                raise Refused(f"{NOT_UNDERSTOOD} (numeric literal {raw}{after}...)")
+        if t.token_type in (TokenType.HEX_STRING, TokenType.BIT_STRING) and raw[:1] == "0":
+            raise Refused(f"{NOT_UNDERSTOOD} (integer literal {raw})")
+        if t.token_type in _STRINGISH and i + 1 < len(tokens) and tokens[i + 1].token_type in _STRINGISH:
+            raise Refused(f"{NOT_UNDERSTOOD} (adjacent string literals)")
+
+
+# ---------------------------------------------------------------------------
+# one statement
+# ---------------------------------------------------------------------------
+
+
+def _require_kind(kind: StatementKind, ctx: _Ctx) -> None:
+    if kind not in ctx.grants.kinds:
+        raise Refused(f"pgwarden: role {ctx.role} may not run {kind.value.upper()} statements")
+
+
+def _parse(chunk: list[Token], sql: str) -> exp.Expression:
+    """sqlglot's parser on one statement's tokens; exactly one expression or refuse."""
+    try:
+        trees = _DIALECT.parser().parse(chunk, sql)
+    except SqlglotError as e:
+        raise Refused(f"{NOT_UNDERSTOOD} (cannot parse)", reason=str(e)[:200]) from None
+    trees = [t for t in trees if t is not None]
+    if len(trees) != 1:
+        raise Refused(NOT_UNDERSTOOD)
+    return trees[0]
+
+
+def _statement(chunk: list[Token], sql: str, ctx: _Ctx) -> tuple[bool, str]:
+    """(touches protected data?, verified SQL text to send if anything in the batch is rewritten)."""
+    known = recognise(chunk, sql)
+    if isinstance(known, Simple):
+        _require_kind(known.kind, ctx)
+        return False, known.sql
+    if isinstance(known, Wrapped):
+        _require_kind(known.kind, ctx)
+        tree = _parse(known.inner, sql)
+        if not _is_query(tree):
+            raise Refused(f"pgwarden: only a query may follow {known.prefix.split()[0]}; refused")
+        if known.kind != StatementKind.SELECT:
+            _require_kind(StatementKind.SELECT, ctx)
+        touched, text = _query_statement(tree, ctx)
+        return touched, known.prefix + text
+    tree = _parse(chunk, sql)
+    if _is_query(tree):
+        _require_kind(StatementKind.SELECT, ctx)
+        return _query_statement(tree, ctx)
+    if isinstance(tree, (exp.Insert, exp.Update, exp.Delete)):
+        return _dml_statement(tree, ctx)
+    if isinstance(tree, exp.Copy):
+        return _copy_statement(tree, ctx)
+    what = tree.name.split()[0].upper() if isinstance(tree, exp.Command) and tree.name else type(tree).__name__
+    raise Refused(f"{NOT_UNDERSTOOD} ({what})")
+
+
+def _is_query(tree: exp.Expression) -> bool:
+    return isinstance(tree, (exp.Select, exp.SetOperation, exp.Values, exp.Subquery))
+
+
+def _query_statement(tree: exp.Expression, ctx: _Ctx) -> tuple[bool, str]:
+    """Analyse, fence, generate, verify a SELECT-like statement."""
+    shadowed = ctx.shadowed
+    hits = _analyze(tree, ctx)
+    for hit in hits:
+        hit.node.replace(_fence(hit, ctx))
+    text = _generate(tree)
+    _verify(text, ctx, _is_query)
+    return bool(hits) or ctx.shadowed > shadowed, text
+
+
+def _generate(tree: exp.Expression) -> str:
+    try:
+        return tree.sql(dialect=DIALECT, comments=False, unsupported_level="raise")
+    except SqlglotError as e:
+        raise Refused(f"{NOT_UNDERSTOOD} (cannot regenerate)", reason=str(e)[:200]) from None
+
+
+# ---------------------------------------------------------------------------
+# analysis: tables, functions, hidden columns, nested statements
+# ---------------------------------------------------------------------------
+
+
+def _walk(root: exp.Expression, opaque: set[int]) -> Iterator[exp.Expression]:
+    """Every node under ``root`` (inclusive), not descending into ``opaque`` nodes (our fences)."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in opaque:
+            continue
+        yield node
+        for child in node.iter_expressions():
+            stack.append(child)
+
+
+def _analyze(root: exp.Expression, ctx: _Ctx, *, opaque: set[int] | None = None,
+             skip: set[int] | None = None) -> list[_Hit]:
+    """Resolve and check everything under ``root``; the protected table references to fence.
+
+    ``opaque``: ids of fence subqueries (verification); ``skip``: ids of DML target tables.
+    """
+    opaque = opaque or set()
+    skip = skip or set()
+    hits: list[_Hit] = []
+    for node in _walk(root, opaque):
+        if node is not root and isinstance(node, _NESTED_STATEMENTS):
+            raise Refused(f"pgwarden: role {ctx.role} may not run a data-modifying or utility statement "
+                          f"inside a query; refused")
+        if isinstance(node, exp.Select):
+            _check_select(node, ctx)
+        elif isinstance(node, exp.Table) and id(node) not in skip:
+            hit = _table(node, ctx)
+            if hit is not None:
+                hits.append(hit)
+        elif isinstance(node, exp.Func):
+            _check_function(node, ctx)
+    seen = [h.rel for h in hits] + [ctx.fences[k].rel for k in _fence_keys(root, opaque, ctx)]
+    grants = [h.grant for h in hits] + [ctx.fences[k].grant for k in _fence_keys(root, opaque, ctx)]
+    _check_hidden(root, opaque, list(zip(seen, grants)), ctx)
+    return hits
+
+
+def _fence_keys(root: exp.Expression, opaque: set[int], ctx: _Ctx) -> list[str]:
+    return [k for k in (_body_key(n) for n in root.find_all(exp.Subquery) if id(n) in opaque)
+            if k in ctx.fences]
+
+
+def _check_select(node: exp.Select, ctx: _Ctx) -> None:
+    """SELECT INTO creates a table; FOR UPDATE/SHARE locks rows: neither is reading."""
+    if node.args.get("into"):
+        raise Refused(f"pgwarden: role {ctx.role} may not run SELECT INTO; refused")
+    if node.args.get("locks"):
+        raise Refused(f"pgwarden: role {ctx.role} may not lock rows (FOR UPDATE/SHARE); refused")
+
+
+def _is_cte_reference(node: exp.Table) -> bool:
+    """True if an unqualified name refers to a visible CTE (PostgreSQL scoping, exact folded names)."""
+    if node.args.get("db") or node.args.get("catalog") or not isinstance(node.this, exp.Identifier):
+        return False
+    name = normalise_identifier(node.this.this, bool(node.this.args.get("quoted")))
+    child: exp.Expression = node
+    parent = node.parent
+    while parent is not None:
+        if isinstance(parent, exp.With):
+            ctes = list(parent.expressions)
+            idx = next((i for i, c in enumerate(ctes) if c is child), len(ctes))
+            visible = ctes if parent.args.get("recursive") else ctes[:idx]
+            if name in {_cte_name(c) for c in visible}:
+                return True
+        else:
+            w = parent.args.get("with_")
+            if isinstance(w, exp.With) and w is not child and name in {_cte_name(c) for c in w.expressions}:
+                return True
+        child, parent = parent, parent.parent
+    return False
+
+
+def _cte_name(cte: exp.Expression) -> str:
+    alias = cte.args.get("alias")
+    ident = alias.this if isinstance(alias, exp.TableAlias) else None
+    if not isinstance(ident, exp.Identifier):
+        return ""
+    return normalise_identifier(ident.this, bool(ident.args.get("quoted")))
+
+
+def _name_parts(node: exp.Table) -> tuple[str, ...]:
+    parts: list[str] = []
+    for key in ("catalog", "db", "this"):
+        ident = node.args.get(key)
+        if ident is None:
+            continue
+        if not isinstance(ident, exp.Identifier):
+            raise Refused(f"{NOT_UNDERSTOOD} (table name {node.sql(dialect=DIALECT)})")
+        parts.append(normalise_identifier(ident.this, bool(ident.args.get("quoted"))))
+    return tuple(parts)
+
+
+def _table(node: exp.Table, ctx: _Ctx) -> _Hit | None:
+    """Resolve one table reference: None (harmless: CTE, table function, readable catalog) or a hit."""
+    if node.args.get("rows_from") or isinstance(node.this, exp.Func):
+        return None  # a table function: its calls are checked as functions
+    if not isinstance(node.this, exp.Identifier):
+        raise Refused(f"{NOT_UNDERSTOOD} (table reference {node.sql(dialect=DIALECT)})")
+    parts = _name_parts(node)
+    if _is_cte_reference(node):
+        if ctx.catalog.resolve(parts, ctx.search_path) is not None:
+            ctx.shadowed += 1  # never let PostgreSQL re-decide this scoping from the client's text
+        return None
+    rel = ctx.catalog.resolve(parts, ctx.search_path)
+    if rel is None:
+        raise Refused(f"pgwarden: relation {'.'.join(parts)} is unknown to pgwarden's catalog; refused")
+    hit = _protect(rel, node, ctx)
+    if hit is not None:
+        extra = {k for k, v in node.args.items() if v and k not in _TABLE_ARGS}
+        if extra:
+            raise Refused(f"pgwarden: {', '.join(sorted(extra))} on protected table {rel.qualified_name} "
+                          f"is not supported; refused")
+    return hit
+
+
+def _protect(rel: Relation, node: exp.Table, ctx: _Ctx) -> _Hit | None:
+    """Default deny: the grant that applies to ``rel`` (itself, else its root/ancestors) or a refusal."""
+    qn, g = rel.qualified_name, ctx.grants
+    if rel.schema in BUILTIN_SCHEMAS:
+        if qn in g.catalog_relations:
+            return None
+        raise Refused(f"pgwarden: role {ctx.role} may not read system relation {qn}")
+    if qn in g.tables:
+        return _Hit(node, rel, g.tables[qn])
+    root = ctx.catalog.root_of(rel)
+    for anc in [root.qualified_name, *sorted(rel.ancestors)]:
+        if anc != qn and anc in g.tables:
+            return _Hit(node, rel, g.tables[anc])
+    if rel.is_view:
+        user = {k for k, r in ctx.catalog.relations.items() if r.schema not in BUILTIN_SCHEMAS and not r.is_view}
+        deps = ctx.catalog.protected_dependencies(rel, user)
+        calls = set(rel.calls) - set(g.allowed_functions)
+        if deps or calls:
+            what = ", ".join(sorted(deps | calls))
+            raise Refused(f"pgwarden: role {ctx.role} may not read view {qn} (it reads {what})")
+        return None
+    raise Refused(f"pgwarden: role {ctx.role} may not read table {qn}")
+
+
+def _func_name(node: exp.Func) -> tuple[tuple[str, ...], str]:
+    """(schema parts, lower-case name) of a call; typed sqlglot nodes use their SQL name."""
+    if isinstance(node, exp.Anonymous):
+        name = node.name
+    else:
+        name = node.sql_name()
+    schema: tuple[str, ...] = ()
+    parent = node.parent
+    if isinstance(parent, exp.Dot) and parent.expression is node:
+        schema = tuple(normalise_identifier(p.name, bool(p.args.get("quoted")))
+                       for p in parent.this.find_all(exp.Identifier))
+        if not schema:
+            raise Refused(f"{NOT_UNDERSTOOD} (function call {parent.sql(dialect=DIALECT)})")
+    return schema, name.lower()
+
+
+def _check_function(node: exp.Func, ctx: _Ctx) -> None:
+    """Refuse SQL-running/file/setting functions, unknown functions, and user functions not allowed."""
+    schema, name = _func_name(node)
+    if name in REFUSED_FUNCTIONS or name.startswith(_REFUSED_PREFIXES):
+        raise Refused(f"pgwarden: role {ctx.role} may not call function {name}")
+    cands = ctx.catalog.resolve_function((*schema, name), ctx.search_path)
+    if not cands:
+        if isinstance(node, exp.Anonymous) or schema:
+            raise Refused(f"pgwarden: function {'.'.join((*schema, name))} is unknown to pgwarden's catalog; refused")
+        return  # a construct sqlglot models itself (CAST, CASE, COALESCE, EXTRACT, ...)
+    for f in cands:
+        if not f.is_builtin and f.qualified_name not in ctx.grants.allowed_functions:
+            raise Refused(f"pgwarden: role {ctx.role} may not call function {f.qualified_name}")
+
+
+_UDF_CACHE: dict[int, tuple[Catalog, frozenset[str]]] = {}
+
+
+def _udf_names(catalog: Catalog, allowed: frozenset[str]) -> frozenset[str]:
+    """Names of non-built-in functions (any schema) that are not allowed: shadowing candidates."""
+    cached = _UDF_CACHE.get(id(catalog))
+    if cached is None or cached[0] is not catalog:
+        names = frozenset(f"{f.name}\0{f.qualified_name}" for fs in catalog.functions.values()
+                          for f in fs if not f.is_builtin)
+        if len(_UDF_CACHE) > 8:
+            _UDF_CACHE.clear()
+        _UDF_CACHE[id(catalog)] = cached = (catalog, names)
+    return frozenset(n.split("\0")[0] for n in cached[1] if n.split("\0")[1] not in allowed)
+
+
+def _check_function_tokens(tokens: list[Token], ctx: _Ctx) -> None:
+    """Any ``name (`` whose name is a disallowed user function in any schema is refused.
+
+    sqlglot maps calls it knows to typed nodes and loses the spelling
+    (``"Lower"(x)`` becomes LOWER(x)), but the allow path forwards the client's
+    text: so look at the tokens PostgreSQL will see, fail closed on name clashes.
+    """
+    bad = _udf_names(ctx.catalog, ctx.grants.allowed_functions)
+    if not bad:
+        return
+    for t, nxt in zip(tokens, tokens[1:]):
+        if nxt.token_type != TokenType.L_PAREN or t.token_type in _STRINGISH or t.token_type == TokenType.NUMBER:
+            continue
+        name = normalise_identifier(t.text, t.token_type == TokenType.IDENTIFIER)
+        if name in bad:
+            raise Refused(f"pgwarden: role {ctx.role} may not call function {name}")
+
+
+def _hidden_names(tables: list[tuple[Relation, TableGrant]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for rel, grant in tables:
+        for col in rel.columns:
+            rule = grant.columns.get(col.name)
+            if rule is not None and rule.treatment == Treatment.HIDDEN:
+                out.setdefault(col.name, f"{rel.qualified_name}.{col.name}")
+    return out
+
+
+def _check_hidden(root: exp.Expression, opaque: set[int], tables: list[tuple[Relation, TableGrant]],
+                  ctx: _Ctx) -> None:
+    """Naming a hidden column anywhere (outside our fences) is refused; conservative: by name only."""
+    hidden = _hidden_names(tables)
+    if not hidden:
+        return
+    for node in _walk(root, opaque):
+        names: list[exp.Identifier] = []
+        if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
+            names.append(node.this)
+        elif isinstance(node, exp.Join):
+            if str(node.args.get("method") or "").upper() == "NATURAL":
+                raise Refused(f"pgwarden: role {ctx.role} may not NATURAL JOIN a table with hidden columns "
+                              f"({', '.join(sorted(hidden.values()))})")
+            names.extend(i for i in node.args.get("using") or () if isinstance(i, exp.Identifier))
+        elif isinstance(node, exp.Dot) and isinstance(node.expression, exp.Identifier):
+            names.append(node.expression)
+        for ident in names:
+            n = normalise_identifier(ident.this, bool(ident.args.get("quoted")))
+            if n in hidden:
+                raise Refused(f"pgwarden: role {ctx.role} may not read column {hidden[n]}")
+
+
+# ---------------------------------------------------------------------------
+# the fence
+# ---------------------------------------------------------------------------
+
+
+def _mask_expr(spec: object, column: exp.Expression, pg_type: str) -> exp.Expression:
+    """masking.kinds.mask_sql if available; without it, NULL of the column's type (never the value)."""
+    try:
+        from masking.kinds import mask_sql  # type: ignore[import-not-found]
+    except ImportError:
+        return _null_of(pg_type, column)
+    return mask_sql(spec, column, pg_type)
+
+
+def _null_of(pg_type: str, column: exp.Expression) -> exp.Expression:
+    """CAST(NULL AS type) for types sqlglot regenerates faithfully, else a never-taken CASE of the column."""
+    if _CASTABLE.match(pg_type):
+        try:
+            return exp.Cast(this=exp.Null(), to=exp.DataType.build(pg_type, dialect=DIALECT))
+        except SqlglotError:
+            pass
+    return exp.Case(ifs=[exp.If(this=exp.false(), true=column)])
+
+
+def _projection(rel: Relation, grant: TableGrant) -> list[exp.Expression]:
+    out: list[exp.Expression] = []
+    for col in rel.columns:
+        ident = exp.to_identifier(col.name, quoted=True)
+        ref = exp.Column(this=ident.copy())
+        rule = grant.columns.get(col.name)
+        treatment = rule.treatment if rule is not None else Treatment.CLEAR
+        if treatment == Treatment.CLEAR:
+            out.append(ref)
+        elif treatment == Treatment.MASK:
+            out.append(exp.Alias(this=_mask_expr(rule.mask if rule else None, ref, col.type_name), alias=ident))
+        else:
+            out.append(exp.Alias(this=_null_of(col.type_name, ref), alias=ident))
+    return out
+
+
+def _filter_columns_ok(rel: Relation, flt: exp.Expression) -> bool:
+    """Every column of the filter's own level exists in ``rel`` (else it could bind to an outer query)."""
+    names = set(rel.column_names)
+    for col in flt.find_all(exp.Column):
+        if _inside_subquery(col, flt) or not isinstance(col.this, exp.Identifier):
+            continue
+        if normalise_identifier(col.this.this, bool(col.this.args.get("quoted"))) not in names:
+            return False
+    return True
+
+
+def _inside_subquery(node: exp.Expression, root: exp.Expression) -> bool:
+    p = node.parent
+    while p is not None and p is not root:
+        if isinstance(p, (exp.Select, exp.SetOperation)):
+            return True
+        p = p.parent
+    return False
+
+
+def _fence_body(rel: Relation, grant: TableGrant, only: bool) -> exp.Select:
+    """SELECT <columns> FROM "schema"."table" WHERE <filter> OFFSET 0: the policy view of ``rel``."""
+    if not rel.columns:
+        raise Refused(f"pgwarden: protected relation {rel.qualified_name} has no columns in the catalog; refused")
+    table = exp.Table(this=exp.to_identifier(rel.name, quoted=True), db=exp.to_identifier(rel.schema, quoted=True))
+    if only:
+        table.set("only", True)
+    body = exp.Select(expressions=_projection(rel, grant), from_=exp.From(this=table))
+    if grant.row_filter is not None:
+        flt = grant.row_filter.copy()
+        if not _filter_columns_ok(rel, flt):
+            raise Refused(f"pgwarden: the row filter for {rel.qualified_name} names a column it does not have; "
+                          f"refused", reason=f"bad row filter {grant.reason}")
+        body.set("where", exp.Where(this=flt))
+    body.set("offset", exp.Offset(expression=exp.Literal.number(0)))
+    return body
+
+
+def _body_key(sub: exp.Subquery) -> str:
+    inner = sub.this
+    return inner.sql(dialect=DIALECT, comments=False) if isinstance(inner, exp.Select) else ""
+
+
+def _fence(hit: _Hit, ctx: _Ctx) -> exp.Subquery:
+    """The derived table that replaces ``hit.node``, under the same alias (or the table's own name)."""
+    body = _fence_body(hit.rel, hit.grant, bool(hit.node.args.get("only")))
+    ctx.fences[body.sql(dialect=DIALECT, comments=False)] = hit
+    ctx.tables.append(hit.rel.qualified_name)
+    alias = hit.node.args.get("alias")
+    alias = alias.copy() if isinstance(alias, exp.TableAlias) else exp.TableAlias(this=hit.node.this.copy())
+    return exp.Subquery(this=body, alias=alias)
+
+
+# ---------------------------------------------------------------------------
+# verification of the regenerated text
+# ---------------------------------------------------------------------------
+
+
+def _verify(text: str, ctx: _Ctx, shape) -> None:  # noqa: ANN001 - predicate on the re-parsed tree
+    """Re-parse SQL'; with our fences opaque, nothing protected may remain, and the checks must pass."""
+    try:
+        trees = [t for t in _DIALECT.parse(text) if t is not None]
+    except SqlglotError:
+        raise Refused("pgwarden: rewritten statement failed verification", reason="re-parse failed") from None
+    if len(trees) != 1 or not shape(trees[0]):
+        raise Refused("pgwarden: rewritten statement failed verification", reason="statement shape changed")
+    tree = trees[0]
+    opaque = {id(s) for s in tree.find_all(exp.Subquery) if _body_key(s) in ctx.fences}
+    try:
+        leftover = _analyze(tree, ctx, opaque=opaque, skip=_dml_target_ids(tree))
+    except Refused as r:
+        raise Refused("pgwarden: rewritten statement failed verification", reason=r.message) from None
+    if leftover:
+        raise Refused("pgwarden: rewritten statement failed verification",
+                      reason=f"unfenced {leftover[0].rel.qualified_name}")
+
+
+def _dml_target_ids(tree: exp.Expression) -> set[int]:
+    if isinstance(tree, (exp.Insert, exp.Update, exp.Delete)):
+        target = _dml_target(tree)
+        return {id(target)} if target is not None else set()
+    return set()
+
+
+# ---------------------------------------------------------------------------
+# INSERT / UPDATE / DELETE
+# ---------------------------------------------------------------------------
+
+
+def _dml_target(tree: exp.Expression) -> exp.Table | None:
+    target = tree.this
+    if isinstance(target, exp.Schema):
+        target = target.this
+    return target if isinstance(target, exp.Table) else None
+
+
+def _dml_statement(tree: exp.Insert | exp.Update | exp.Delete, ctx: _Ctx) -> tuple[bool, str]:
+    """DML only where the table grant has the kind; UPDATE/DELETE get the row filter ANDed in."""
+    kind = {exp.Insert: StatementKind.INSERT, exp.Update: StatementKind.UPDATE,
+            exp.Delete: StatementKind.DELETE}[type(tree)]
+    target = _dml_target(tree)
+    if target is None or not isinstance(target.this, exp.Identifier):
+        raise Refused(f"{NOT_UNDERSTOOD} ({kind.value.upper()} target)")
+    rel = ctx.catalog.resolve(_name_parts(target), ctx.search_path)
+    if rel is None:
+        raise Refused(f"pgwarden: relation {'.'.join(_name_parts(target))} is unknown to pgwarden's catalog; refused")
+    grant = ctx.grants.tables.get(ctx.catalog.root_of(rel).qualified_name) or ctx.grants.tables.get(rel.qualified_name)
+    if grant is None or kind not in grant.kinds or rel.is_view:
+        raise Refused(f"pgwarden: role {ctx.role} may not {kind.value.upper()} table {rel.qualified_name}")
+    if tree.args.get("conflict") is not None:
+        raise Refused(f"pgwarden: role {ctx.role} may not use ON CONFLICT; refused")
+    _check_dml_columns(tree, target, rel, grant, ctx)
+    hits = _analyze(tree, ctx, skip={id(target)})
+    for hit in hits:
+        hit.node.replace(_fence(hit, ctx))
+    if kind != StatementKind.INSERT and grant.row_filter is not None:
+        _and_row_filter(tree, target, rel, grant)
+    ctx.tables.append(rel.qualified_name)
+    text = _generate(tree)
+    _verify(text, ctx, lambda t: type(t) is type(tree))
+    return True, text
+
+
+def _check_dml_columns(tree: exp.Expression, target: exp.Table, rel: Relation, grant: TableGrant,
+                       ctx: _Ctx) -> None:
+    """In DML the target's columns are raw: naming a masked/hidden one (WHERE, SET, RETURNING) is an oracle."""
+    protected = {c: f"{rel.qualified_name}.{c}" for c, r in grant.columns.items()
+                 if r.treatment != Treatment.CLEAR}
+    if not protected:
+        return
+    returning = tree.args.get("returning")
+    if returning is not None and returning.find(exp.Star):
+        raise Refused(f"pgwarden: role {ctx.role} may not use RETURNING * on {rel.qualified_name}; name columns")
+    for col in tree.find_all(exp.Column):
+        ident = col.this
+        if isinstance(ident, exp.Identifier):
+            n = normalise_identifier(ident.this, bool(ident.args.get("quoted")))
+            if n in protected and not _inside_subquery(col, tree):
+                raise Refused(f"pgwarden: role {ctx.role} may not use column {protected[n]} in "
+                              f"{type(tree).__name__.upper()}")
+
+
+def _and_row_filter(tree: exp.Expression, target: exp.Table, rel: Relation, grant: TableGrant) -> None:
+    """WHERE (<user predicate>) AND (<row filter qualified with the target's name>)."""
+    assert grant.row_filter is not None
+    flt = grant.row_filter.copy()
+    if not _filter_columns_ok(rel, flt):
+        raise Refused(f"pgwarden: the row filter for {rel.qualified_name} names a column it does not have; refused")
+    alias = target.args.get("alias")
+    qual = alias.this if isinstance(alias, exp.TableAlias) and alias.this else target.this
+    for col in list(flt.find_all(exp.Column)):
+        if not _inside_subquery(col, flt) and not col.table:
+            col.set("table", qual.copy())
+    where = tree.args.get("where")
+    cond = exp.and_(exp.Paren(this=where.this), exp.Paren(this=flt)) if where is not None else flt
+    tree.set("where", exp.Where(this=cond))
+
+
+# ---------------------------------------------------------------------------
+# COPY ... TO STDOUT
+# ---------------------------------------------------------------------------
+
+_COPY_PARAMS = frozenset({"FORMAT", "HEADER", "DELIMITER", "NULL", "QUOTE", "ESCAPE", "ENCODING",
+                          "FORCE_QUOTE", "CSV", "BINARY"})
+
+
+def _copy_statement(tree: exp.Copy, ctx: _Ctx) -> tuple[bool, str]:
+    """COPY (query) / COPY table TO STDOUT, with the export right; the query is rewritten like a SELECT."""
+    if tree.args.get("kind"):
+        raise Refused(f"pgwarden: role {ctx.role} may not COPY ... FROM; refused")
+    files = tree.args.get("files") or []
+    if len(files) != 1 or not isinstance(files[0], exp.Identifier) or files[0].args.get("quoted") \
+            or files[0].name.upper() != "STDOUT":
+        raise Refused(f"pgwarden: role {ctx.role} may only COPY ... TO STDOUT; refused")
+    if StatementKind.COPY_TO not in ctx.grants.kinds or not ctx.grants.export:
+        raise Refused(f"pgwarden: role {ctx.role} may not export data (COPY ... TO)")
+    for p in tree.args.get("params") or []:
+        if not isinstance(p, exp.CopyParameter) or p.name.upper() not in _COPY_PARAMS:
+            raise Refused(f"{NOT_UNDERSTOOD} (COPY option)")
+    source = tree.this
+    if isinstance(source, (exp.Table, exp.Schema)):
+        table = source.this if isinstance(source, exp.Schema) else source
+        cols = [exp.Column(this=i.copy()) for i in source.expressions] if isinstance(source, exp.Schema) else []
+        query = exp.Select(expressions=cols or [exp.Star()], from_=exp.From(this=table.copy()))
+        source = exp.Subquery(this=query)
+        tree.set("this", source)
+    if not isinstance(source, exp.Subquery) or not _is_query(source.this):
+        raise Refused(f"{NOT_UNDERSTOOD} (COPY source)")
+    hits = _analyze(source.this, ctx)
+    for hit in hits:
+        hit.node.replace(_fence(hit, ctx))
+    text = _generate(tree)
+    _verify(text, ctx, lambda t: isinstance(t, exp.Copy) and isinstance(t.this, exp.Subquery))
+    return True, text  # always regenerated: COPY table TO became COPY (query) TO
