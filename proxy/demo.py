@@ -18,6 +18,7 @@ from .auth import make_md5, make_scram_verifier
 from .config import Config, load_yaml_text, parse_config
 
 DEMO_PASSWORD = "demo"
+HOTEL_RULES = Path(__file__).resolve().parents[1] / "deploy" / "rules" / "hotel.yaml"
 
 # name -> (role, department, attributes, method)
 DEMO_USERS: dict[str, tuple[str, str | None, dict[str, Any], str]] = {
@@ -47,6 +48,7 @@ def demo_config(
     audit_path: str = "-",
     password: str = DEMO_PASSWORD,
     extra: dict[str, Any] | None = None,
+    rules: str | None = None,
 ) -> Config:
     """The demo users (all with ``password``) in front of the given upstream."""
     users: dict[str, Any] = {}
@@ -63,6 +65,8 @@ def demo_config(
         "audit": {"path": audit_path},
         "users": users,
     }
+    if rules:
+        doc["rules"] = rules
     if extra:
         doc.update(extra)
     import json
@@ -72,17 +76,25 @@ def demo_config(
 
 
 TOUR: list[tuple[str, str, str]] = [
-    ("dave", "How many customer-service records are there, per department?",
+    ("dave", "The general manager counts all customer-service records, per department.",
      "SELECT department, count(*) AS records FROM cs_records GROUP BY department ORDER BY department"),
-    ("alice", "What came in at the front office in the last hour?",
-     "SELECT id, category, channel, left(content, 24) AS content FROM cs_records "
-     "WHERE department = 'FO' AND created_at > now() - interval '1 hour' ORDER BY created_at DESC LIMIT 5"),
-    ("erin", "Which guests does erin manage?",
-     "SELECT id, name, phone, region FROM guests WHERE account_manager = 'erin' ORDER BY id LIMIT 5"),
-    ("carol", "IT operations reads the system parameters.",
+    ("bob", "A front-office supervisor runs the same query: own department, last 72 hours.",
+     "SELECT department, count(*) AS records FROM cs_records GROUP BY department ORDER BY department"),
+    ("alice", "Front desk reads this shift's records: phone and ID numbers are masked.",
+     "SELECT id, category, guest_name, phone, id_number, left(content, 20) AS content FROM cs_records "
+     "ORDER BY created_at DESC LIMIT 5"),
+    ("gina", "Sales asks for every category: only consultations exist for sales.",
+     "SELECT category, count(*) FROM cs_records GROUP BY category"),
+    ("erin", "An account manager lists guests: only her own.",
+     "SELECT id, name, phone, account_manager FROM guests ORDER BY id LIMIT 5"),
+    ("carol", "IT operations reads the system parameters ...",
      "SELECT name, value FROM sys_params ORDER BY name LIMIT 5"),
-    ("pms", "The legacy PMS (md5 login) checks it is connected.",
-     "SELECT current_database() AS db, current_setting('application_name') AS seen_by_the_dba_as"),
+    ("carol", "... but never guests' personal data.",
+     "SELECT name, id_number FROM guests LIMIT 5"),
+    ("anna", "Front desk without the training: trainee scope only.",
+     "SELECT count(*) FROM cs_records"),
+    ("alice", "Bulk export is blocked.",
+     "COPY cs_records TO STDOUT"),
 ]
 
 
@@ -101,21 +113,28 @@ def _width(s: str) -> int:
     return sum(2 if ord(ch) > 0x2E80 else 1 for ch in s)
 
 
+async def _discard(_data: bytes) -> None:
+    return None
+
+
 async def run_tour(port: int, password: str = DEMO_PASSWORD) -> None:
     """Run the scripted queries as several users through pgwarden and print each result."""
     import asyncpg
 
     for user, title, sql in TOUR:
         print(f"\n== {user}: {title}\n   {sql}")
-        app = "opera-pms" if user == "pms" else "bi-report"
         conn = await asyncpg.connect(host="127.0.0.1", port=port, user=user, password=password,
-                                     database="hotel", ssl=False, server_settings={"application_name": app})
+                                     database="hotel", ssl=False, server_settings={"application_name": "bi-report"})
         try:
+            if sql.startswith("COPY"):
+                await conn.copy_from_table("cs_records", output=_discard)
+                print("  (exported)")
+                continue
             stmt = await conn.prepare(sql)
             rows = await stmt.fetch()
             _print_table([a.name for a in stmt.get_attributes()], [tuple(r) for r in rows])
         except asyncpg.PostgresError as exc:
-            print(f"  refused: {exc.sqlstate} {exc}")
+            print(f"  refused: SQLSTATE {exc.sqlstate}: {exc}")
         finally:
             await conn.close()
 
@@ -135,9 +154,13 @@ def run_demo(port: int = 6432, tour: bool = False, records: int = 200_000, workd
         print("  " + ", ".join(f"{t}={n}" for t, n in counts.items()))
         audit_dir = Path(tempfile.mkdtemp(prefix="pgwarden-demo-audit-"))
         audit_path = str(audit_dir / "audit.jsonl")
+        rules = str(HOTEL_RULES) if HOTEL_RULES.is_file() else None
+        if rules is None:
+            print("pgwarden demo: deploy/rules/hotel.yaml not found (install with `pip install -e .` from the "
+                  "repository): running without access rules")
         cfg = demo_config(upstream_host=cluster.host, upstream_port=cluster.port, service_user=cluster.service_user,
                           service_password=cluster.service_password, listen_port=0 if tour else port,
-                          audit_path=audit_path)
+                          audit_path=audit_path, rules=rules)
         loop = new_event_loop()
         asyncio.set_event_loop(loop)
         server = Server(cfg)

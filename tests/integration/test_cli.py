@@ -28,9 +28,11 @@ def test_demo_tour_runs_and_exits_zero() -> None:
     r = subprocess.run([*PGWARDEN, "demo", "--tour", "--records", "3000"], capture_output=True, text=True,
                        timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    for user in ("dave", "alice", "erin", "carol", "pms"):
+    for user in ("dave", "bob", "alice", "gina", "erin", "carol", "anna"):
         assert f"== {user}:" in r.stdout
-    assert "hotel | pms/opera-pms" in r.stdout  # the DBA sees the person behind the service login
+    assert "refused: SQLSTATE 42501: pgwarden: role it_ops may not read table public.guests" in r.stdout
+    assert "refused: SQLSTATE 42501: pgwarden: role trainee may not read table public.cs_records" in r.stdout
+    assert r.stdout.count("refused: SQLSTATE 42501") == 3  # it_ops on guests, the trainee, the export
     assert "Audit log" in r.stdout
 
 
