@@ -1,26 +1,42 @@
 #!/usr/bin/env python3
-"""pgbench select-only: direct PostgreSQL vs pgbouncer vs pgwarden, in one run.
+"""pgbench select-only: direct PostgreSQL vs pgbouncer vs pgwarden (without and with rules), in one run.
 
 Why this exists
 ---------------
 pgwarden sits on every statement's path, so its cost per statement is a product
 property. The honest yardstick is pgbouncer (a C proxy doing much less work) and
 PostgreSQL itself. Comparing numbers from different runs, days or machines is
-noise, so this script measures all three targets *in the same run*, interleaved
+noise, so this script measures all targets *in the same run*, interleaved
 round by round (the target order rotates each round), and reports medians and
 same-round ratios.
+
+Targets: ``direct`` (PostgreSQL), ``pgbouncer``, ``pgwarden`` (no rules: an
+audited relay) and ``rules`` (a second pgwarden with access rules, so every
+statement is parsed, checked and rewritten). ``rules/pgwarden`` is the cost of
+the rules themselves. Rewrite decisions are cached by exact statement text, so
+``-M extended``/``prepared`` (one text with $1) hit the cache, while
+``-M simple`` inlines a new literal in every statement and pays a full parse +
+rewrite each time: expect ``rules`` simple to be far slower. That is a finding
+to report, not a failure.
 
 What it does
 ------------
 * starts a throwaway PostgreSQL cluster (proxy.pgcluster.PgCluster), creates the
   ``bench`` database with ``pgbench -i -s SCALE`` and grants the pgbench tables
-  to ``pgwarden_svc``: all three targets log in upstream as that same role, so
+  to ``pgwarden_svc``: every target logs in upstream as that same role, so
   they hit the same privileges;
 * installs pgbouncer with apt-get if missing (root only), runs it in session
   pool mode as an unprivileged user (pgbouncer refuses root);
 * runs ``.venv/bin/pgwarden serve`` as a separate process, so its CPU time can be
   read from /proc/<pid>/stat before and after each pgbench run (same for
-  pgbouncer), giving *proxy CPU per transaction*;
+  pgbouncer), giving *proxy CPU per transaction*; the ``rules`` target is a
+  second such process whose config names a rules file written into the temp
+  dir (every pgbench table granted; pgbench_accounts filtered on
+  ``bid IN (1..SCALE)``, which keeps every row, so results stay comparable);
+* before timing, checks through psql that ``count(*)`` of pgbench_accounts is
+  the same through ``rules`` as direct, and records ``pgwarden explain`` of
+  the pgbench statement and PostgreSQL's ``EXPLAIN`` of it through ``rules``
+  (does the rewritten query still use the primary key index?);
 * for each round x mode x target runs
   ``pgbench -n -S -M MODE -c CLIENTS -j THREADS -T SECONDS`` and parses TPS,
   average latency, processed and failed transactions. Any failure (non-zero
@@ -61,8 +77,11 @@ sys.path.insert(0, str(ROOT))
 from proxy.auth import make_scram_verifier  # noqa: E402
 from proxy.pgcluster import PgCluster  # noqa: E402
 
-TARGETS = ("direct", "pgbouncer", "pgwarden")
+TARGETS = ("direct", "pgbouncer", "pgwarden", "rules")
 MODES = ("simple", "extended", "prepared")
+#: Same-round ratios; rules/pgwarden is the cost of the access rules alone.
+RATIOS = (("pgbouncer", "direct"), ("pgwarden", "direct"), ("pgwarden", "pgbouncer"),
+          ("rules", "pgwarden"), ("rules", "direct"))
 BENCH_DB = "bench"
 BENCH_USER, BENCH_PASSWORD = "bench", "benchpw"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -221,7 +240,7 @@ def machine_info(pgwarden_pid: int | None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
-# The three targets
+# The targets
 # --------------------------------------------------------------------------
 
 
@@ -267,6 +286,7 @@ class Target:
     proc: subprocess.Popen[Any] | None = None  # the proxy whose CPU we measure
     stderr_path: Path | None = None
     audit_path: Path | None = None
+    config_path: Path | None = None  # pgwarden targets: for `pgwarden explain`
 
 
 def setup_database(cluster: PgCluster, scale: int) -> None:
@@ -339,15 +359,46 @@ def start_pgbouncer(cluster: PgCluster, workdir: Path) -> Target:
     return target
 
 
-def start_pgwarden(cluster: PgCluster, workdir: Path) -> Target:
-    """The console script in its own process: we measure its CPU, not ours."""
+def pgwarden_exe() -> Path:
     exe = ROOT / ".venv" / "bin" / "pgwarden"
     if not os.access(exe, os.X_OK):
         found = shutil.which("pgwarden")
         if not found:
             raise BenchError(f"{exe} not found: install the project (pip install -e .) into .venv")
         exe = Path(found)
-    d = workdir / "pgwarden"
+    return exe
+
+
+def write_bench_rules(path: Path, scale: int) -> None:
+    """Rules that cost what real rules cost (parse, check, rewrite with a row filter) but keep every row.
+
+    pgbench -S reads pgbench_accounts; pgbench itself also counts pgbench_branches at start,
+    so every pgbench table is granted. The filter bid IN (1..scale) matches all rows that
+    ``pgbench -i -s scale`` creates, so every target returns the same data.
+    """
+    rules = {
+        "timezone": "UTC",
+        "tables": {f"public.{t}": {} for t in
+                   ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")},
+        "roles": {"bench": {"grants": {
+            "public.pgbench_accounts": {"rows": [{"column": {"name": "bid", "in": list(range(1, scale + 1))}}]},
+            "public.pgbench_branches": {},
+            "public.pgbench_tellers": {},
+            "public.pgbench_history": {},
+        }}},
+    }
+    path.write_text(json.dumps(rules, indent=2))  # JSON is YAML
+
+
+def start_pgwarden(cluster: PgCluster, workdir: Path, name: str = "pgwarden",
+                   rules_path: Path | None = None) -> Target:
+    """The console script in its own process: we measure its CPU, not ours.
+
+    ``rules_path`` set: the ``rules`` target, a second, separate pgwarden, so both can be
+    measured in the same rounds without one's caches or CPU mixing with the other's.
+    """
+    exe = pgwarden_exe()
+    d = workdir / name
     d.mkdir()
     port = free_port()
     audit = d / "audit.jsonl"
@@ -358,29 +409,31 @@ def start_pgwarden(cluster: PgCluster, workdir: Path) -> Target:
         "audit": {"path": str(audit)},
         "users": {BENCH_USER: {"password": make_scram_verifier(BENCH_PASSWORD), "role": "bench"}},
     }
+    if rules_path is not None:
+        cfg["rules"] = str(rules_path.resolve())
     cfg_path = d / "pgwarden.yaml"
     cfg_path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
     stdout_path, stderr_path = d / "stdout.log", d / "stderr.log"
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg_path)], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, cwd=str(d), env=clean_env())
-    target = Target("pgwarden", port, BENCH_USER, BENCH_PASSWORD, proc, stderr_path, audit)
+    target = Target(name, port, BENCH_USER, BENCH_PASSWORD, proc, stderr_path, audit, cfg_path)
     try:
         deadline = time.monotonic() + 60
         while b"listening" not in stdout_path.read_bytes():
             if proc.poll() is not None:
-                raise BenchError(f"pgwarden exited with code {proc.returncode} during start-up")
+                raise BenchError(f"{name} exited with code {proc.returncode} during start-up")
             if time.monotonic() > deadline:
-                raise BenchError("pgwarden did not print 'listening <port>' within 60s")
+                raise BenchError(f"{name} did not print 'listening <port>' within 60s")
             time.sleep(0.05)
         m = re.search(rb"listening (\d+)", stdout_path.read_bytes())
         if m and int(m.group(1)) != port:
             target.port = int(m.group(1))
-        wait_port(target.port, proc, 30, "pgwarden")
+        wait_port(target.port, proc, 30, name)
     except BenchError as exc:
-        stop_process(proc, "pgwarden")
-        raise BenchError(f"{exc}\n--- pgwarden stdout ---\n{tail(stdout_path)}\n"
-                         f"--- pgwarden stderr ---\n{tail(stderr_path)}") from exc
+        stop_process(proc, name)
+        raise BenchError(f"{exc}\n--- {name} stdout ---\n{tail(stdout_path)}\n"
+                         f"--- {name} stderr ---\n{tail(stderr_path)}") from exc
     return target
 
 
@@ -392,6 +445,47 @@ def smoke_test(target: Target) -> None:
     if proc.returncode != 0:
         raise BenchError(f"smoke test through {target.name} failed (exit {proc.returncode}):\n"
                          f"{proc.stderr.strip()}{diagnostics(target)}")
+
+
+def psql_query(port: int, user: str, password: str, sql: str) -> subprocess.CompletedProcess[str]:
+    return run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", BENCH_DB,
+                "-c", sql], timeout=60, env=clean_env(PGPASSWORD=password), check=False)
+
+
+PGBENCH_SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+
+
+def check_rules_target(target: Target, cluster: PgCluster) -> dict[str, Any]:
+    """Before timing: same rows through the rules as direct, and what the rewrite does to the plan.
+
+    A row filter that dropped rows would make ``rules`` look faster for the wrong reason, so a
+    count mismatch is a setup error. The rewritten text and PostgreSQL's plan for it are only
+    recorded (and printed in the report header): whether the primary key index survives the
+    rewrite is what decides how ``rules`` scales with table size.
+    """
+    out: dict[str, Any] = {}
+    sql = "SELECT count(*) FROM pgbench_accounts"
+    ref = psql_query(cluster.port, cluster.service_user, cluster.service_password, sql)
+    got = psql_query(target.port, target.user, target.password, sql)
+    if ref.returncode != 0 or got.returncode != 0:
+        raise BenchError(f"count(*) check failed: direct exit {ref.returncode} {ref.stderr.strip()}; "
+                         f"{target.name} exit {got.returncode} {got.stderr.strip()}{diagnostics(target)}")
+    out["count_direct"], out["count_rules"] = ref.stdout.strip(), got.stdout.strip()
+    if out["count_direct"] != out["count_rules"]:
+        raise BenchError(f"{target.name} returns {out['count_rules']} rows of pgbench_accounts, direct "
+                         f"{out['count_direct']}: the bench rules filter rows, so TPS would not be comparable")
+    log(f"{target.name}: count(*) of pgbench_accounts = {out['count_rules']} (same as direct)")
+    exp_ = run([str(pgwarden_exe()), "explain", "--config", str(target.config_path), "--user", target.user,
+                "--database", BENCH_DB, "--sql", PGBENCH_SELECT], timeout=60, check=False)
+    out["pgwarden_explain"] = (exp_.stdout + exp_.stderr).rstrip()
+    if exp_.returncode != 0:
+        out["pgwarden_explain"] += f"\n(pgwarden explain exited with code {exp_.returncode})"
+    plan = psql_query(target.port, target.user, target.password, f"EXPLAIN {PGBENCH_SELECT}")
+    out["pg_explain"] = (plan.stdout if plan.returncode == 0 else
+                         f"(EXPLAIN failed, exit {plan.returncode}) {plan.stderr}").rstrip()
+    out["pg_explain_index_scan_on_pkey"] = bool(
+        plan.returncode == 0 and re.search(r"Index (Only )?Scan using pgbench_accounts_pkey", plan.stdout))
+    return out
 
 
 def diagnostics(target: Target) -> str:
@@ -548,7 +642,7 @@ def summarize(results: list[Result], modes: list[str], targets: list[str]) -> di
                 "failed_transactions": sum(r.failed or 0 for r in rs),
             }
         ratios: dict[str, Any] = {}
-        for num, den in (("pgbouncer", "direct"), ("pgwarden", "direct"), ("pgwarden", "pgbouncer")):
+        for num, den in RATIOS:
             if num not in targets or den not in targets:
                 continue
             tps_r, lat_r = [], []
@@ -579,6 +673,20 @@ def print_report(summary: dict[str, Any], results: list[Result], machine: dict[s
     if la:
         p(f"load average before the runs: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
           + ("   <-- OTHER WORK WAS RUNNING: numbers are noisy" if la[0] > 0.5 * (machine.get("nproc") or 1) else ""))
+    rc = machine.get("rules_checks")
+    if rc:
+        p("-" * 96)
+        p("rules target: pgbench_accounts filtered on bid IN (1..scale); "
+          f"count(*) rules={rc['count_rules']} direct={rc['count_direct']}")
+        p(f"pgwarden explain --user {BENCH_USER} --sql \"{PGBENCH_SELECT}\":")
+        p("    " + rc["pgwarden_explain"].replace("\n", "\n    "))
+        p(f"EXPLAIN {PGBENCH_SELECT}  (through rules, as {BENCH_USER}):")
+        p("    " + rc["pg_explain"].replace("\n", "\n    "))
+        p("Index Scan on pgbench_accounts_pkey: "
+          + ("YES" if rc["pg_explain_index_scan_on_pkey"] else
+             "NO  <-- the rewrite lost the primary key lookup: each rules transaction reads the whole\n"
+             "    table, so rules TPS measures PostgreSQL's scan in every mode; the proxy's own cost of the\n"
+             "    rules is in 'proxy CPU us/txn' (simple: uncached parse+rewrite; extended/prepared: cached)"))
     p("=" * 96)
     hdr = (f"{'mode':<9} {'target':<10} {'ok/runs':>7} {'TPS (med)':>11} {'lat ms':>8} "
            f"{'proxy CPU us/txn':>17} {'pgbench CPU us/txn':>19} {'host busy':>9} {'failed txn':>10}")
@@ -593,13 +701,12 @@ def print_report(summary: dict[str, Any], results: list[Result], machine: dict[s
               f"{d['failed_transactions']:>10}")
     p("")
     p("Same-round ratios (median over rounds; TPS ratio < 1 = slower, latency ratio > 1 = slower):")
-    pairs = [k for k in next(iter(summary.values()))["ratios"]] if summary else []
-    hdr2 = f"{'mode':<9} " + " ".join(f"{k + ' TPS':>24} {'lat':>6}" for k in pairs)
+    hdr2 = f"{'mode':<9} {'ratio':<20} {'TPS':>8} {'latency':>8} {'rounds':>6}"
     p(hdr2)
     p("-" * len(hdr2))
     for mode, s in summary.items():
-        p(f"{mode:<9} " + " ".join(
-            f"{fmt(s['ratios'][k]['tps'], '.3f'):>24} {fmt(s['ratios'][k]['latency'], '.2f'):>6}" for k in pairs))
+        for k, v in s["ratios"].items():
+            p(f"{mode:<9} {k:<20} {fmt(v['tps'], '.3f'):>8} {fmt(v['latency'], '.2f'):>8} {v['rounds']:>6}")
     bad = [r for r in results if not r.ok]
     if bad:
         p("")
@@ -623,7 +730,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="pgbench -j (default 2, capped at --clients)")
     ap.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of simple,extended,prepared")
-    ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,pgbouncer,pgwarden")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,pgbouncer,pgwarden,rules")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured seconds per target before round 1 (0: none)")
     ap.add_argument("--json", type=Path, help="write machine, settings, every run and the summary here")
     args = ap.parse_args(argv)
@@ -670,14 +777,21 @@ def main(argv: list[str] | None = None) -> int:
                 targets[name] = Target("direct", cluster.port, cluster.service_user, cluster.service_password)
             elif name == "pgbouncer":
                 targets[name] = start_pgbouncer(cluster, workdir)
+            elif name == "rules":
+                rules_path = workdir / "bench-rules.yaml"
+                write_bench_rules(rules_path, args.scale)
+                targets[name] = start_pgwarden(cluster, workdir, "rules", rules_path)
             else:
                 targets[name] = start_pgwarden(cluster, workdir)
             log(f"{name}: 127.0.0.1:{targets[name].port}"
                 + (f" pid {targets[name].proc.pid}" if targets[name].proc else ""))
         for t in targets.values():
             smoke_test(t)
-        pw = targets.get("pgwarden")
+        rules_checks = check_rules_target(targets["rules"], cluster) if "rules" in targets else None
+        pw = targets.get("pgwarden") or targets.get("rules")
         machine = machine_info(pw.proc.pid if pw and pw.proc else None)
+        if rules_checks is not None:
+            machine["rules_checks"] = rules_checks
         machine["postgres_bindir"] = str(cluster.bindir)
         machine["loadavg_at_start"] = load0
 
