@@ -8,6 +8,8 @@ definition: the same people, roles and departments everywhere.
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -155,6 +157,7 @@ def run_demo(port: int = 6432, tour: bool = False, records: int = 200_000, workd
         audit_dir = Path(tempfile.mkdtemp(prefix="pgwarden-demo-audit-"))
         audit_path = str(audit_dir / "audit.jsonl")
         rules = str(HOTEL_RULES) if HOTEL_RULES.is_file() else None
+        os.environ.setdefault("PGWARDEN_MASK_SALT", secrets.token_hex(16))  # a throwaway secret for the demo
         if rules is None:
             print("pgwarden demo: deploy/rules/hotel.yaml not found (install with `pip install -e .` from the "
                   "repository): running without access rules")

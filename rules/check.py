@@ -20,17 +20,11 @@ def _relation(cat: Catalog, name: str) -> Any:
     return cat.resolve(list(parts), ["public"])
 
 
-def _mask_problem(kind: Any, type_name: str) -> str | None:
-    try:
-        from masking.kinds import can_mask, parse_mask
-    except ImportError:  # masking not installed: nothing to check
-        return None
-    try:
-        spec = parse_mask(kind)
-    except ValueError as exc:
-        return str(exc)
+def _mask_problem(spec: Any, type_name: str) -> str | None:
+    from masking.kinds import can_mask
+
     if not can_mask(spec, type_name):
-        return f"mask {kind!r} cannot mask a column of type {type_name}"
+        return f"mask {getattr(spec, 'kind', spec)} cannot mask a column of type {type_name}"
     return None
 
 

@@ -14,6 +14,7 @@ in the configured time zone: a transaction held open does not widen them.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -224,7 +225,9 @@ def _grant(table: str, v: Any, loc: _Located, path: tuple[Any, ...]) -> TableGra
     return TableGrantRule(
         table=table, rows=tuple(_condition(c, loc, path + ("rows", i)) for i, c in enumerate(rows)),
         unmask=unmask, hide=frozenset() if hide_sensitive else frozenset(str(c) for c in hide_raw),
-        hide_sensitive=hide_sensitive, masks=_mapping(d.get("masks"), loc, path + ("masks",), "masks"),
+        hide_sensitive=hide_sensitive,
+        masks={c: _mask(k, loc, path + ("masks", c)) for c, k in
+               _mapping(d.get("masks"), loc, path + ("masks",), "masks").items()},
         kinds=_kinds(d["statements"], loc, path + ("statements",)) if "statements" in d
         else frozenset({StatementKind.SELECT}),
         where=loc.where(*path),
@@ -254,7 +257,8 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
         tables[name] = TableRules(
             name=name, subject_key=t.get("subject_key"), time_column=t.get("time_column"),
             department_column=t.get("department_column"),
-            sensitive=_mapping(t.get("sensitive"), loc, ("tables", name, "sensitive"), "sensitive"),
+            sensitive={c: _mask(k, loc, ("tables", name, "sensitive", c)) for c, k in
+                       _mapping(t.get("sensitive"), loc, ("tables", name, "sensitive"), "sensitive").items()},
             line=loc.where("tables", name))
     roles = {}
     for name, v in _mapping(d.get("roles"), loc, ("roles",), "roles").items():
@@ -284,6 +288,31 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
         for t, g in role.grants.items():
             _check_grant_columns(g, tables[t], loc, ("roles", name, "grants", t))
     return Rules(timezone=tz, shifts=tuple(shifts), tables=tables, roles=roles, source=loc.source)
+
+
+def _resolve_env(v: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
+    """'env:NAME' anywhere in a mask's parameters reads the secret from the environment."""
+    if isinstance(v, str) and v.startswith("env:"):
+        val = os.environ.get(v[4:])
+        if val is None:
+            raise _err(loc, path, f"environment variable {v[4:]} is not set (needed for a mask parameter)")
+        return val
+    if isinstance(v, dict):
+        return {k: _resolve_env(x, loc, path) for k, x in v.items()}
+    return v
+
+
+def _mask(kind: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
+    """Parse a mask at load time so a bad one is an error with its file:line."""
+    kind = _resolve_env(kind, loc, path)
+    try:
+        from masking.kinds import parse_mask
+    except ImportError:  # pragma: no cover - masking is part of the package
+        return kind
+    try:
+        return parse_mask(kind)
+    except ValueError as exc:
+        raise _err(loc, path, str(exc)) from None
 
 
 def _check_grant_columns(g: TableGrantRule, t: TableRules, loc: _Located, path: tuple[Any, ...]) -> None:
@@ -463,7 +492,7 @@ def grants_for(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]
             elif g.unmask is None or col in g.unmask:
                 continue
             else:
-                cols[col] = ColumnRule(Treatment.MASK, _mask_spec(kind))
+                cols[col] = ColumnRule(Treatment.MASK, kind)
         for col in g.hide:
             cols[col] = ColumnRule(Treatment.HIDDEN)
         tables[_canonical(name)] = TableGrant(table=_canonical(name), row_filter=row_filter, columns=cols,
@@ -482,11 +511,3 @@ def _canonical(name: str) -> str:
     from .catalog import qualify
 
     return qualify(*parts[-2:]) if len(parts) >= 2 else qualify("public", parts[0])
-
-
-def _mask_spec(kind: Any) -> Any:
-    try:
-        from masking.kinds import parse_mask
-    except ImportError:  # masking lands separately; keep the kind as written until then
-        return kind
-    return parse_mask(kind)

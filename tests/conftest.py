@@ -23,6 +23,8 @@ from proxy.sampledata import load_sample_sync
 from proxy.server import ServerThread
 
 SAMPLE_RECORDS = int(os.environ.get("PGWARDEN_TEST_RECORDS", "30000"))
+# deploy/rules/hotel.yaml reads its hash-mask salt from the environment.
+os.environ.setdefault("PGWARDEN_MASK_SALT", "test-salt-not-secret")
 
 
 @pytest.fixture(scope="session")
