@@ -637,7 +637,7 @@ class ClientSession(asyncio.Protocol):
             if d.action == "rewrite" and d.sql:
                 parts[i] = d.sql
                 rewritten = True
-            r = Run(part, d)
+            r = Run(d.redacted or part, d)
             r.start = now
             runs.append(r)
         if not runs:
@@ -690,6 +690,8 @@ class ClientSession(asyncio.Protocol):
             rest = payload[len(msg.name) + 1 + len(msg.sql) + 1:] if pinned is None else rest
             payload = msg.name + b"\x00" + d.sql.encode(self.encoding, "replace") + b"\x00" + rest
             pinned = d.sql  # the payload changed: forward the new one
+        if d.redacted:
+            text = d.redacted  # what the audit log may show from here on
         if d.action == "refuse":
             self._statements[msg.name] = (text, d)
             err = codec.error_response(d.sqlstate, d.message)
@@ -702,7 +704,7 @@ class ClientSession(asyncio.Protocol):
 
     def _refuse_simple(self, sql: bytes, error: bytes, now: float, *, decision: Decision | None = None,
                        kind: int = _Q) -> bytes:
-        run = Run(self._decode(sql), decision)
+        run = Run(decision.redacted if decision is not None and decision.redacted else self._decode(sql), decision)
         run.start = now
         self._expect.append(Expect(kind, [run], refusal=error))
         return codec.query_message(POISON_SQL[:-1])
@@ -865,7 +867,7 @@ class ClientSession(asyncio.Protocol):
         d = run.decision
         if d is not None and d.action == "rewrite":
             fields["decision"] = "rewrite"
-            fields["rewritten"] = d.sql
+            fields["rewritten"] = d.redacted_sql if d.redacted else d.sql
             if d.tables:
                 fields["tables"] = list(d.tables)
         if outcome == "refused" and d is not None:

@@ -21,6 +21,8 @@ class Decision:
     message: str = ""
     reason: str = ""
     tables: tuple[str, ...] = field(default=())
+    redacted: str | None = None  # the statement as logged, sensitive literals masked (R2.4)
+    redacted_sql: str | None = None  # the rewritten statement as logged, when ``redacted`` is set
 
     @property
     def refused(self) -> bool:

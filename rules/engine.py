@@ -9,6 +9,8 @@ analysed is refused too (R6.4).
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +30,11 @@ class Engine:
         self._grants: dict[tuple[Any, ...], tuple[Any, str]] = {}
         self._decisions: dict[tuple[Any, ...], Decision] = {}
         self._pinned: dict[int, Any] = {}
+        self._sensitive: dict[str, Any] = {}
+        if rules is not None:
+            from .redact import sensitive_columns
+
+            self._sensitive = sensitive_columns(rules.tables)
 
     @property
     def enforcing(self) -> bool:
@@ -61,36 +68,47 @@ class Engine:
             return ALLOW
         grants, why = self.grants(principal)
         if grants is None:
-            return refuse(f"pgwarden: {principal.user} may not run statements here: {why}")
+            return self._redacted(sql, refuse(f"pgwarden: {principal.user} may not run statements here: {why}"))
         if grants.unrestricted:
-            return ALLOW
+            return self._redacted(sql, ALLOW)
         if catalog is None:
             return refuse("pgwarden: the database catalog is not loaded, so the statement cannot be checked; "
                           "try again in a moment")
-        try:
-            from .rewrite import rewrite
-        except ImportError:  # pragma: no cover - the rewriter is part of the package
-            return refuse("pgwarden: the SQL rewriter is not available")
+        from .rewrite import rewrite
+
         search_path = (context or {}).get("search_path")
         sp = tuple(search_path) if search_path is not None else None
         # Decisions depend only on the text, what this person is granted, the catalog and the
         # search_path: time windows are evaluated by PostgreSQL, not here.
         key = (sql, id(grants), id(catalog), sp)
-        self._pinned[id(catalog)] = catalog  # keeps the id from being reused while cached
         hit = self._decisions.get(key)
         if hit is not None:
             return hit
+        self._pinned[id(catalog)] = catalog  # keeps the id from being reused while cached
         try:
             d = rewrite(sql, grants, catalog, search_path)
         except Exception as exc:  # noqa: BLE001 - fail closed (R6.4), never pass what was not analysed
             d = refuse(f"pgwarden: statement could not be analysed ({type(exc).__name__}); refused",
                        reason=f"engine error: {exc!r}")
+        d = self._redacted(sql, d)
         if len(self._decisions) >= DECISION_CACHE:
             self._decisions.clear()
             self._pinned.clear()
             self._pinned[id(catalog)] = catalog
         self._decisions[key] = d
         return d
+
+    def _redacted(self, sql: str, d: Decision) -> Decision:
+        """Attach the statement as it may be logged (sensitive literals masked), if it differs."""
+        if not self._sensitive:
+            return d
+        from .redact import redact
+
+        red = redact(sql, self._sensitive)
+        if red is None:
+            return d
+        red_sql = (redact(d.sql, self._sensitive) or d.sql) if d.sql else None
+        return dataclasses.replace(d, redacted=red, redacted_sql=red_sql)
 
 
 def decide(principal: Principal, sql: str, catalog: Any = None, context: Context | None = None, *,

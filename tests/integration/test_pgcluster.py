@@ -6,7 +6,9 @@ harness fixtures are built on top of exactly these two modules.
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,8 +180,11 @@ def test_start_is_idempotent_and_stop_removes_workdir() -> None:
     c.stop()  # stopping twice is harmless
 
 
-def test_kept_workdir_is_reused(tmp_path: Path) -> None:
-    workdir = tmp_path / "cluster"
+def test_kept_workdir_is_reused() -> None:
+    # Not under pytest's tmp_path: another pytest session starting at the same time resets
+    # /tmp/pytest-of-<user> to 0700, which the unprivileged server user then cannot traverse.
+    base = Path(tempfile.mkdtemp(prefix="pgwarden-kept-"))
+    workdir = base / "cluster"
     workdir.mkdir()
     first = PgCluster(workdir)
     with first:
@@ -189,3 +194,4 @@ def test_kept_workdir_is_reused(tmp_path: Path) -> None:
     with second:
         assert second.service_password == first.service_password
         assert second.psql("SELECT v FROM kept").strip() == "still here"
+    shutil.rmtree(base, ignore_errors=True)

@@ -156,3 +156,15 @@ def test_reload_on_file_change_keeps_connections(cluster: PgCluster, tmp_path: P
         assert failed and f"{rules}:" in failed[0]["error"]
     finally:
         p.thread.stop()
+
+
+def test_sensitive_literals_are_redacted_in_the_audit_log(guarded: Proxy) -> None:
+    guarded.take_events(None)
+    id_number = "110101199003077777"
+    run(guarded, "dave", f"SELECT count(*) FROM cs_records WHERE id_number = '{id_number}' AND phone IN ('13812345678')")
+    ev = guarded.take_events()[-1]
+    logged = ev["statement"] + ev.get("rewritten", "")
+    assert id_number not in logged and "13812345678" not in logged
+    assert "110***********7777" in ev["statement"] and "138****5678" in ev["statement"]
+    with open(guarded.audit_path, encoding="utf-8") as f:
+        assert id_number not in f.read()

@@ -1,0 +1,69 @@
+"""Sensitive literals never reach the audit log in clear (R2.4).
+
+A literal compared with a column the rules classify as sensitive (an ID
+number typed into a WHERE clause, a phone in an IN list) is replaced, in the
+copy of the statement that is logged, by the same mask the column gets. The
+match is by column name across every classified table the statement could
+mean: over-redacting a log line is cheap, a clear ID number in it is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import sqlglot
+from sqlglot import exp
+
+_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like, exp.ILike, exp.Operator)
+
+
+def sensitive_columns(tables: Mapping[str, Any]) -> dict[str, Any]:
+    """column name -> mask spec, over every classified table (the first classification wins)."""
+    out: dict[str, Any] = {}
+    for t in tables.values():
+        for col, spec in t.sensitive.items():
+            out.setdefault(col.lower(), spec)
+    return out
+
+
+def _masked(spec: Any, lit: exp.Literal) -> exp.Expression:
+    try:
+        from masking.kinds import mask_value
+
+        value = mask_value(spec, lit.this)
+    except Exception:  # noqa: BLE001 - a literal the mask cannot take is redacted completely
+        value = "***"
+    return exp.Literal.string("***" if value is None else str(value))
+
+
+def redact(sql: str, sensitive: Mapping[str, Any]) -> str | None:
+    """The statement with sensitive literals masked, or None when there is nothing to redact."""
+    low = sql.lower()
+    if not sensitive or not any(c in low for c in sensitive):
+        return None
+    try:
+        trees = sqlglot.parse(sql, read="postgres")
+    except sqlglot.errors.SqlglotError:
+        return "<statement not parsed; not logged in clear>"
+    changed = False
+    out = []
+    for tree in trees:
+        if tree is None:
+            continue
+
+        def fix(node: exp.Expression) -> exp.Expression:
+            nonlocal changed
+            if isinstance(node, _COMPARISONS + (exp.In,)):
+                cols = [c for c in (node.this, node.args.get("expression")) if isinstance(c, exp.Column)]
+                spec = next((sensitive[c.name.lower()] for c in cols if c.name.lower() in sensitive), None)
+                if spec is None:
+                    return node
+                for lit in node.find_all(exp.Literal):
+                    if lit.is_string or lit.is_number:
+                        lit.replace(_masked(spec, lit))
+                        changed = True
+            return node
+
+        out.append(tree.transform(fix).sql(dialect="postgres"))
+    return ";\n".join(out) if changed else None
