@@ -17,10 +17,14 @@ Theory of operation (DESIGN.md "How a statement is decided")
    dangerous or unknown functions, nested data-modifying statements and
    explicit references to hidden columns.
 4. Each hit's ``exp.Table`` is replaced by the fenced derived table
-   ``(SELECT <all columns, masked/NULL> FROM "s"."t" WHERE <filter> OFFSET 0) AS alias``.
+   ``(SELECT <all columns, masked/NULL> FROM "s"."t" WHERE <filter> OFFSET 0) AS alias``;
+   provably leakproof conjuncts of the user's own query block (``id = 42``) are
+   *copied* into that WHERE after the filter, so indexes work through the fence
+   (:func:`_pushdown`); the user's predicates themselves stay above it.
 5. SQL' is generated from the AST, re-parsed, and analysed again with the
    fences we built treated as opaque: it must contain no unfenced protected
-   relation, or the statement is refused.
+   relation, and every fence must be exactly one we built (pushed conjuncts
+   included), or the statement is refused.
 
 Statements that touch nothing protected are allowed as sent (byte-for-byte).
 Everything here is pure; no I/O.
@@ -89,6 +93,7 @@ class _Hit:
     node: exp.Table
     rel: Relation
     grant: TableGrant
+    pushed: list[exp.Expression] = field(default_factory=list)  # leakproof conjuncts copied inside the fence
 
 
 @dataclass
@@ -244,8 +249,7 @@ def _query_statement(tree: exp.Expression, ctx: _Ctx) -> tuple[bool, str]:
     """Analyse, fence, generate, verify a SELECT-like statement."""
     shadowed = ctx.shadowed
     hits = _analyze(tree, ctx)
-    for hit in hits:
-        hit.node.replace(_fence(hit, ctx))
+    _fence_all(tree, hits, ctx)
     text = _generate(tree)
     _verify(text, ctx, _is_query)
     return bool(hits) or ctx.shadowed > shadowed, text
@@ -561,20 +565,29 @@ def _inside_subquery(node: exp.Expression, root: exp.Expression) -> bool:
     return False
 
 
-def _fence_body(rel: Relation, grant: TableGrant, only: bool) -> exp.Select:
-    """SELECT <columns> FROM "schema"."table" WHERE <filter> OFFSET 0: the policy view of ``rel``."""
+def _fence_body(rel: Relation, grant: TableGrant, only: bool,
+                pushed: Sequence[exp.Expression] = ()) -> exp.Select:
+    """SELECT <columns> FROM "schema"."table" WHERE <filter> [AND <pushed>] OFFSET 0: the policy view of ``rel``.
+
+    ``pushed``: leakproof copies of the user's conjuncts (see :func:`_pushdown`), ANDed after the row
+    filter so PostgreSQL can use an index; the user's originals stay above the fence.
+    """
     if not rel.columns:
         raise Refused(f"pgwarden: protected relation {rel.qualified_name} has no columns in the catalog; refused")
     table = exp.Table(this=exp.to_identifier(rel.name, quoted=True), db=exp.to_identifier(rel.schema, quoted=True))
     if only:
         table.set("only", True)
     body = exp.Select(expressions=_projection(rel, grant), from_=exp.From(this=table))
+    conds: list[exp.Expression] = []
     if grant.row_filter is not None:
         flt = grant.row_filter.copy()
         if not _filter_columns_ok(rel, flt):
             raise Refused(f"pgwarden: the row filter for {rel.qualified_name} names a column it does not have; "
                           f"refused", reason=f"bad row filter {grant.reason}")
-        body.set("where", exp.Where(this=flt))
+        conds.append(flt)
+    conds.extend(p.copy() for p in pushed)
+    if conds:
+        body.set("where", exp.Where(this=conds[0] if len(conds) == 1 else exp.and_(*conds, dialect=DIALECT)))
     body.set("offset", exp.Offset(expression=exp.Literal.number(0)))
     return body
 
@@ -586,12 +599,361 @@ def _body_key(sub: exp.Subquery) -> str:
 
 def _fence(hit: _Hit, ctx: _Ctx) -> exp.Subquery:
     """The derived table that replaces ``hit.node``, under the same alias (or the table's own name)."""
-    body = _fence_body(hit.rel, hit.grant, bool(hit.node.args.get("only")))
-    ctx.fences[body.sql(dialect=DIALECT, comments=False)] = hit
+    body = _fence_body(hit.rel, hit.grant, bool(hit.node.args.get("only")), hit.pushed)
+    ctx.fences[body.sql(dialect=DIALECT, comments=False)] = hit  # what verification expects, pushed conjuncts included
     ctx.tables.append(hit.rel.qualified_name)
     alias = hit.node.args.get("alias")
     alias = alias.copy() if isinstance(alias, exp.TableAlias) else exp.TableAlias(this=hit.node.this.copy())
     return exp.Subquery(this=body, alias=alias)
+
+
+# ---------------------------------------------------------------------------
+# leakproof pushdown: index use without opening the fence
+# ---------------------------------------------------------------------------
+#
+# The OFFSET 0 fence stops PostgreSQL from moving the user's predicates below the row
+# filter (where an error or a side effect could reveal a filtered row), but it also stops
+# ``WHERE id = 42`` from reaching an index. So a *copy* of a user's conjunct is placed
+# inside the fence, next to the row filter, when it is provably leakproof: it cannot fail,
+# and has no side effect, whatever the table's rows hold. The original stays above the
+# fence (evaluating both is harmless), so the result is unchanged.
+#
+# Provably leakproof here means exactly these shapes, nothing else:
+#   * a top-level AND-conjunct of the same query block's WHERE (the table not on the
+#     nullable side of an outer join), or of the ON of an INNER join that the table takes
+#     part in; never OUTER joins' ON, HAVING, other query blocks or set operation arms;
+#   * ``col <op> const``, ``const <op> col``, ``col IS [NOT] NULL``, ``col IN (const, ...)``,
+#     ``col = $n``, ``col = ANY($n)``, with op one of = <> != < <= > >=;
+#   * ``col`` a column of this table (qualified by its alias/name, or unqualified while no
+#     other FROM item of the block has a column of that name), CLEAR for this role (a
+#     predicate on the real value of a masked column would be an oracle), of a built-in type
+#     whose pg_catalog comparison operators are marked leakproof;
+#   * ``const`` a plain literal of a kind PostgreSQL types into that same type family
+#     (no function call, no subquery, no cast of the column), optionally cast to a type of
+#     the column's family (a literal cast fails or not regardless of the rows);
+#   * a bound parameter occurring once in the statement (its type is inferred as before);
+#     the copy pins it to the column's type, ``CAST($n AS type)``, so a client-declared
+#     parameter type cannot make PostgreSQL cast the *column* (bigint -> oid fails on some
+#     rows: an oracle); because such a cast can round, a bare parameter is pushed for
+#     equality only (a rounded equality only widens the copy; a rounded range could narrow it).
+# The copy names the column unqualified (only the table is in scope inside the fence) and
+# spells the operator OPERATOR(pg_catalog.op), so no search_path object can stand in for it.
+
+#: Comparison node -> (operator, operator with the operands swapped).
+_PUSH_OPS: dict[type, tuple[str, str]] = {
+    exp.EQ: ("=", "="), exp.NEQ: ("<>", "<>"), exp.LT: ("<", ">"), exp.LTE: ("<=", ">="),
+    exp.GT: (">", "<"), exp.GTE: (">=", "<="),
+}
+#: Column types (format_type text) -> family; the same-family pg_catalog comparison operators
+#: (and int2/int4/int8 across each other) are all proleakproof (tests/integration/test_pushdown_pg.py).
+_PUSH_TYPES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(smallint|integer|bigint)\Z"), "int"),
+    (re.compile(r"(text|character varying(\(\d+\))?)\Z"), "text"),
+    (re.compile(r"character(\(\d+\))?\Z"), "bpchar"),
+    (re.compile(r"boolean\Z"), "bool"),
+    (re.compile(r"date\Z"), "date"),
+    (re.compile(r"timestamp(\(\d\))? without time zone\Z"), "timestamp"),
+    (re.compile(r"timestamp(\(\d\))? with time zone\Z"), "timestamptz"),
+    (re.compile(r"time(\(\d\))? without time zone\Z"), "time"),
+    (re.compile(r"uuid\Z"), "uuid"),
+)
+#: Family -> the type a bare parameter is pinned to (no type modifier: a cast to varchar(n) truncates);
+#: for "int" it is the column's own type, for varchar columns varchar.
+_PARAM_TYPES = {"text": "text", "bpchar": "bpchar", "bool": "boolean", "date": "date", "timestamp": "timestamp",
+                "timestamptz": "timestamptz", "time": "time", "uuid": "uuid"}
+#: sqlglot's type of a literal cast -> family (as regenerated: INT is int4, TIMESTAMP is without time zone).
+_CAST_FAMILIES = {
+    exp.DataType.Type.SMALLINT: "int", exp.DataType.Type.INT: "int", exp.DataType.Type.BIGINT: "int",
+    exp.DataType.Type.TEXT: "text", exp.DataType.Type.VARCHAR: "text", exp.DataType.Type.BPCHAR: "bpchar",
+    exp.DataType.Type.BOOLEAN: "bool", exp.DataType.Type.DATE: "date",
+    exp.DataType.Type.TIMESTAMP: "timestamp", exp.DataType.Type.TIMESTAMPTZ: "timestamptz",
+    exp.DataType.Type.TIME: "time", exp.DataType.Type.UUID: "uuid",
+}
+_INT8_MAX = 2**63 - 1  # a larger integer literal is numeric in PostgreSQL (numeric_eq is not leakproof)
+_DIGITS = re.compile(r"[0-9]+\Z")
+_PARAM = re.compile(r"[1-9][0-9]*\Z")
+_MAX_IN_LIST = 64
+_BUILTIN_TYPE_OID_LIMIT = 16384  # FirstNormalObjectId: built-in types have smaller OIDs
+
+
+def _fence_all(root: exp.Expression, hits: list[_Hit], ctx: _Ctx) -> None:
+    """Replace every hit by its fence; the leakproof conjuncts are found first, on the untouched tree."""
+    for hit in hits:
+        hit.pushed = _pushdown(hit, root, ctx)
+    for hit in hits:
+        hit.node.replace(_fence(hit, ctx))
+
+
+@dataclass
+class _Block:
+    """The FROM items of the query block a hit sits in."""
+
+    select: exp.Select
+    sources: list[exp.Expression]  # FROM item, then each JOIN's item
+    pos: int  # the hit's index in ``sources``
+    joins: list[exp.Join]
+
+
+def _pushdown(hit: _Hit, root: exp.Expression, ctx: _Ctx) -> list[exp.Expression]:
+    """Leakproof copies (column unqualified) of the conjuncts that restrict ``hit`` in its own block."""
+    alias = hit.node.args.get("alias")
+    if isinstance(alias, exp.TableAlias) and alias.columns:
+        return []  # columns renamed by the alias: keep it simple
+    block = _block_of(hit.node)
+    if block is None:
+        return []
+    nullable = _nullable(block.joins)
+    if nullable is None:
+        return []
+    conjuncts: list[exp.Expression] = []
+    where = block.select.args.get("where")
+    if where is not None and block.pos not in nullable:
+        conjuncts.extend(_conjuncts(where.this))
+    for k, join in enumerate(block.joins, start=1):
+        on = join.args.get("on")
+        if on is None or not _is_inner_on(join):
+            continue
+        if k == block.pos or (k > block.pos and block.pos not in nullable):
+            conjuncts.extend(_conjuncts(on))
+    out: dict[str, exp.Expression] = {}
+    for c in conjuncts:
+        p = _leakproof_copy(c, hit, block, root, ctx)
+        if p is not None:
+            out.setdefault(p.sql(dialect=DIALECT), p)
+    return list(out.values())
+
+
+def _block_of(node: exp.Table) -> _Block | None:
+    """The SELECT whose FROM (or one of whose JOINs) is ``node`` itself; None anywhere else."""
+    parent = node.parent
+    select = parent.parent if parent is not None else None
+    if not isinstance(select, exp.Select) or not isinstance(select.args.get("from_"), exp.From):
+        return None
+    joins = list(select.args.get("joins") or [])
+    sources = [select.args["from_"].this, *(j.this for j in joins)]
+    if isinstance(parent, exp.From) and select.args["from_"] is parent:
+        pos = 0
+    elif isinstance(parent, exp.Join) and any(j is parent for j in joins):
+        pos = 1 + next(i for i, j in enumerate(joins) if j is parent)
+    else:
+        return None
+    if sources[pos] is not node:
+        return None
+    return _Block(select, sources, pos, joins)
+
+
+def _nullable(joins: list[exp.Join]) -> set[int] | None:
+    """Indexes of FROM items an outer join may null-extend (conservative); None: a join not understood."""
+    out: set[int] = set()
+    for k, join in enumerate(joins, start=1):
+        side = str(join.args.get("side") or "").upper()
+        kind = str(join.args.get("kind") or "").upper()
+        if kind not in ("", "INNER", "OUTER", "CROSS"):
+            return None
+        if side == "LEFT":
+            out.add(k)
+        elif side == "RIGHT":
+            out.update(range(k))
+        elif side == "FULL":
+            out.update(range(k + 1))
+        elif side or kind == "OUTER":
+            return None
+    return out
+
+
+def _is_inner_on(join: exp.Join) -> bool:
+    kind = str(join.args.get("kind") or "").upper()
+    return (not join.args.get("side") and kind in ("", "INNER") and not join.args.get("method")
+            and not join.args.get("using") and join.args.get("on") is not None)
+
+
+def _conjuncts(node: exp.Expression) -> list[exp.Expression]:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.And):
+        return _conjuncts(node.this) + _conjuncts(node.expression)
+    return [node]
+
+
+def _leakproof_copy(cond: exp.Expression, hit: _Hit, block: _Block, root: exp.Expression,
+                    ctx: _Ctx) -> exp.Expression | None:
+    """The pushed form of one conjunct, or None if it is not one of the provably leakproof shapes."""
+    negated = isinstance(cond, exp.Not)
+    test = cond.this if negated else cond
+    if isinstance(test, exp.Is) and isinstance(test.this, exp.Column) and isinstance(test.expression, exp.Null) \
+            and set(k for k, v in test.args.items() if v is not None) <= {"this", "expression", "negate"}:
+        name = _own_column(test.this, hit, block, ctx)
+        if name is None:
+            return None
+        out: exp.Expression = exp.Is(this=_bare(name), expression=exp.Null())
+        if test.args.get("negate"):
+            out.set("negate", True)
+        return exp.Not(this=out) if negated else out
+    if negated:
+        return None
+    if isinstance(cond, exp.In):
+        return _in_copy(cond, hit, block, root, ctx)
+    ops = _PUSH_OPS.get(type(cond))
+    if ops is None:
+        return None
+    left, right = cond.this, cond.expression
+    if isinstance(left, exp.Column):
+        col, other, op = left, right, ops[0]
+    elif isinstance(right, exp.Column):
+        col, other, op = right, left, ops[1]
+    else:
+        return None
+    name = _own_column(col, hit, block, ctx)
+    family = _family(hit.rel, name) if name is not None else None
+    if name is None or family is None:
+        return None
+    if isinstance(other, exp.Any):
+        inner = other.this.this if isinstance(other.this, exp.Paren) else other.this
+        if op != "=" or col is not left or not _param_once(inner, root):
+            return None
+        array = exp.DataType.build(family[1] + "[]", dialect=DIALECT)
+        value = exp.Any(this=exp.Paren(this=exp.Cast(this=inner.copy(), to=array)))
+    else:
+        value = _value_copy(other, family, op, root)
+        if value is None:
+            return None
+    return exp.Operator(this=_bare(name), operator=f"pg_catalog.{op}", expression=value)
+
+
+def _in_copy(cond: exp.In, hit: _Hit, block: _Block, root: exp.Expression, ctx: _Ctx) -> exp.Expression | None:
+    """``col IN (c1, c2)`` -> ``(col OPERATOR(pg_catalog.=) c1 OR col OPERATOR(pg_catalog.=) c2)``.
+
+    Not ``= ANY(ARRAY[...])``: an array of untyped literals is text[], which a date column cannot compare to.
+    """
+    if set(k for k, v in cond.args.items() if v) != {"this", "expressions"} or not isinstance(cond.this, exp.Column):
+        return None
+    items = list(cond.expressions)
+    if not items or len(items) > _MAX_IN_LIST:
+        return None
+    name = _own_column(cond.this, hit, block, ctx)
+    family = _family(hit.rel, name) if name is not None else None
+    if name is None or family is None:
+        return None
+    ors: list[exp.Expression] = []
+    for item in items:
+        value = _value_copy(item, family, "=", root)
+        if value is None:
+            return None
+        ors.append(exp.Operator(this=_bare(name), operator="pg_catalog.=", expression=value))
+    return ors[0] if len(ors) == 1 else exp.Paren(this=exp.or_(*ors, dialect=DIALECT))
+
+
+def _bare(name: str) -> exp.Column:
+    return exp.Column(this=exp.to_identifier(name, quoted=True))
+
+
+def _own_column(col: exp.Column, hit: _Hit, block: _Block, ctx: _Ctx) -> str | None:
+    """The catalog name of the hit's CLEAR column ``col`` unambiguously refers to, else None."""
+    ident = col.this
+    if not isinstance(ident, exp.Identifier) or col.args.get("db") or col.args.get("catalog"):
+        return None
+    name = normalise_identifier(ident.this, bool(ident.args.get("quoted")))
+    if name not in hit.rel.column_names:
+        return None
+    rule = hit.grant.columns.get(name)
+    if rule is not None and rule.treatment != Treatment.CLEAR:
+        return None  # masked or hidden: a predicate on the real value inside the fence is an oracle
+    qual = col.args.get("table")
+    if qual is not None:
+        if not isinstance(qual, exp.Identifier):
+            return None
+        return name if normalise_identifier(qual.this, bool(qual.args.get("quoted"))) == _refname(hit.node) else None
+    for i, src in enumerate(block.sources):
+        if i != block.pos:
+            cols = _source_columns(src, ctx)
+            if cols is None or name in cols:
+                return None  # another FROM item has (or may have) a column of that name
+    return name
+
+
+def _refname(node: exp.Table) -> str:
+    """The name the block knows the table by: its alias, else its own (unqualified) name."""
+    alias = node.args.get("alias")
+    ident = alias.this if isinstance(alias, exp.TableAlias) and isinstance(alias.this, exp.Identifier) else node.this
+    return normalise_identifier(ident.this, bool(ident.args.get("quoted")))
+
+
+def _source_columns(src: exp.Expression, ctx: _Ctx) -> frozenset[str] | None:
+    """Column names a FROM item contributes, if it is a catalogued relation; None if unknown."""
+    if not isinstance(src, exp.Table) or not isinstance(src.this, exp.Identifier):
+        return None
+    alias = src.args.get("alias")
+    if isinstance(alias, exp.TableAlias) and alias.columns:
+        return None
+    if any(v for k, v in src.args.items() if k not in _TABLE_ARGS) or _is_cte_reference(src):
+        return None
+    rel = ctx.catalog.resolve(_name_parts(src), ctx.search_path)
+    return frozenset(rel.column_names) if rel is not None else None
+
+
+def _family(rel: Relation, name: str) -> tuple[str, str] | None:
+    """(type family, type a parameter is pinned to) of a column of a built-in type we push for, else None."""
+    column = next((c for c in rel.columns if c.name == name), None)
+    if column is None or column.type_oid >= _BUILTIN_TYPE_OID_LIMIT:
+        return None
+    family = next((fam for pat, fam in _PUSH_TYPES if pat.match(column.type_name)), None)
+    if family is None:
+        return None
+    if family == "int":
+        return family, column.type_name
+    if column.type_name.startswith("character varying"):
+        return family, "varchar"  # without its modifier: no truncation; the type a bare $n was inferred as
+    return family, _PARAM_TYPES[family]
+
+
+def _value_copy(node: exp.Expression, fam: tuple[str, str], op: str, root: exp.Expression) -> exp.Expression | None:
+    """The pushed right-hand side for a column of family ``fam``: a checked literal, or a pinned parameter."""
+    family, param_type = fam
+    if type(node) is exp.Cast:
+        to = node.args.get("to")
+        if set(k for k, v in node.args.items() if v is not None) - {"this", "to"}:
+            return None
+        if not isinstance(to, exp.DataType) or to.expressions or _CAST_FAMILIES.get(to.this) != family:
+            return None
+        inner = node.this
+        if _param_once(inner, root) or _plain_literal(inner):
+            return node.copy()  # the user's own cast of a literal/parameter: same value above and below
+        return None
+    if _param_once(node, root):
+        if op != "=":
+            return None  # pinning may round the value: only an equality stays as wide as the original
+        return exp.Cast(this=node.copy(), to=exp.DataType.build(param_type, dialect=DIALECT))
+    if isinstance(node, exp.Literal) and node.is_string:
+        return node.copy()  # untyped: resolved as the column's own type
+    if family == "int" and _int_literal(node):
+        return node.copy()
+    if family == "bool" and isinstance(node, exp.Boolean):
+        return node.copy()
+    return None
+
+
+def _int_literal(node: exp.Expression) -> bool:
+    """An integer literal PostgreSQL types as int4/int8 (not numeric), optionally negated."""
+    if isinstance(node, exp.Neg):
+        node = node.this
+    return (isinstance(node, exp.Literal) and not node.is_string and bool(_DIGITS.match(str(node.this)))
+            and int(node.this) <= _INT8_MAX)
+
+
+def _plain_literal(node: exp.Expression) -> bool:
+    if isinstance(node, exp.Neg):
+        node = node.this
+        return isinstance(node, exp.Literal) and not node.is_string
+    return isinstance(node, (exp.Literal, exp.Boolean))
+
+
+def _param_once(node: exp.Expression, root: exp.Expression) -> bool:
+    """``$n`` that occurs exactly once in the statement (so the copy cannot change its inferred type)."""
+    if not isinstance(node, exp.Parameter) or not isinstance(node.this, exp.Literal) \
+            or not _PARAM.match(str(node.this.this)):
+        return False
+    text = node.sql(dialect=DIALECT)
+    return sum(1 for p in root.find_all(exp.Parameter) if p.sql(dialect=DIALECT) == text) == 1
 
 
 # ---------------------------------------------------------------------------
@@ -654,8 +1016,7 @@ def _dml_statement(tree: exp.Insert | exp.Update | exp.Delete, ctx: _Ctx) -> tup
         raise Refused(f"pgwarden: role {ctx.role} may not use ON CONFLICT; refused")
     _check_dml_columns(tree, target, rel, grant, ctx)
     hits = _analyze(tree, ctx, skip={id(target)})
-    for hit in hits:
-        hit.node.replace(_fence(hit, ctx))
+    _fence_all(tree, hits, ctx)
     if kind != StatementKind.INSERT and grant.row_filter is not None:
         _and_row_filter(tree, target, rel, grant)
     ctx.tables.append(rel.qualified_name)
@@ -730,8 +1091,7 @@ def _copy_statement(tree: exp.Copy, ctx: _Ctx) -> tuple[bool, str]:
     if not isinstance(source, exp.Subquery) or not _is_query(source.this):
         raise Refused(f"{NOT_UNDERSTOOD} (COPY source)")
     hits = _analyze(source.this, ctx)
-    for hit in hits:
-        hit.node.replace(_fence(hit, ctx))
+    _fence_all(tree, hits, ctx)
     text = _generate(tree)
     _verify(text, ctx, lambda t: isinstance(t, exp.Copy) and isinstance(t.this, exp.Subquery))
     return True, text  # always regenerated: COPY table TO became COPY (query) TO

@@ -163,7 +163,10 @@ def test_simple_select_is_fenced(grants: StatementGrants, cat: Catalog) -> None:
     (fence,) = fences(tree, "cs_records")
     body = fence.this
     assert [e.alias_or_name for e in body.expressions] == [c for c, _ in CS_COLS]
-    assert body.args["where"].this.sql(dialect="postgres") == "department = 'FO'"
+    # the row filter, then a leakproof copy of the user's predicate (see "leakproof pushdown" below)
+    assert body.args["where"].this.sql(dialect="postgres") == \
+        "department = 'FO' AND \"severity\" OPERATOR(pg_catalog.>) 2"
+    assert body.args["where"].this.this.sql(dialect="postgres") == "department = 'FO'"
     assert fence.alias == "cs_records"
     # the user's predicate stays outside the fence
     assert tree.args["where"].this.sql() == "severity > 2"
@@ -641,3 +644,216 @@ def test_hidden_column_in_udf_free_cte_with_same_name_is_refused_conservatively(
     # name-based, fail-closed: any column called like a hidden column of a table in the statement
     refused(rewrite("WITH x AS (SELECT 1 AS id_number) SELECT id_number FROM x, guests", grants, cat),
             "id_number")
+
+
+# ---------------------------------------------------------------- leakproof pushdown inside the fence
+
+
+def fence_where(d, table: str, i: int = 0) -> str | None:  # noqa: ANN001
+    """The WHERE of the i-th fence of ``table`` in the single output statement."""
+    (tree,) = parse_out(d)
+    where = fences(tree, table)[i].this.args.get("where")
+    return where.this.sql(dialect="postgres") if where is not None else None
+
+
+def pushed(d, table: str = "cs_records", i: int = 0) -> str:  # noqa: ANN001
+    """What was pushed into a cs_records fence (after its row filter), "" if nothing."""
+    where = fence_where(d, table, i)
+    assert where is not None and where.startswith("department = 'FO'"), where
+    return where[len("department = 'FO'"):].removeprefix(" AND ")
+
+
+def _masked_cs() -> StatementGrants:
+    return front_desk(tables={**front_desk().tables, "public.cs_records": TableGrant(
+        "public.cs_records", FO, columns={"phone": ColumnRule(Treatment.MASK, mask="mobile"),
+                                          "content": ColumnRule(Treatment.HIDDEN)})})
+
+
+def test_equality_to_a_constant_is_pushed_and_stays_outside(grants: StatementGrants, cat: Catalog) -> None:
+    d = rewrite("SELECT id, category FROM cs_records WHERE id = 42", grants, cat)
+    assert fence_where(d, "cs_records") == "department = 'FO' AND \"id\" OPERATOR(pg_catalog.=) 42"
+    (tree,) = parse_out(d)
+    assert tree.args["where"].this.sql(dialect="postgres") == "id = 42"  # the original, above the fence
+    assert tree.sql(dialect="postgres") == d.sql  # a fixed point: what was verified is what is sent
+    assert_every_protected_fenced_but_pushed(d)
+
+
+def assert_every_protected_fenced_but_pushed(d) -> None:  # noqa: ANN001
+    """Like assert_every_protected_fenced, with the row filter as the fence WHERE's first conjunct."""
+    for tree in parse_out(d):
+        for t in tree.find_all(exp.Table):
+            if t.name.startswith("cs_records") and t.db == "public":
+                sub = t.find_ancestor(exp.Subquery)
+                assert sub is not None and sub.this is t.parent.parent
+                assert sub.this.args["where"].this.sql(dialect="postgres").startswith("department = 'FO'")
+
+
+def test_parameter_and_qualified_columns_are_pushed(grants: StatementGrants, cat: Catalog) -> None:
+    # category is CLEAR for this role (front_desk has no column rules on cs_records)
+    assert grants.tables["public.cs_records"].columns.get("category") is None
+    d = rewrite("SELECT c.id FROM cs_records c WHERE c.id = $1 AND c.category = 'x'", grants, cat)
+    assert pushed(d) == ("\"id\" OPERATOR(pg_catalog.=) CAST($1 AS BIGINT) "
+                         "AND \"category\" OPERATOR(pg_catalog.=) 'x'")
+    (tree,) = parse_out(d)
+    assert tree.args["where"].this.sql(dialect="postgres") == "c.id = $1 AND c.category = 'x'"
+    # inside the fence only the table is in scope: no qualifier on pushed columns
+    body = fences(tree, "cs_records")[0].this
+    assert all(not c.table for c in body.args["where"].find_all(exp.Column))
+
+
+@pytest.mark.parametrize("where, want", [
+    ("42 < id", '"id" OPERATOR(pg_catalog.>) 42'),
+    ("severity != 3", '"severity" OPERATOR(pg_catalog.<>) 3'),
+    ("severity <= -1", '"severity" OPERATOR(pg_catalog.<=) -1'),
+    ("id >= '7'", "\"id\" OPERATOR(pg_catalog.>=) '7'"),
+    ("id = 9223372036854775807", '"id" OPERATOR(pg_catalog.=) 9223372036854775807'),
+    ("id IN (1, 2)", '("id" OPERATOR(pg_catalog.=) 1 OR "id" OPERATOR(pg_catalog.=) 2)'),
+    ("guest_id IS NULL", '"guest_id" IS NULL'),
+    ("guest_id IS NOT NULL", '"guest_id" IS NOT NULL'),
+    ("NOT guest_id IS NULL", 'NOT "guest_id" IS NULL'),
+    ("created_at >= '2026-01-01'", "\"created_at\" OPERATOR(pg_catalog.>=) '2026-01-01'"),
+    ("created_at < '2026-01-01'::timestamptz",
+     "\"created_at\" OPERATOR(pg_catalog.<) CAST('2026-01-01' AS TIMESTAMPTZ)"),
+    ("legal_hold = false", '"legal_hold" OPERATOR(pg_catalog.=) FALSE'),
+    ("id = CAST(5 AS BIGINT)", '"id" OPERATOR(pg_catalog.=) CAST(5 AS BIGINT)'),
+    ("id = ANY($1)", '"id" OPERATOR(pg_catalog.=) ANY(CAST($1 AS BIGINT[]))'),
+    ("severity > $1::int", '"severity" OPERATOR(pg_catalog.>) CAST($1 AS INT)'),
+    ("category = $2", '"category" OPERATOR(pg_catalog.=) CAST($2 AS TEXT)'),
+    ("(id = 1 AND (severity = 2))", '"id" OPERATOR(pg_catalog.=) 1 AND "severity" OPERATOR(pg_catalog.=) 2'),
+    ("id = 1 AND id = 1", '"id" OPERATOR(pg_catalog.=) 1'),
+    ("cs_records.id = 1 AND lower(agent) = 'x'", '"id" OPERATOR(pg_catalog.=) 1'),
+])
+def test_leakproof_forms_are_pushed(where: str, want: str, grants: StatementGrants, cat: Catalog) -> None:
+    d = rewrite(f"SELECT id FROM cs_records WHERE {where}", grants, cat)
+    assert pushed(d) == want
+    (tree,) = parse_out(d)
+    assert tree.sql(dialect="postgres") == d.sql
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT id FROM cs_records WHERE lower(category) = 'a'",          # a function of the column
+    "SELECT id FROM cs_records WHERE content::int = 1",               # a cast of the column: data-dependent
+    "SELECT id FROM cs_records WHERE CAST(id AS text) = '1'",
+    "SELECT id FROM cs_records WHERE severity + 0 = 1",
+    "SELECT id FROM cs_records WHERE id = 1 OR id = 2",               # OR branches
+    "SELECT id FROM cs_records WHERE (id = 1 OR severity = 2) AND 1 = 1",
+    "SELECT id FROM cs_records WHERE NOT id = 1",
+    "SELECT id FROM cs_records WHERE id = (SELECT 1)",                # subqueries
+    "SELECT id FROM cs_records WHERE id IN (SELECT 1)",
+    "SELECT id FROM cs_records WHERE id = lower('1')::bigint",       # a function call as the constant
+    "SELECT id FROM cs_records WHERE id = 1.5",                       # numeric: numeric_eq is not leakproof
+    "SELECT id FROM cs_records WHERE id = 99999999999999999999",      # numeric too
+    "SELECT id FROM cs_records WHERE category = 42",
+    "SELECT id FROM cs_records WHERE created_at > DATE '2026-01-01'", # cross-type: not leakproof
+    "SELECT id FROM cs_records WHERE created_at > '2026-01-01'::date",
+    "SELECT id FROM cs_records WHERE severity < $1",                  # a pinned bare parameter could round
+    "SELECT id FROM cs_records WHERE id = $1 AND guest_id = $1",      # type inference could change
+    "SELECT $1::text, id FROM cs_records WHERE id = $1",
+    "SELECT id FROM cs_records WHERE id IS DISTINCT FROM 1",
+    "SELECT id FROM cs_records WHERE id BETWEEN 1 AND 2",
+    "SELECT id FROM cs_records WHERE id = id",
+    "SELECT id FROM cs_records WHERE public.cs_records.id = 1",       # kept simple: refname only
+    "SELECT id FROM cs_records c WHERE cs_records.id = 1",            # not this table's name in scope
+    "SELECT a FROM cs_records AS c(a) WHERE a = 1",                   # renamed columns
+    "SELECT severity, count(*) FROM cs_records GROUP BY severity HAVING severity = 2",  # HAVING
+    "SELECT * FROM (SELECT id FROM cs_records) x WHERE x.id = 1",     # another query block
+    "SELECT * FROM (SELECT id FROM cs_records) x WHERE id = 1",
+    "SELECT * FROM (SELECT id FROM cs_records UNION ALL SELECT 2) u WHERE u.id = 1",  # across a set operation
+    "SELECT * FROM cs_records c WHERE EXISTS (SELECT 1 FROM guests g WHERE c.id = 5)",  # from an inner block
+])
+def test_leaky_or_unprovable_conjuncts_are_not_pushed(sql: str, grants: StatementGrants, cat: Catalog) -> None:
+    d = rewrite(sql, grants, cat)
+    assert pushed(d) == ""
+    assert_every_protected_fenced(d)
+
+
+@pytest.mark.parametrize("where", ["phone = '13800000000'", "phone IS NULL", "phone IN ('1', '2')",
+                                   "c.phone = $1"])
+def test_masked_column_is_never_pushed(where: str, cat: Catalog) -> None:
+    # inside the fence the column is the real value: filtering on it would be an oracle on the masked data
+    d = rewrite(f"SELECT id FROM cs_records c WHERE {where} AND c.id = 1", _masked_cs(), cat)
+    assert pushed(d) == '"id" OPERATOR(pg_catalog.=) 1'
+
+
+def test_hidden_column_is_never_pushed(cat: Catalog) -> None:
+    refused(rewrite("SELECT id FROM cs_records WHERE content = 'x'", _masked_cs(), cat), "content")
+    d = rewrite("SELECT name FROM guests WHERE phone = '1' AND vip = true", front_desk(), cat)
+    assert fence_where(d, "guests") == '"vip" OPERATOR(pg_catalog.=) TRUE'
+
+
+def test_join_on_conjuncts_only_for_inner_joins(grants: StatementGrants, cat: Catalog) -> None:
+    d = rewrite("SELECT 1 FROM guests g JOIN cs_records c ON c.guest_id = g.id AND c.id = 7 AND g.vip = true",
+                grants, cat)
+    assert pushed(d) == '"id" OPERATOR(pg_catalog.=) 7'
+    assert fence_where(d, "guests") == '"vip" OPERATOR(pg_catalog.=) TRUE'
+    d = rewrite("SELECT 1 FROM guests g INNER JOIN cs_records c ON c.id = 7 WHERE c.severity = 2", grants, cat)
+    assert pushed(d) == '"severity" OPERATOR(pg_catalog.=) 2 AND "id" OPERATOR(pg_catalog.=) 7'
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1 FROM guests g LEFT JOIN cs_records c ON c.guest_id = g.id AND c.id = 7",
+    "SELECT 1 FROM guests g LEFT OUTER JOIN cs_records c ON c.id = 7 WHERE c.severity = 2",
+    "SELECT 1 FROM guests g LEFT JOIN cs_records c ON c.guest_id = g.id WHERE c.id IS NULL",  # an anti-join
+    "SELECT 1 FROM cs_records c RIGHT JOIN guests g ON c.guest_id = g.id WHERE c.id = 7",
+    "SELECT 1 FROM cs_records c FULL JOIN guests g ON c.id = 7 WHERE c.severity = 2",
+    "SELECT 1 FROM guests g FULL JOIN cs_records c ON true WHERE c.id = 7",
+])
+def test_nothing_is_pushed_into_the_nullable_side_of_an_outer_join(sql: str, grants: StatementGrants,
+                                                                   cat: Catalog) -> None:
+    d = rewrite(sql, grants, cat)
+    assert pushed(d) == ""
+
+
+def test_preserved_side_of_a_left_join_gets_its_where_conjuncts(grants: StatementGrants, cat: Catalog) -> None:
+    d = rewrite("SELECT 1 FROM cs_records c LEFT JOIN guests g ON g.id = c.guest_id AND g.vip = true "
+                "WHERE c.id = 7 AND g.region = 'x'", grants, cat)
+    assert pushed(d) == '"id" OPERATOR(pg_catalog.=) 7'
+    assert fence_where(d, "guests") is None  # its ON is an outer join's, its WHERE makes it nullable
+
+
+def test_unqualified_column_must_be_unambiguous(grants: StatementGrants, cat: Catalog) -> None:
+    # id is a column of both: not pushed anywhere; severity only of cs_records; region only of guests
+    d = rewrite("SELECT 1 FROM guests g, cs_records c WHERE id = 3 AND severity = 2 AND region = 'x'", grants, cat)
+    assert pushed(d) == '"severity" OPERATOR(pg_catalog.=) 2'
+    assert fence_where(d, "guests") == "\"region\" OPERATOR(pg_catalog.=) 'x'"
+    # another FROM item whose columns are not known from the catalog: unqualified names could be its own
+    d = rewrite("SELECT 1 FROM cs_records c, (SELECT 1 AS x) s WHERE severity = 2 AND c.id = 3", grants, cat)
+    assert pushed(d) == '"id" OPERATOR(pg_catalog.=) 3'
+    d = rewrite("WITH w AS (SELECT 1 AS q) SELECT 1 FROM cs_records, w WHERE severity = 2", grants, cat)
+    assert pushed(d) == ""
+
+
+def test_each_block_and_each_set_operation_arm_pushes_its_own(grants: StatementGrants, cat: Catalog) -> None:
+    d = rewrite("SELECT id FROM cs_records UNION SELECT id FROM cs_records WHERE id = 1", grants, cat)
+    assert pushed(d, i=0) == "" and pushed(d, i=1) == '"id" OPERATOR(pg_catalog.=) 1'
+    d = rewrite("SELECT * FROM guests g WHERE g.id = 5 AND EXISTS "
+                "(SELECT 1 FROM cs_records c WHERE c.guest_id = g.id AND c.severity = 2)", grants, cat)
+    assert pushed(d) == '"severity" OPERATOR(pg_catalog.=) 2'
+    assert fence_where(d, "guests") == '"id" OPERATOR(pg_catalog.=) 5'
+
+
+def test_pushdown_in_copy_and_dml_sources(cat: Catalog) -> None:
+    g = front_desk(kinds=READ_KINDS | {StatementKind.COPY_TO}, export=True)
+    d = rewrite("COPY (SELECT id FROM cs_records WHERE id = 3) TO STDOUT", g, cat)
+    assert pushed(d) == '"id" OPERATOR(pg_catalog.=) 3'
+    d = rewrite("UPDATE cs_records SET severity = 1 WHERE guest_id IN (SELECT id FROM guests WHERE vip = true)",
+                _pms(), cat)
+    assert fence_where(d, "guests") == '"vip" OPERATOR(pg_catalog.=) TRUE'
+
+
+def test_verification_covers_the_pushed_predicates(monkeypatch: pytest.MonkeyPatch, grants: StatementGrants,
+                                                   cat: Catalog) -> None:
+    import rules.rewrite as rw
+
+    real = rw._fence
+
+    def swapped(hit, ctx):  # noqa: ANN001, ANN202 - a pushed predicate changed after it was registered
+        sub = real(hit, ctx)
+        op = sub.this.find(exp.Operator)
+        if op is not None:
+            op.set("this", exp.column("content", quoted=True))
+        return sub
+
+    assert rewrite("SELECT id FROM cs_records WHERE id = 1", grants, cat).action == "rewrite"
+    monkeypatch.setattr(rw, "_fence", swapped)
+    refused(rewrite("SELECT id FROM cs_records WHERE id = 1", grants, cat), "failed verification")
