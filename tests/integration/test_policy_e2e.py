@@ -187,3 +187,27 @@ BI_WORKLOAD = [
 def test_general_manager_bi_workload_matches_direct(guarded: Proxy, cluster: PgCluster, sql: str) -> None:
     # The general manager's grants cover these tables in clear and in full: results must be identical.
     assert run(guarded, "dave", sql) == direct(cluster, sql)
+
+
+def test_pms_inserts_and_reads_back_only_its_own_records_of_today(guarded: Proxy) -> None:
+    # The legacy PMS: md5 login, no TLS, simple protocol, GBK text.
+    import subprocess
+
+    env = {"PGPASSWORD": "demo", "PGCLIENTENCODING": "GBK", "PATH": "/usr/bin:/bin"}
+    conn = f"host=127.0.0.1 port={guarded.port} dbname=hotel user=pms sslmode=disable"
+    ins = ("INSERT INTO cs_records (guest_id, department, category, severity, channel, agent, guest_name, phone, "
+           "id_number, content, created_at) VALUES (1, 'FO', 'request', 'normal', 'front_desk', 'pms', '王小明', "
+           "'13800001111', '110101199003077777', '客人要求加床', now())")
+    r = subprocess.run(["psql", "-X", "-A", "-t", conn, "-c", ins.encode("gbk")], env=env, capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr.decode("gbk", "replace")
+    r = subprocess.run(["psql", "-X", "-A", "-t", conn, "-c", "SELECT agent, guest_name, content FROM cs_records"],
+                       env=env, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode("gbk", "replace")
+    rows = [line.split("|") for line in r.stdout.decode("gbk").strip().splitlines()]
+    assert rows and all(agent == "pms" for agent, _, _ in rows)
+    assert ["pms", "王**", "客人要求加床"] in rows
+    r = subprocess.run(["psql", "-X", "-A", "-t", conn, "-c", "DELETE FROM cs_records"], env=env,
+                       capture_output=True, timeout=60)
+    assert r.returncode != 0 and b"42501" not in r.stdout  # refused
+    assert "refused" in r.stderr.decode("gbk", "replace") or "may not" in r.stderr.decode("gbk", "replace")
