@@ -147,6 +147,27 @@ def qualify(schema: str, name: str) -> str:
     return f"{quote_ident(schema)}.{quote_ident(name)}"
 
 
+def _read_quoted(text: str, i: int, what: str) -> tuple[str, int]:
+    """A "double-quoted" identifier starting at text[i] ('""' is a quote): (identifier, index after it)."""
+    n = len(text)
+    j = i + 1
+    buf: list[str] = []
+    while True:
+        k = text.find('"', j)
+        if k < 0:
+            raise ValueError(f"unterminated {what} {text!r}")
+        buf.append(text[j:k])
+        if k + 1 < n and text[k + 1] == '"':
+            buf.append('"')
+            j = k + 2
+            continue
+        break
+    ident = "".join(buf)
+    if not ident:
+        raise ValueError(f"zero-length {what} {text!r}")
+    return ident, k + 1
+
+
 def split_qualified(text: str) -> tuple[str, ...]:
     """Parse a dotted SQL-style name (``public."Guests"``, ``Hotel.Public.Guests``) into normalised parts.
 
@@ -160,22 +181,7 @@ def split_qualified(text: str) -> tuple[str, ...]:
         while i < n and text[i].isspace():
             i += 1
         if i < n and text[i] == '"':
-            j = i + 1
-            buf: list[str] = []
-            while True:
-                k = text.find('"', j)
-                if k < 0:
-                    raise ValueError(f"unterminated quoted identifier in {text!r}")
-                buf.append(text[j:k])
-                if k + 1 < n and text[k + 1] == '"':
-                    buf.append('"')
-                    j = k + 2
-                    continue
-                i = k + 1
-                break
-            ident = "".join(buf)
-            if not ident:
-                raise ValueError(f"zero-length quoted identifier in {text!r}")
+            ident, i = _read_quoted(text, i, "quoted identifier in")
             parts.append(normalise_identifier(ident, True))
         else:
             j = i
@@ -229,22 +235,7 @@ def _split_commas(text: str) -> Iterator[str]:
         while i < n and text[i].isspace():
             i += 1
         if i < n and text[i] == '"':
-            j = i + 1
-            buf: list[str] = []
-            while True:
-                k = text.find('"', j)
-                if k < 0:
-                    raise ValueError(f"unterminated quoted identifier in search_path {text!r}")
-                buf.append(text[j:k])
-                if k + 1 < n and text[k + 1] == '"':
-                    buf.append('"')
-                    j = k + 2
-                    continue
-                i = k + 1
-                break
-            ident = "".join(buf)
-            if not ident:
-                raise ValueError(f"zero-length identifier in search_path {text!r}")
+            ident, i = _read_quoted(text, i, "identifier in search_path")
             yield normalise_identifier(ident, True)
         else:
             j = i
