@@ -26,6 +26,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rules.decision import Decision, refuse
+from rules.rewrite import ROW_CAP_MARKER
 
 from . import auth, upstream
 from .audit import principal_fields
@@ -799,6 +800,10 @@ class ClientSession(asyncio.Protocol):
             return None
         head = expect[0]
         refusal = head.refusal  # our own error, replacing the server's answer to the poison statement
+        cap: Decision | None = None
+        if refusal is None and ROW_CAP_MARKER in err.message:
+            refusal = self._row_cap_error()
+            cap = refuse("row cap", reason="result larger than the role's row cap (R3.2)")
         replacement = refusal
         if refusal is None and "D" in err.fields and self.server.engine.restricted(self.principal):
             # DETAIL can echo row values ("Key (id)=(...)", "Failing row contains (...)").
@@ -808,6 +813,8 @@ class ClientSession(asyncio.Protocol):
             if head.index < len(runs):
                 run = runs[head.index]
                 head.index = len(runs)  # the rest of the Query is not run
+                if cap is not None:
+                    run.decision = cap
                 self._finish(run, "refused" if refusal else "error", None, 0, None if refusal else err)
             return replacement
         # Extended protocol: the server now skips everything up to Sync.
@@ -820,7 +827,10 @@ class ClientSession(asyncio.Protocol):
             # Parse, Bind or Describe failed before any Execute of this batch.
             failed = Run(head.sql or "")
             failed.start = time.perf_counter()
-        if refusal is not None:
+        if cap is not None:
+            failed.decision = cap
+            self._finish(failed, "refused", None, 0, None)
+        elif refusal is not None:
             failed.text = head.sql or ""
             if head.runs:
                 failed.decision = head.runs[0].decision
@@ -828,6 +838,16 @@ class ClientSession(asyncio.Protocol):
         else:
             self._finish(failed, "error", None, 0, err)
         return replacement
+
+    def _row_cap_error(self) -> bytes:
+        """PostgreSQL refused the statement at the row cap the rewriter put in it: say so plainly."""
+        grants, _ = self.server.engine.grants(self.principal) if self.principal else (None, "")
+        cap = getattr(grants, "row_cap", None)
+        role = getattr(grants, "role", "")
+        return codec.error_response(
+            SqlState.INSUFFICIENT_PRIVILEGE,
+            f"pgwarden: the result has more than {cap} rows, the row cap of role {role}; "
+            "narrow the query (filters, LIMIT) or ask for a ticket")
 
     def _track_parameter(self, name: str, value: str) -> None:
         """Follow what changes how the server reads statement text (the lexer must see what it sees)."""

@@ -36,6 +36,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.postgres import Postgres
 from sqlglot.errors import SqlglotError
@@ -245,11 +246,36 @@ def _is_query(tree: exp.Expression) -> bool:
     return isinstance(tree, (exp.Select, exp.SetOperation, exp.Values, exp.Subquery))
 
 
+ROW_CAP_MARKER = "pgwarden-row-cap-exceeded:"
+# The row cap (R3.2) as SQL: the uncorrelated subquery runs once, before the first row is sent,
+# and reads at most cap+1 rows of the (materialised, order-keeping) result; past the cap, a cast
+# that depends on the count fails, so PostgreSQL itself refuses the statement and aborts the
+# transaction, and the proxy swaps that error for its own 42501. Cursors and Execute with
+# max_rows are covered: the check runs on the first fetch, over the whole result.
+_CAP_TEMPLATE = (
+    "WITH pgwarden_capped AS MATERIALIZED (SELECT 1) SELECT * FROM pgwarden_capped WHERE ("
+    "SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.>) {cap} "
+    "THEN CAST(pg_catalog.textcat('" + ROW_CAP_MARKER + "', CAST(pg_catalog.count(*) AS pg_catalog.text)) "
+    "AS pg_catalog.int4) IS NULL ELSE TRUE END "
+    "FROM (SELECT 1 FROM pgwarden_capped LIMIT {probe}) AS pgwarden_probe)"
+)
+
+
+def _capped(tree: exp.Expression, cap: int) -> exp.Expression:
+    wrapper = sqlglot.parse_one(_CAP_TEMPLATE.format(cap=int(cap), probe=int(cap) + 1), read=DIALECT)
+    cte = wrapper.find(exp.CTE)
+    assert cte is not None
+    cte.set("this", tree)
+    return wrapper
+
+
 def _query_statement(tree: exp.Expression, ctx: _Ctx) -> tuple[bool, str]:
     """Analyse, fence, generate, verify a SELECT-like statement."""
     shadowed = ctx.shadowed
     hits = _analyze(tree, ctx)
     _fence_all(tree, hits, ctx)
+    if hits and ctx.grants.row_cap:
+        tree = _capped(tree, ctx.grants.row_cap)
     text = _generate(tree)
     _verify(text, ctx, _is_query)
     return bool(hits) or ctx.shadowed > shadowed, text

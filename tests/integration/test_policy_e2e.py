@@ -211,3 +211,54 @@ def test_pms_inserts_and_reads_back_only_its_own_records_of_today(guarded: Proxy
                        capture_output=True, timeout=60)
     assert r.returncode != 0 and b"42501" not in r.stdout  # refused
     assert "refused" in r.stderr.decode("gbk", "replace") or "may not" in r.stderr.decode("gbk", "replace")
+
+
+@pytest.fixture(scope="module")
+def capped(cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    d = tmp_path_factory.mktemp("capped")
+    rules = d / "rules.yaml"
+    text = HOTEL.read_text(encoding="utf-8")
+    assert "  supervisor:" in text
+    rules.write_text(text.replace("    row_cap: 5000\n", "    row_cap: 10\n", 1), encoding="utf-8")
+    p = start_proxy(cluster, str(d), rules=str(rules))
+    try:
+        yield p
+    finally:
+        p.thread.stop()
+
+
+def test_row_cap_refuses_instead_of_truncating(capped: Proxy) -> None:
+    with psycopg.connect(capped.dsn("bob"), autocommit=True) as c:
+        assert len(c.execute("SELECT id FROM cs_records ORDER BY id LIMIT 10").fetchall()) == 10
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("SELECT id FROM cs_records").fetchall()
+        assert ei.value.sqlstate == "42501"
+        assert "more than 10 rows, the row cap of role supervisor" in str(ei.value)
+        # the same through a cursor: refused on the first FETCH, whatever its size
+        c.execute("BEGIN")
+        c.execute("DECLARE cur CURSOR FOR SELECT id FROM cs_records")
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("FETCH 3 FROM cur").fetchall()
+        assert ei.value.sqlstate == "42501"
+        # PostgreSQL aborted the transaction itself, as it would for any error
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            c.execute("SELECT 1")
+        c.execute("ROLLBACK")
+    ev = [e for e in capped.take_events() if e["outcome"] == "refused"]
+    assert [e["statement"] for e in ev] == ["SELECT id FROM cs_records", "FETCH 3 FROM cur"]
+    assert all(e["reason"] == "result larger than the role's row cap (R3.2)" for e in ev)
+
+
+async def test_row_cap_holds_across_execute_max_rows(capped: Proxy) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(host="127.0.0.1", port=capped.port, user="bob", password="demo", database="hotel")
+    try:
+        async with conn.transaction():
+            with pytest.raises(asyncpg.PostgresError) as ei:
+                async for _ in conn.cursor("SELECT id FROM cs_records", prefetch=5):
+                    pass
+        assert ei.value.sqlstate == "42501"
+        assert len(await conn.fetch("SELECT id FROM cs_records LIMIT 5")) == 5
+    finally:
+        await conn.close()

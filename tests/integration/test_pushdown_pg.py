@@ -15,6 +15,8 @@ leakproof (rules/rewrite.py, "leakproof pushdown"). Here PostgreSQL itself shows
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import json
 import re
@@ -64,7 +66,8 @@ def catalog(cluster: PgCluster) -> Catalog:
 def bob() -> StatementGrants:
     grants, why = grants_for(RULES, Principal(user="bob", role="supervisor", department="FO"))
     assert grants is not None, why
-    return grants
+    # Without the row-cap wrapper, so the rewritten text ends with the user's own WHERE.
+    return dataclasses.replace(grants, row_cap=None)
 
 
 def row_filter(grants: StatementGrants) -> str:
@@ -398,3 +401,13 @@ def test_the_leakproof_check_sees_what_the_rewriter_avoids(
         sql = rewritten(f"SELECT count(*) FROM pgw_probe.probe WHERE {where}", grants, cat)
         fence = sqlglot.parse_one(sql, read="postgres").find(exp.Subquery)
         assert fence is not None and fence.this.args.get("where") is None, sql
+
+
+def test_row_capped_lookup_still_uses_the_index(cluster: PgCluster, catalog: Catalog) -> None:
+    # With the role's row cap the statement is wrapped (materialised CTE + a probe of cap+1 rows);
+    # the pushed predicate inside the fence must still reach the index.
+    grants, _ = grants_for(RULES, Principal(user="bob", role="supervisor", department="FO"))
+    assert grants is not None and grants.row_cap
+    d = rewrite("SELECT id, category FROM cs_records WHERE id = 4242", grants, catalog, None)
+    assert d.action == "rewrite" and d.sql and d.sql.startswith("WITH pgwarden_capped AS MATERIALIZED")
+    assert index_conds(explain(cluster, d.sql), "id"), explain_text(cluster, d.sql)
