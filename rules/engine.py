@@ -28,6 +28,7 @@ class Engine:
     def __init__(self, rules: Any = None) -> None:
         self.rules = rules
         self._grants: dict[tuple[Any, ...], tuple[Any, str]] = {}
+        self._by_principal: dict[int, tuple[Principal, tuple[Any, str]]] = {}
         self._decisions: dict[tuple[Any, ...], Decision] = {}
         self._pinned: dict[int, Any] = {}
         self._sensitive: dict[str, Any] = {}
@@ -42,6 +43,9 @@ class Engine:
 
     def grants(self, principal: Principal) -> tuple[Any, str]:
         """What this person is granted (cached per identity: the rules object is immutable)."""
+        fast = self._by_principal.get(id(principal))
+        if fast is not None and fast[0] is principal:  # the per-statement path: one dict lookup
+            return fast[1]
         key = (principal.user, principal.role, principal.department,
                tuple(sorted((k, repr(v)) for k, v in principal.attributes.items())))
         hit = self._grants.get(key)
@@ -53,7 +57,11 @@ class Engine:
                 # Decisions are keyed by the id of a grants object: they go together.
                 self._grants.clear()
                 self._decisions.clear()
+                self._by_principal.clear()
             self._grants[key] = hit
+        if len(self._by_principal) > 10_000:
+            self._by_principal.clear()
+        self._by_principal[id(principal)] = (principal, hit)
         return hit
 
     def restricted(self, principal: Principal) -> bool:
