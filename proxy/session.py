@@ -649,7 +649,8 @@ class ClientSession(asyncio.Protocol):
             e.rows0 = self._scanner.rows
         self._expect.append(e)
         if rewritten:
-            return codec.query_message(";\n".join(parts).encode(self.encoding, "replace"))
+            # A newline before each ";": a part may end in a -- comment that would swallow it.
+            return codec.query_message("\n;\n".join(parts).encode(self.encoding, "replace"))
         return None
 
     def _decide(self, text: str) -> Decision:

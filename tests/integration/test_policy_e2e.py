@@ -262,3 +262,14 @@ async def test_row_cap_holds_across_execute_max_rows(capped: Proxy) -> None:
         assert len(await conn.fetch("SELECT id FROM cs_records LIMIT 5")) == 5
     finally:
         await conn.close()
+
+
+def test_rejoined_multi_statement_query_keeps_statement_boundaries(guarded: Proxy) -> None:
+    # The first statement ends in a line comment; when pgwarden rewrites the second and rejoins
+    # the Query, the comment must not swallow the separator.
+    with psycopg.connect(guarded.dsn("bob"), autocommit=True) as c:
+        cur = c.cursor()
+        cur.execute("SELECT 1 AS one -- trailing comment\n; SELECT count(*) FROM cs_records")
+        assert cur.fetchall() == [(1,)]
+        assert cur.nextset()
+        assert cur.fetchone()[0] > 0
