@@ -94,6 +94,7 @@ class Server:
             print(f"pgwarden: rules NOT reloaded, the old rules stay: {exc}", file=sys.stderr, flush=True)
             return False
         self.engine = Engine(rules)
+        self.forget_catalogs()  # a reload is also how a DBA makes pgwarden see new tables (new sessions)
         self._rules_mtime = _mtime(path)
         self.audit.emit("rules_reloaded", None, path=path, roles=len(rules.roles), tables=len(rules.tables))
         return True
