@@ -891,6 +891,12 @@ class ClientSession(asyncio.Protocol):
             fields["rewritten"] = d.redacted_sql if d.redacted else d.sql
             if d.tables:
                 fields["tables"] = list(d.tables)
+            if d.masked:
+                fields["masked"] = list(d.masked)
+            if d.hidden:
+                fields["hidden"] = list(d.hidden)
+        if d is not None and d.flags:
+            fields["flags"] = list(d.flags)
         if outcome == "refused" and d is not None:
             fields["sqlstate"] = d.sqlstate
             fields["reason"] = d.reason or d.message

@@ -23,6 +23,9 @@ class Decision:
     tables: tuple[str, ...] = field(default=())
     redacted: str | None = None  # the statement as logged, sensitive literals masked (R2.4)
     redacted_sql: str | None = None  # the rewritten statement as logged, when ``redacted`` is set
+    masked: tuple[str, ...] = ()  # table.column masked for this person in this statement
+    hidden: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()  # from the role, e.g. internal_audit
 
     @property
     def refused(self) -> bool:

@@ -98,13 +98,35 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - fail closed (R6.4), never pass what was not analysed
             d = refuse(f"pgwarden: statement could not be analysed ({type(exc).__name__}); refused",
                        reason=f"engine error: {exc!r}")
-        d = self._redacted(sql, d)
+        d = self._redacted(sql, self._annotated(d, grants, catalog))
         if len(self._decisions) >= DECISION_CACHE:
             self._decisions.clear()
             self._pinned.clear()
             self._pinned[id(catalog)] = catalog
         self._decisions[key] = d
         return d
+
+    @staticmethod
+    def _annotated(d: Decision, grants: Any, catalog: Any) -> Decision:
+        """What the audit event says beyond the verdict: masks and hidden columns applied, role flags."""
+        from .grants import Treatment
+
+        masked, hidden = [], []
+        for t in d.tables:
+            g = grants.tables.get(t)
+            rel = catalog.relations.get(t) if g is None else None
+            if rel is not None:  # a partition or inheritance child: its root's grant applies
+                t = catalog.root_of(rel).qualified_name
+                g = grants.tables.get(t)
+            for col, rule in (g.columns.items() if g is not None else ()):
+                if rule.treatment == Treatment.MASK:
+                    masked.append(f"{t}.{col}")
+                elif rule.treatment == Treatment.HIDDEN:
+                    hidden.append(f"{t}.{col}")
+        flags = tuple(sorted(grants.flags))
+        if not (masked or hidden or flags):
+            return d
+        return dataclasses.replace(d, masked=tuple(masked), hidden=tuple(hidden), flags=flags)
 
     def _redacted(self, sql: str, d: Decision) -> Decision:
         """Attach the statement as it may be logged (sensitive literals masked), if it differs."""

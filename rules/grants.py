@@ -72,3 +72,4 @@ class StatementGrants:
     allowed_functions: frozenset[str] = frozenset()  # qualified user-defined functions the rules allow
     unrestricted: bool = False  # e.g. the DBA's break-glass role: statements pass as sent (still audited)
     role: str = ""
+    flags: frozenset[str] = frozenset()  # e.g. internal_audit: every statement flagged in the audit log

@@ -500,7 +500,7 @@ def grants_for(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]
     kinds = role.kinds | (frozenset({StatementKind.COPY_TO}) if role.export else frozenset())
     return StatementGrants(tables=tables, kinds=kinds, catalog_relations=CATALOG_RELATIONS,
                            row_cap=role.row_cap, export=role.export, allowed_functions=role.functions,
-                           unrestricted=role.unrestricted, role=role.name), why
+                           unrestricted=role.unrestricted, role=role.name, flags=role.flags), why
 
 
 def _canonical(name: str) -> str:

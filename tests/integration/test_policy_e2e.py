@@ -273,3 +273,13 @@ def test_rejoined_multi_statement_query_keeps_statement_boundaries(guarded: Prox
         assert cur.fetchall() == [(1,)]
         assert cur.nextset()
         assert cur.fetchone()[0] > 0
+
+
+def test_audit_event_names_masks_and_flags(guarded: Proxy) -> None:
+    guarded.take_events(None)
+    run(guarded, "alice", "SELECT phone FROM cs_records LIMIT 1")
+    run(guarded, "dave", "SELECT count(*) FROM crisis_reports")
+    alice, dave = guarded.take_events()[-2:]
+    assert alice["decision"] == "rewrite" and alice["tables"] == ["public.cs_records"]
+    assert "public.cs_records.phone" in alice["masked"] and "public.cs_records.id_number" in alice["masked"]
+    assert dave["flags"] == ["internal_audit"]  # the general manager's every access is flagged
