@@ -328,6 +328,10 @@ def _refuse_statement(what: str):  # noqa: ANN202 - small factory
     return handler
 
 
+# VERBOSE prints the policy derived table's output expressions: mask parameters (hash salts) included.
+_VERBOSE = "pgwarden: EXPLAIN VERBOSE would show the masks' own parameters; use EXPLAIN without VERBOSE"
+
+
 def _explain(c: _Cursor) -> Wrapped | None:
     c.take("EXPLAIN")
     opts: list[str] = []
@@ -338,6 +342,8 @@ def _explain(c: _Cursor) -> Wrapped | None:
             name = c.word()
             if name in ("ANALYZE", "ANALYSE"):
                 raise Refused("pgwarden: EXPLAIN ANALYZE runs the statement; refused")
+            if name == "VERBOSE":
+                raise Refused(_VERBOSE)
             if name not in _EXPLAIN_OPTIONS:
                 return None
             c.i += 1
@@ -358,8 +364,8 @@ def _explain(c: _Cursor) -> Wrapped | None:
     else:
         if c.word() in ("ANALYZE", "ANALYSE"):
             raise Refused("pgwarden: EXPLAIN ANALYZE runs the statement; refused")
-        if c.take("VERBOSE"):
-            opts.append("VERBOSE")
+        if c.word() == "VERBOSE":
+            raise Refused(_VERBOSE)
     if c.done():
         return None
     prefix = "EXPLAIN " + (f"({', '.join(opts)}) " if opts else "")

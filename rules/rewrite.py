@@ -68,6 +68,8 @@ REFUSED_FUNCTIONS = frozenset({
     "pg_import_system_collations", "pg_log_backend_memory_contexts", "loread", "lowrite",
     "pg_backup_start", "pg_backup_stop", "pg_start_backup", "pg_stop_backup", "pg_drop_replication_slot",
     "pg_replication_origin_create", "pg_get_backend_memory_contexts", "pg_current_logfile",
+    # the text of the statement as the server runs it: the rewritten form, mask parameters included
+    "current_query",
 })
 _REFUSED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_file_", "pg_logical_", "pg_replication_",
                      "pg_create_", "pg_copy_", "pg_stat_reset", "pg_stat_get_", "pg_wal_replay_")
@@ -1036,7 +1038,7 @@ def _dml_statement(tree: exp.Insert | exp.Update | exp.Delete, ctx: _Ctx) -> tup
     if rel is None:
         raise Refused(f"pgwarden: relation {'.'.join(_name_parts(target))} is unknown to pgwarden's catalog; refused")
     grant = ctx.grants.tables.get(ctx.catalog.root_of(rel).qualified_name) or ctx.grants.tables.get(rel.qualified_name)
-    if grant is None or kind not in grant.kinds or rel.is_view:
+    if grant is None or kind not in grant.kinds or kind not in ctx.grants.kinds or rel.is_view:
         raise Refused(f"pgwarden: role {ctx.role} may not {kind.value.upper()} table {rel.qualified_name}")
     if tree.args.get("conflict") is not None:
         raise Refused(f"pgwarden: role {ctx.role} may not use ON CONFLICT; refused")
