@@ -452,11 +452,25 @@ def _func_name(node: exp.Func) -> tuple[tuple[str, ...], str]:
     return schema, name.lower()
 
 
+# Aggregates that put many rows' values into one result row: with them a row cap counts one row
+# while the whole table leaves. Refused for roles with a row cap (sqlglot's names for some of them).
+_ROW_VALUE_AGGREGATES = frozenset({
+    "array_agg", "group_concat", "string_agg", "j_s_o_n_array_agg", "json_agg", "jsonb_agg", "json_agg_strict",
+    "jsonb_agg_strict", "j_s_o_n_object_agg", "json_object_agg", "j_s_o_n_b_object_agg", "jsonb_object_agg",
+    "json_object_agg_strict", "jsonb_object_agg_strict", "json_object_agg_unique", "jsonb_object_agg_unique",
+    "xmlagg", "j_s_o_n_arrayagg", "json_arrayagg", "json_objectagg",
+})
+
+
 def _check_function(node: exp.Func, ctx: _Ctx) -> None:
     """Refuse SQL-running/file/setting functions, unknown functions, and user functions not allowed."""
     schema, name = _func_name(node)
     if name in REFUSED_FUNCTIONS or name.startswith(_REFUSED_PREFIXES):
         raise Refused(f"pgwarden: role {ctx.role} may not call function {name}")
+    if ctx.grants.row_cap and (name in _ROW_VALUE_AGGREGATES or (
+            isinstance(node, exp.Array) and node.find(exp.Select) is not None)):
+        raise Refused(f"pgwarden: role {ctx.role} has a row cap of {ctx.grants.row_cap}; aggregates that return "
+                      "many rows' values in one row (array_agg, string_agg, json_agg, ARRAY(SELECT ...)) are refused")
     cands = ctx.catalog.resolve_function((*schema, name), ctx.search_path)
     if not cands:
         if isinstance(node, exp.Anonymous) or schema:
