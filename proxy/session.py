@@ -61,6 +61,14 @@ PG_ENCODINGS = {
     "GB18030": "gb18030", "BIG5": "big5", "SJIS": "shift_jis", "EUC_JP": "euc_jp", "EUC_KR": "euc_kr",
     "EUC_CN": "gb2312", "UHC": "cp949", "KOI8R": "koi8-r",
 }
+# Encodings whose Python codec reads every byte sequence as PostgreSQL's conversion does, checked
+# exhaustively for a trail byte that could be read as ASCII (\\ or '). SJIS and SHIFT_JIS_2004 are
+# not among them: PostgreSQL's SJIS takes pairs such as 0x87 0x5C that Python's codec does not,
+# which once let a restricted role smuggle a whole statement past the parser in a "string".
+SAFE_ENCODINGS = frozenset({
+    "UTF8", "UNICODE", "GBK", "GB18030", "BIG5", "UHC", "EUC_JP", "EUC_KR", "EUC_CN", "LATIN1", "LATIN2", "LATIN9",
+    "WIN1250", "WIN1251", "WIN1252", "KOI8R",
+})
 POISON_SQL = b"pgwarden refused this statement\x00"
 # SET application_name = 'x' would hide the person from the DBA (or name another one): keep the prefix.
 _SET_APPNAME = re.compile(
@@ -219,7 +227,10 @@ class ClientSession(asyncio.Protocol):
         self._upstream_fatal = False
         self.statements = 0
         self.catalog: Any = None  # the policy engine's snapshot of this database (None: no rules)
-        self._unsafe_text: str | None = None  # why statement text cannot be analysed safely, if so
+        # Why statement text cannot be analysed exactly as the server reads it, if so.
+        self._encoding_problem: str | None = None
+        self._scs_problem: str | None = None
+        self._undecodable = False
         self._context: dict[str, Any] = {}
 
     # --- asyncio callbacks -------------------------------------------------------------------
@@ -612,7 +623,15 @@ class ClientSession(asyncio.Protocol):
             t.write(b"".join([codec.message(tt, pp) for tt, pp in msgs]))
 
     def _decode(self, sql: bytes) -> str:
-        return sql.decode(self.encoding, "replace")
+        """Statement text as the server will read it. Bytes that do not decode are noted: for a
+        restricted role such a statement is refused, since what pgwarden parsed would not be
+        what the server runs (a multibyte trail byte can be a backslash or a quote)."""
+        try:
+            self._undecodable = False
+            return sql.decode(self.encoding)
+        except UnicodeDecodeError:
+            self._undecodable = True
+            return sql.decode(self.encoding, "replace")
 
     def _on_query(self, payload: bytes, now: float) -> bytes | None:
         sql = payload[:-1] if payload.endswith(b"\x00") else payload
@@ -655,8 +674,11 @@ class ClientSession(asyncio.Protocol):
 
     def _decide(self, text: str) -> Decision:
         engine = self.server.engine
-        if self._unsafe_text is not None and engine.restricted(self.principal):
-            return refuse(f"pgwarden: {self._unsafe_text}; statement refused")
+        problem = self._encoding_problem or self._scs_problem or (
+            f"the statement is not valid {self.parameters.get('client_encoding', 'UTF8')} text"
+            if self._undecodable else None)
+        if problem is not None and engine.restricted(self.principal):
+            return refuse(f"pgwarden: {problem}; statement refused")
         return engine.decide(self.principal, text, self.catalog, self._context)
 
     def _pin_application_name(self, stmt: str) -> str | None:
@@ -856,11 +878,11 @@ class ClientSession(asyncio.Protocol):
         if name == "client_encoding":
             known = PG_ENCODINGS.get(value.upper())
             self.encoding = known or "utf-8"
-            self._unsafe_text = None if known and value.upper() != "SQL_ASCII" else (
+            self._encoding_problem = None if value.upper() in SAFE_ENCODINGS else (
                 f"client_encoding {value} cannot be decoded exactly as the server does; "
                 "use UTF8, GBK, GB18030 or another encoding pgwarden knows")
         elif name == "standard_conforming_strings":
-            self._unsafe_text = None if value == "on" else (
+            self._scs_problem = None if value == "on" else (
                 "standard_conforming_strings is off, so backslashes in strings would be read differently")
 
     def _finish(self, run: Run, outcome: str, tag: tuple[str, int | None] | None, rows: int,

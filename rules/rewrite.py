@@ -70,6 +70,8 @@ REFUSED_FUNCTIONS = frozenset({
     "pg_replication_origin_create", "pg_get_backend_memory_contexts", "pg_current_logfile",
     # the text of the statement as the server runs it: the rewritten form, mask parameters included
     "current_query",
+    # statistics of rows the role may not see
+    "pg_sequence_last_value",
 })
 _REFUSED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_file_", "pg_logical_", "pg_replication_",
                      "pg_create_", "pg_copy_", "pg_stat_reset", "pg_stat_get_", "pg_wal_replay_")
@@ -277,6 +279,10 @@ def _query_statement(tree: exp.Expression, ctx: _Ctx) -> tuple[bool, str]:
     hits = _analyze(tree, ctx)
     _fence_all(tree, hits, ctx)
     if hits and ctx.grants.row_cap:
+        if any(w.args.get("recursive") for w in tree.find_all(exp.With)):
+            # A recursive CTE can fold any number of rows' values into one result row.
+            raise Refused(f"pgwarden: role {ctx.role} has a row cap of {ctx.grants.row_cap}; "
+                          "WITH RECURSIVE over protected tables is refused")
         tree = _capped(tree, ctx.grants.row_cap)
     text = _generate(tree)
     _verify(text, ctx, _is_query)
@@ -458,8 +464,15 @@ _ROW_VALUE_AGGREGATES = frozenset({
     "array_agg", "group_concat", "string_agg", "j_s_o_n_array_agg", "json_agg", "jsonb_agg", "json_agg_strict",
     "jsonb_agg_strict", "j_s_o_n_object_agg", "json_object_agg", "j_s_o_n_b_object_agg", "jsonb_object_agg",
     "json_object_agg_strict", "jsonb_object_agg_strict", "json_object_agg_unique", "jsonb_object_agg_unique",
-    "xmlagg", "j_s_o_n_arrayagg", "json_arrayagg", "json_objectagg",
+    "xmlagg", "j_s_o_n_arrayagg", "json_arrayagg", "json_objectagg", "range_agg", "range_intersect_agg",
 })
+# Ordered-set aggregates return one value per fraction: an array of fractions returns many rows' values.
+_ORDERED_SET = frozenset({"percentile_disc", "percentile_cont", "percentile_disc_array", "percentile_cont_array"})
+
+
+def _number_literal(node: exp.Expression | None) -> bool:
+    """A plain numeric literal: one fraction, one value (an array or a parameter could be many)."""
+    return isinstance(node, exp.Literal) and node.is_number
 
 
 def _check_function(node: exp.Func, ctx: _Ctx) -> None:
@@ -468,7 +481,8 @@ def _check_function(node: exp.Func, ctx: _Ctx) -> None:
     if name in REFUSED_FUNCTIONS or name.startswith(_REFUSED_PREFIXES):
         raise Refused(f"pgwarden: role {ctx.role} may not call function {name}")
     if ctx.grants.row_cap and (name in _ROW_VALUE_AGGREGATES or (
-            isinstance(node, exp.Array) and node.find(exp.Select) is not None)):
+            isinstance(node, exp.Array) and node.find(exp.Select) is not None) or (
+            name in _ORDERED_SET and not _number_literal(node.this))):
         raise Refused(f"pgwarden: role {ctx.role} has a row cap of {ctx.grants.row_cap}; aggregates that return "
                       "many rows' values in one row (array_agg, string_agg, json_agg, ARRAY(SELECT ...)) are refused")
     cands = ctx.catalog.resolve_function((*schema, name), ctx.search_path)
