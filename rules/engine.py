@@ -17,6 +17,7 @@ from typing import Any
 from proxy.identity import Principal
 
 from .decision import ALLOW, Decision, refuse
+from .templates import TemplateCache
 
 Context = Mapping[str, Any]  # "search_path": tuple[str, ...] | None
 DECISION_CACHE = 20_000
@@ -31,6 +32,7 @@ class Engine:
         self._by_principal: dict[int, tuple[Principal, tuple[Any, str]]] = {}
         self._decisions: dict[tuple[Any, ...], Decision] = {}
         self._pinned: dict[int, Any] = {}
+        self._templates = TemplateCache()
         self._sensitive: dict[str, Any] = {}
         if rules is not None:
             from .redact import sensitive_columns
@@ -58,6 +60,7 @@ class Engine:
                 self._grants.clear()
                 self._decisions.clear()
                 self._by_principal.clear()
+                self._templates = TemplateCache()
             self._grants[key] = hit
         if len(self._by_principal) > 10_000:
             self._by_principal.clear()
@@ -93,15 +96,25 @@ class Engine:
         if hit is not None:
             return hit
         self._pinned[id(catalog)] = catalog  # keeps the id from being reused while cached
-        try:
-            d = rewrite(sql, grants, catalog, search_path)
-        except Exception as exc:  # noqa: BLE001 - fail closed (R6.4), never pass what was not analysed
-            d = refuse(f"pgwarden: statement could not be analysed ({type(exc).__name__}); refused",
-                       reason=f"engine error: {exc!r}")
-        d = self._redacted(sql, self._annotated(d, grants, catalog))
+
+        def full(text: str) -> Decision:
+            try:
+                d = rewrite(text, grants, catalog, search_path)
+            except Exception as exc:  # noqa: BLE001 - fail closed (R6.4), never pass what was not analysed
+                d = refuse(f"pgwarden: statement could not be analysed ({type(exc).__name__}); refused",
+                           reason=f"engine error: {exc!r}")
+            return self._annotated(d, grants, catalog)
+
+        low = sql.lower()
+        if self._sensitive and any(c in low for c in self._sensitive):
+            d = self._redacted(sql, full(sql))  # literals to redact: decided on their own
+        else:
+            d = self._templates.decide(sql, (id(grants), id(catalog), sp), full)
         if len(self._decisions) >= DECISION_CACHE:
+            # Templates are keyed by object ids too: they go with the pins that keep ids unique.
             self._decisions.clear()
             self._pinned.clear()
+            self._templates = TemplateCache()
             self._pinned[id(catalog)] = catalog
         self._decisions[key] = d
         return d
