@@ -16,14 +16,10 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from proxy.pgcluster import ClusterError, PgCluster, find_bindir
+from proxy.pgcluster import PgCluster
 from proxy.sampledata import load_sample_sync, partition_bounds
 from rules.catalog import Catalog, catalog_from_dict, catalog_to_dict, load_catalog, qualify
 
-try:
-    find_bindir()
-except ClusterError as exc:  # pragma: no cover - depends on the machine
-    pytest.skip(f"no PostgreSQL server binaries: {exc}", allow_module_level=True)
 
 EXTRA_SQL = """
 CREATE VIEW public.cs_view AS SELECT id, department, created_at FROM public.cs_records;

@@ -14,29 +14,20 @@ Self-contained: its own module-scoped cluster, no proxy.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
 psycopg = pytest.importorskip("psycopg")
 
 from sqlglot import exp  # noqa: E402
 
 from masking import MaskSpec, can_mask, mask_sql, mask_value, parse_mask  # noqa: E402
-from proxy.pgcluster import ClusterError, PgCluster, find_bindir  # noqa: E402
+from proxy.pgcluster import PgCluster  # noqa: E402
 
-try:
-    find_bindir()
-except ClusterError as exc:  # pragma: no cover - depends on the machine
-    pytest.skip(f"no PostgreSQL server binaries: {exc}", allow_module_level=True)
 
 SALT = "pgwarden-test-salt"
 TZ = "Asia/Shanghai"

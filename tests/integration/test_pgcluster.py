@@ -7,26 +7,18 @@ harness fixtures are built on top of exactly these two modules.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
 asyncpg = pytest.importorskip("asyncpg")
 
-from proxy.pgcluster import ClusterError, PgCluster, find_bindir  # noqa: E402
+from proxy.pgcluster import PgCluster  # noqa: E402
 from proxy.sampledata import TABLES, load_sample_sync, partition_bounds  # noqa: E402
 
-try:
-    find_bindir()
-except ClusterError as exc:  # pragma: no cover - depends on the machine
-    pytest.skip(f"no PostgreSQL server binaries: {exc}", allow_module_level=True)
 
 N_RECORDS = 20_000
 

@@ -7,17 +7,12 @@ these properties of the sample, so they are pinned here.
 from __future__ import annotations
 
 import re
-import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 # Self-contained: import the source tree even when the project is not installed.
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
 from proxy.sampledata import (  # noqa: E402
     ACCOUNT_MANAGERS,
