@@ -17,6 +17,7 @@ from typing import Any
 from proxy.identity import Principal
 
 from .decision import ALLOW, Decision, refuse
+from .redact import mentions_sensitive
 from .templates import TemplateCache
 
 Context = Mapping[str, Any]  # "search_path": tuple[str, ...] | None
@@ -106,7 +107,7 @@ class Engine:
             return self._annotated(d, grants, catalog)
 
         low = sql.lower()
-        if self._sensitive and any(c in low for c in self._sensitive):
+        if self._sensitive and mentions_sensitive(low, self._sensitive):
             d = self._redacted(sql, full(sql))  # literals to redact: decided on their own
         else:
             d = self._templates.decide(sql, (id(grants), id(catalog), sp), full)

@@ -27,6 +27,11 @@ def sensitive_columns(tables: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def mentions_sensitive(low_sql: str, sensitive: Mapping[str, Any]) -> bool:
+    """Could this (lower-cased) statement name a sensitive column? U&"..." spells names in escapes."""
+    return "u&" in low_sql or any(c in low_sql for c in sensitive)
+
+
 def _masked(spec: Any, lit: exp.Literal) -> exp.Expression:
     try:
         from masking.kinds import mask_value
@@ -40,7 +45,7 @@ def _masked(spec: Any, lit: exp.Literal) -> exp.Expression:
 def redact(sql: str, sensitive: Mapping[str, Any]) -> str | None:
     """The statement with sensitive literals masked, or None when there is nothing to redact."""
     low = sql.lower()
-    if not sensitive or not any(c in low for c in sensitive):
+    if not sensitive or not mentions_sensitive(low, sensitive):
         return None
     try:
         trees = sqlglot.parse(sql, read="postgres")
@@ -48,6 +53,15 @@ def redact(sql: str, sensitive: Mapping[str, Any]) -> str | None:
         return "<statement not parsed; not logged in clear>"
     changed = False
     out = []
+    if "u&" in low:
+        # sqlglot reads U&"..." identifiers as a bitwise AND: names cannot be trusted, redact every literal.
+        for tree in trees:
+            if tree is None:
+                continue
+            for lit in list(tree.find_all(exp.Literal)):
+                lit.replace(exp.Literal.string("***"))
+            out.append(tree.sql(dialect="postgres"))
+        return ";\n".join(out)
     for tree in trees:
         if tree is None:
             continue

@@ -29,3 +29,8 @@ def test_qualified_and_quoted_columns() -> None:
 def test_unparseable_statement_is_not_logged_in_clear() -> None:
     assert redact("SELECT phone FROM WHERE phone = '13812345678' ((", SENSITIVE) == \
         "<statement not parsed; not logged in clear>"
+
+
+def test_unicode_escaped_column_name_is_still_redacted() -> None:
+    out = redact('SELECT 1 FROM t WHERE U&"\\0069d_number" = \'110101199003077777\'', SENSITIVE)
+    assert out is not None and "110101199003077777" not in out and "***" in out
