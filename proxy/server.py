@@ -17,6 +17,7 @@ from rules.engine import Engine
 from . import upstream
 from .audit import AuditLog
 from .config import Config
+from .guards import Guards
 from .session import ClientSession
 
 
@@ -51,6 +52,13 @@ class Server:
         self._rules_mtime: tuple[float, ...] = ()
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self.audit = audit or AuditLog(config.audit_path)
+        store = None
+        if config.state is not None:
+            from .statestore import StateStore
+
+            store = StateStore(config.state, replica=f"{config.listen_host}:{config.listen_port}",
+                               log=lambda event, fields: self.audit.emit(event, None, **fields))
+        self.guards = Guards(store, lambda: self.engine.rules, self.spawn)
         self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
         self.sessions: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
@@ -69,6 +77,9 @@ class Server:
         self.audit.bind_loop(loop)
         if self.config.rules_path:
             self.spawn(self.watch_rules())
+        if self.guards.store is not None:
+            # Restricted roles are refused until the store answers; give it a moment at start.
+            await self.guards.store.start(wait=self.config.state.connect_timeout if self.config.state else 5)
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -170,6 +181,9 @@ class Server:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         for t in list(self._tasks):
             t.cancel()
+        if self.guards.store is not None:
+            with contextlib.suppress(Exception):
+                await self.guards.store.close()
         self.audit.close()
 
 

@@ -29,6 +29,7 @@ from rules.decision import Decision, refuse
 from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
 
 from . import auth, upstream
+from .guards import decode_param, device_refusal
 from .audit import principal_fields
 from .identity import Principal
 from .sqltext import split_statements, statement_type, type_from_tag
@@ -104,13 +105,14 @@ def _quote_literal(value: str) -> str:
 class Run:
     """One statement on its way through the server, for its audit event."""
 
-    __slots__ = ("text", "start", "decision", "done")
+    __slots__ = ("text", "start", "decision", "done", "guard")
 
     def __init__(self, text: str = "", decision: Decision | None = None) -> None:
         self.text = text  # decoded with the session's client_encoding
         self.start = 0.0
         self.decision = decision
         self.done = False
+        self.guard: dict[str, Any] | None = None  # guard counters for the audit event
 
 
 class Expect:
@@ -131,6 +133,13 @@ class Expect:
 # Answers that carry no state of their own are shared (rows0 is written but never read on them).
 _EXPECT_BIND, _EXPECT_SYNC, _EXPECT_DESCRIBE, _EXPECT_CLOSE = Expect(_B), Expect(_S), Expect(_D), Expect(_C)
 _F_BIND, _F_EXECUTE, _F_SYNC = F.BIND, F.EXECUTE, F.SYNC
+
+
+class _Suspend(Exception):
+    """Raised while handling a client message that must wait for a guard check (an awaitable)."""
+
+    def __init__(self, check: Any) -> None:
+        self.check = check
 
 
 class LoginError(Exception):
@@ -232,6 +241,10 @@ class ClientSession(asyncio.Protocol):
         self._scs_problem: str | None = None
         self._undecodable = False
         self._context: dict[str, Any] = {}
+        # A guard check in flight (R3.4): client messages wait here, in order, until it answers.
+        self._held: list[tuple[int, bytes]] | None = None
+        self._verdict: Any = None  # the answer, for the message at the head of _held
+        self._last_guard: dict[str, Any] | None = None  # counters for the next audit event
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -345,6 +358,10 @@ class ClientSession(asyncio.Protocol):
                 if self._over_limit:
                     raise LoginError(SqlState.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
                 self.principal = await self._authenticate(startup)
+                blocked = self._device_refusal(self.principal) or await self.server.guards.login_block(
+                    self.principal, self.server.engine.restricted(self.principal))
+                if blocked is not None:
+                    raise LoginError(SqlState.INVALID_AUTHORIZATION, blocked)
                 await self._connect_upstream(startup)
         except LoginError as exc:
             self._login_failed(user, exc.sqlstate, exc.message, exc.raw)
@@ -465,6 +482,18 @@ class ClientSession(asyncio.Protocol):
             database=params.get("database") or user,
         )
 
+    def _device_refusal(self, p: Principal) -> str | None:
+        entry = self.server.config.users.get(p.user)
+        rules = self.server.engine.rules
+        role = None
+        if rules is not None:
+            from rules.model import effective_role
+
+            role, _ = effective_role(rules, p)
+        if not (entry is not None and entry.networks) and not getattr(role, "networks", ()):
+            return None
+        return device_refusal(p, entry.networks if entry is not None else (), role)
+
     async def _connect_upstream(self, startup: StartupMessage) -> None:
         p = self.principal
         assert p is not None
@@ -551,57 +580,74 @@ class ClientSession(asyncio.Protocol):
 
     def _handle_client(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         """Track and police each message; forward ``raw`` as is unless something changed."""
+        if self._held is not None:
+            self._held.extend(msgs)  # a guard check is in flight: keep the order
+            return
         changed: list[bytes] | None = None
         expect = self._expect
         now = time.perf_counter()
         for i, (t, payload) in enumerate(msgs):
             replacement: bytes | None = None
-            if t == _F_BIND:
-                a = payload.find(b"\x00")
-                b = payload.find(b"\x00", a + 1)
-                if b < 0:
-                    self._fatal(SqlState.PROTOCOL_VIOLATION, "invalid Bind message")
+            try:
+                if t == _F_BIND:
+                    a = payload.find(b"\x00")
+                    b = payload.find(b"\x00", a + 1)
+                    if b < 0:
+                        self._fatal(SqlState.PROTOCOL_VIOLATION, "invalid Bind message")
+                        return
+                    st = self._statements.get(payload[a + 1 : b])
+                    if st is not None and st[1] is not None and st[1].lookups:
+                        st = self._with_params(st, payload)
+                    self._portals[payload[:a]] = st
+                    expect.append(_EXPECT_BIND)
+                elif t == _F_EXECUTE:
+                    end = payload.find(b"\x00")
+                    st = self._portals.get(payload[:end] if end >= 0 else payload)
+                    if st is not None and st[1] is not None and st[1].lookups:
+                        replacement = self._guard_execute(st, now)
+                    if replacement is None:
+                        run = Run(st[0], st[1]) if st else Run()
+                        run.start = now
+                        if self._last_guard is not None:
+                            run.guard = self._take_guard()
+                        e = Expect(_E, [run])
+                        if not expect:  # rows counted from here; otherwise from when it becomes the head
+                            e.rows0 = self._scanner.rows
+                        expect.append(e)
+                elif t == _F_SYNC:
+                    expect.append(_EXPECT_SYNC)
+                elif t == F.QUERY:
+                    replacement = self._on_query(payload, now)
+                elif t == F.PARSE:
+                    replacement = self._on_parse(payload)
+                elif t == F.DESCRIBE:
+                    expect.append(_EXPECT_DESCRIBE)
+                elif t == F.CLOSE:
+                    c = codec.decode_close(payload)
+                    if c.kind == "S":
+                        self._statements.pop(c.name, None)
+                    else:
+                        self._portals.pop(c.name, None)
+                    expect.append(_EXPECT_CLOSE)
+                elif t in (F.FLUSH, F.COPY_DATA, F.COPY_DONE, F.COPY_FAIL):
+                    pass
+                elif t == F.TERMINATE:
+                    self._forward_parts(changed, raw, msgs[: i + 1])
+                    self._close_client()
                     return
-                self._portals[payload[:a]] = self._statements.get(payload[a + 1 : b])
-                expect.append(_EXPECT_BIND)
-            elif t == _F_EXECUTE:
-                end = payload.find(b"\x00")
-                st = self._portals.get(payload[:end] if end >= 0 else payload)
-                run = Run(st[0], st[1]) if st else Run()
-                run.start = now
-                e = Expect(_E, [run])
-                if not expect:  # rows counted from here; otherwise from when it becomes the head
-                    e.rows0 = self._scanner.rows
-                expect.append(e)
-            elif t == _F_SYNC:
-                expect.append(_EXPECT_SYNC)
-            elif t == F.QUERY:
-                replacement = self._on_query(payload, now)
-            elif t == F.PARSE:
-                replacement = self._on_parse(payload)
-            elif t == F.DESCRIBE:
-                expect.append(_EXPECT_DESCRIBE)
-            elif t == F.CLOSE:
-                c = codec.decode_close(payload)
-                if c.kind == "S":
-                    self._statements.pop(c.name, None)
+                elif t == F.FUNCTION_CALL:
+                    # Calls a function by OID, bypassing SQL and therefore every rule.
+                    replacement = self._refuse_simple(
+                        b"", codec.error_response(SqlState.INSUFFICIENT_PRIVILEGE,
+                                                  "pgwarden: the FunctionCall protocol message is not allowed"),
+                        now, kind=_F)
                 else:
-                    self._portals.pop(c.name, None)
-                expect.append(_EXPECT_CLOSE)
-            elif t in (F.FLUSH, F.COPY_DATA, F.COPY_DONE, F.COPY_FAIL):
-                pass
-            elif t == F.TERMINATE:
-                self._forward_parts(changed, raw, msgs[: i + 1])
-                self._close_client()
-                return
-            elif t == F.FUNCTION_CALL:
-                # Calls a function by OID, bypassing SQL and therefore every rule.
-                replacement = self._refuse_simple(
-                    b"", codec.error_response(SqlState.INSUFFICIENT_PRIVILEGE,
-                                              "pgwarden: the FunctionCall protocol message is not allowed"),
-                    now, kind=_F)
-            else:
-                self._fatal(SqlState.PROTOCOL_VIOLATION, f"invalid frontend message type {t}")
+                    self._fatal(SqlState.PROTOCOL_VIOLATION, f"invalid frontend message type {t}")
+                    return
+            except _Suspend as s:
+                self._forward_parts(changed, None, msgs[:i])
+                self._held = list(msgs[i:])
+                self._wait_for_guard(s.check)
                 return
             if replacement is not None:
                 if changed is None:
@@ -660,6 +706,15 @@ class ClientSession(asyncio.Protocol):
             r = Run(d.redacted or part, d)
             r.start = now
             runs.append(r)
+        if self.server.guards.store is not None and any(r.decision is not None and r.decision.lookups for r in runs):
+            refusal = self._lookup_verdict([lk.value for r in runs if r.decision is not None
+                                            for lk in r.decision.lookups])
+            if refusal is not None:
+                out = self._refuse_simple(sql, codec.error_response(refusal.sqlstate, refusal.message), now,
+                                          decision=refusal)
+                self._expect[-1].runs[0].guard = self._take_guard()  # type: ignore[index]
+                return out
+            runs[0].guard = self._take_guard()
         if not runs:
             runs = [Run()]
             runs[0].start = now
@@ -674,6 +729,11 @@ class ClientSession(asyncio.Protocol):
 
     def _decide(self, text: str) -> Decision:
         engine = self.server.engine
+        guards = self.server.guards
+        if guards.store is not None and self.principal is not None:
+            blocked = guards.block(self.principal, engine.restricted(self.principal))
+            if blocked is not None:
+                return refuse(blocked[0], reason=blocked[1])
         problem = self._encoding_problem or self._scs_problem or (
             f"the statement is not valid {self.parameters.get('client_encoding', 'UTF8')} text"
             if self._undecodable else None)
@@ -732,6 +792,82 @@ class ClientSession(asyncio.Protocol):
         run.start = now
         self._expect.append(Expect(kind, [run], refusal=error))
         return codec.query_message(POISON_SQL[:-1])
+
+    # --- guards that wait for the state store (R3.4) ------------------------------------------
+
+    def _lookup_verdict(self, guests: list[str | None]) -> Decision | None:
+        """None if these lookups may go ahead; else the refusal. Suspends the first time it is asked."""
+        verdict, self._verdict = self._verdict, None
+        if verdict is None:
+            grants, _ = self.server.engine.grants(self.principal)
+            role = getattr(grants, "role", "")
+            limit = getattr(grants, "guest_lookups", None) or 0
+            if None in guests or not limit:
+                return refuse("pgwarden: a guest lookup could not be read; refused", reason="unreadable lookup")
+            assert self.principal is not None
+            raise _Suspend(self.server.guards.check_lookups(self.principal, role, limit,
+                                                            [g for g in guests if g is not None]))
+        self._last_guard = {"lookups": verdict.counts} if verdict.counts else None
+        if verdict.allowed:
+            return None
+        return refuse(verdict.message, reason="guest lookup quota (R3.4)")
+
+    def _take_guard(self) -> dict[str, Any] | None:
+        g, self._last_guard = self._last_guard, None
+        return g
+
+    def _with_params(self, st: tuple[Any, ...], payload: bytes) -> tuple[Any, ...]:
+        """Keep a Bind's parameter values with its portal: the quota counts the guests they name."""
+        try:
+            bind = codec.decode_bind(payload)
+        except codec.ProtocolError:
+            return (st[0], st[1], None)
+        formats = bind.param_formats
+        values: dict[int, str | None] = {}
+        for n, v in enumerate(bind.params, start=1):
+            binary = (formats[0] if len(formats) == 1 else formats[n - 1] if len(formats) >= n else 0) == 1
+            try:
+                values[n] = decode_param(v, binary)
+            except ValueError:
+                values[n] = None
+        return (st[0], st[1], values)
+
+    def _guard_execute(self, st: tuple[Any, ...], now: float) -> bytes | None:
+        """Execute of a portal that looks guests up: counted first; refused like a Parse if over quota."""
+        d: Decision = st[1]
+        params = st[2] if len(st) > 2 else None
+        guests = [lk.value if lk.param is None else (params or {}).get(lk.param) for lk in d.lookups]
+        refusal = self._lookup_verdict(guests)
+        if refusal is None:
+            return None
+        err = codec.error_response(refusal.sqlstate, refusal.message)
+        run = Run(st[0], refusal)
+        run.start = now
+        run.guard = self._take_guard()
+        self._expect.append(Expect(_P, [run], refusal=err, sql=st[0]))
+        return codec.message(F.PARSE, b"pgwarden_refused\x00" + POISON_SQL + b"\x00\x00")
+
+    def _wait_for_guard(self, check: Any) -> None:
+        """Hold the client's messages until the state store answers, then go on where we stopped."""
+        if self.transport is not None and not self._client_paused:
+            self.transport.pause_reading()
+
+        async def wait() -> None:
+            try:
+                verdict = await check
+            except Exception as exc:  # noqa: BLE001 - fail closed
+                from .guards import LookupVerdict
+
+                verdict = LookupVerdict(False, f"pgwarden: the guard check failed ({type(exc).__name__}); refused")
+            if self.closed:
+                return
+            held, self._held = self._held or [], None
+            self._verdict = verdict
+            if self.transport is not None and not self._client_paused:
+                self.transport.resume_reading()
+            self._handle_client(held, None)
+
+        self.server.spawn(wait())
 
     # --- relay: server -> client ------------------------------------------------------------
 
@@ -936,6 +1072,12 @@ class ClientSession(asyncio.Protocol):
             fields["reason"] = d.reason or d.message
         elif outcome == "refused":
             fields["sqlstate"] = SqlState.INSUFFICIENT_PRIVILEGE
+        guards = self.server.guards
+        if guards.store is not None and self.principal is not None:
+            if run.guard is not None:
+                fields["guard"] = run.guard
+            guards.after(self.principal, outcome == "refused", (d.reason or d.message) if d is not None else "",
+                         lambda ev, f: self.server.audit.emit(ev, self.principal, **f))
         self.server.audit.emit_with("statement", self._audit_base, fields)
 
     # --- endings ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ in the configured time zone: a transaction held open does not widen them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sqlglot
 from sqlglot import exp
 
-from proxy.config import ConfigError, _Located, load_yaml
+from proxy.config import ConfigError, _Located, load_yaml, parse_networks
 from proxy.identity import Principal
 
 from .grants import ColumnRule, StatementGrants, StatementKind, TableGrant, Treatment
@@ -107,6 +108,19 @@ class Role:
     flags: frozenset[str] = frozenset()  # e.g. internal_audit: every statement flagged in the audit log
     functions: frozenset[str] = frozenset()
     where: str = ""
+    #: Lookups of one guest per person per calendar month before a ticket is needed (R3.4); None: no quota.
+    guest_lookups: int | None = None
+    #: Designated devices (R3.6): networks this role may connect from; empty: anywhere.
+    networks: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Guards:
+    """Rule-wide guard settings (``guards:``): the circuit breaker (R3.5) and who may lift it."""
+
+    lockout_after: int = 3  # consecutive refused statements
+    lockout_seconds: int = 1800
+    unlock_roles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,7 @@ class Rules:
     source: str = ""
     #: Every file the rules were read from (the main file and its includes): reload watches them all.
     sources: tuple[str, ...] = ()
+    guards: Guards = field(default_factory=Guards)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -238,7 +253,7 @@ def _grant(table: str, v: Any, loc: _Located, path: tuple[Any, ...]) -> TableGra
 
 def parse_rules(data: Any, loc: _Located) -> Rules:
     d = _mapping(data, loc, (), "the rules file")
-    _keys(d, {"timezone", "shifts", "tables", "roles"}, loc, ())
+    _keys(d, {"timezone", "shifts", "tables", "roles", "guards"}, loc, ())
     tz = str(d.get("timezone", "UTC"))
     try:
         ZoneInfo(tz)
@@ -267,7 +282,7 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
         p = ("roles", name)
         r = _mapping(v, loc, p, f"role {name}")
         _keys(r, {"grants", "statements", "requires", "otherwise", "row_cap", "export", "unrestricted", "flags",
-                  "functions"}, loc, p)
+                  "functions", "guest_lookups", "networks"}, loc, p)
         grants = {}
         for table, g in _mapping(r.get("grants"), loc, p + ("grants",), "grants").items():
             if table not in tables:
@@ -283,13 +298,49 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
             otherwise=r.get("otherwise"), row_cap=cap, export=bool(r.get("export", False)),
             unrestricted=bool(r.get("unrestricted", False)),
             flags=frozenset(str(f) for f in r.get("flags") or []),
-            functions=frozenset(str(f) for f in r.get("functions") or []), where=loc.where(*p))
+            functions=frozenset(str(f) for f in r.get("functions") or []), where=loc.where(*p),
+            guest_lookups=_positive(r, "guest_lookups", loc, p),
+            networks=parse_networks(r.get("networks"), loc, p + ("networks",)))
+    guards = _guards(d.get("guards"), loc, roles)
     for name, role in roles.items():
         if role.otherwise is not None and role.otherwise not in roles:
             raise _err(loc, ("roles", name, "otherwise"), f"unknown role {role.otherwise!r}")
         for t, g in role.grants.items():
             _check_grant_columns(g, tables[t], loc, ("roles", name, "grants", t))
-    return Rules(timezone=tz, shifts=tuple(shifts), tables=tables, roles=roles, source=loc.source)
+    return Rules(timezone=tz, shifts=tuple(shifts), tables=tables, roles=roles, source=loc.source, guards=guards)
+
+
+def _positive(d: dict[str, Any], key: str, loc: _Located, path: tuple[Any, ...]) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise _err(loc, path + (key,), f"{key} must be a positive whole number")
+    return v
+
+
+def _seconds(v: Any, loc: _Located, path: tuple[Any, ...]) -> int:
+    m = _DURATION.match(str(v))
+    if not m:
+        raise _err(loc, path, f"expected a duration like 30m, 2h or 1d, not {v!r}")
+    unit = m.group(2)[0]
+    return int(m.group(1)) * {"m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def _guards(v: Any, loc: _Located, roles: Mapping[str, Role]) -> Guards:
+    d = _mapping(v, loc, ("guards",), "guards")
+    _keys(d, {"lockout", "unlock_roles"}, loc, ("guards",))
+    lock = _mapping(d.get("lockout"), loc, ("guards", "lockout"), "lockout")
+    _keys(lock, {"after", "for"}, loc, ("guards", "lockout"))
+    after = _positive(lock, "after", loc, ("guards", "lockout")) or 3
+    seconds = _seconds(lock.get("for", "30m"), loc, ("guards", "lockout", "for"))
+    unlockers = d.get("unlock_roles") or []
+    if not isinstance(unlockers, list):
+        raise _err(loc, ("guards", "unlock_roles"), "unlock_roles is a list of role names")
+    for i, r in enumerate(unlockers):
+        if r not in roles:
+            raise _err(loc, ("guards", "unlock_roles", i), f"unknown role {r!r}")
+    return Guards(lockout_after=after, lockout_seconds=seconds, unlock_roles=frozenset(map(str, unlockers)))
 
 
 def _resolve_env(v: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
@@ -328,8 +379,7 @@ def _check_grant_columns(g: TableGrantRule, t: TableRules, loc: _Located, path: 
 def load_rules(path: str | Path) -> Rules:
     data, loc, sources = _load_with_includes(Path(path), ())
     rules = parse_rules(data, loc)
-    return Rules(timezone=rules.timezone, shifts=rules.shifts, tables=rules.tables, roles=rules.roles,
-                 source=str(path), sources=sources)
+    return dataclasses.replace(rules, source=str(path), sources=sources)
 
 
 class _Merged(_Located):
@@ -573,11 +623,13 @@ def grants_for(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]
         for col in g.hide:
             cols[col] = ColumnRule(Treatment.HIDDEN)
         tables[_canonical(name)] = TableGrant(table=_canonical(name), row_filter=row_filter, columns=cols,
-                                              kinds=g.kinds, reason=f"{role.name} grant at {g.where}")
+                                              kinds=g.kinds, reason=f"{role.name} grant at {g.where}",
+                                              subject_key=rules.tables[name].subject_key)
     kinds = role.kinds | (frozenset({StatementKind.COPY_TO}) if role.export else frozenset())
     return StatementGrants(tables=tables, kinds=kinds, catalog_relations=CATALOG_RELATIONS,
                            row_cap=role.row_cap, export=role.export, allowed_functions=role.functions,
-                           unrestricted=role.unrestricted, role=role.name, flags=role.flags), why
+                           unrestricted=role.unrestricted, role=role.name, flags=role.flags,
+                           guest_lookups=role.guest_lookups), why
 
 
 def _canonical(name: str) -> str:
