@@ -29,7 +29,7 @@ from rules.decision import Decision, refuse
 from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
 
 from . import auth, upstream
-from .guards import decode_param, device_refusal
+from .guards import declared_cursor, decode_param, device_refusal, fetch_rows
 from .audit import principal_fields
 from .identity import Principal
 from .sqltext import split_statements, statement_type, type_from_tag
@@ -105,7 +105,7 @@ def _quote_literal(value: str) -> str:
 class Run:
     """One statement on its way through the server, for its audit event."""
 
-    __slots__ = ("text", "start", "decision", "done", "guard")
+    __slots__ = ("text", "start", "decision", "done", "guard", "reserved")
 
     def __init__(self, text: str = "", decision: Decision | None = None) -> None:
         self.text = text  # decoded with the session's client_encoding
@@ -113,6 +113,7 @@ class Run:
         self.decision = decision
         self.done = False
         self.guard: dict[str, Any] | None = None  # guard counters for the audit event
+        self.reserved: Any = None  # (minute, rows) taken from the row budget, settled when it ends
 
 
 class Expect:
@@ -245,6 +246,8 @@ class ClientSession(asyncio.Protocol):
         self._held: list[tuple[int, bytes]] | None = None
         self._verdict: Any = None  # the answer, for the message at the head of _held
         self._last_guard: dict[str, Any] | None = None  # counters for the next audit event
+        self._last_reserved: Any = None  # the row budget reservation the last verdict made
+        self._cursors: set[str] = set()  # cursors declared over protected tables (their FETCHes count)
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -603,13 +606,15 @@ class ClientSession(asyncio.Protocol):
                 elif t == _F_EXECUTE:
                     end = payload.find(b"\x00")
                     st = self._portals.get(payload[:end] if end >= 0 else payload)
-                    if st is not None and st[1] is not None and st[1].lookups:
-                        replacement = self._guard_execute(st, now)
+                    if st is not None and self.server.guards.store is not None:
+                        replacement = self._guard_execute(st, int.from_bytes(payload[end + 1:end + 5], "big"), now)
                     if replacement is None:
                         run = Run(st[0], st[1]) if st else Run()
                         run.start = now
                         if self._last_guard is not None:
                             run.guard = self._take_guard()
+                        if self._last_reserved is not None:
+                            run.reserved, self._last_reserved = self._last_reserved, None
                         e = Expect(_E, [run])
                         if not expect:  # rows counted from here; otherwise from when it becomes the head
                             e.rows0 = self._scanner.rows
@@ -706,15 +711,21 @@ class ClientSession(asyncio.Protocol):
             r = Run(d.redacted or part, d)
             r.start = now
             runs.append(r)
-        if self.server.guards.store is not None and any(r.decision is not None and r.decision.lookups for r in runs):
-            refusal = self._lookup_verdict([lk.value for r in runs if r.decision is not None
-                                            for lk in r.decision.lookups])
-            if refusal is not None:
-                out = self._refuse_simple(sql, codec.error_response(refusal.sqlstate, refusal.message), now,
-                                          decision=refusal)
-                self._expect[-1].runs[0].guard = self._take_guard()  # type: ignore[index]
-                return out
-            runs[0].guard = self._take_guard()
+        if self.server.guards.store is not None:
+            wants = [self._rows_wanted(part, r.decision) for r, part in zip(runs, parts)]
+            guests = [lk.value for r in runs if r.decision is not None for lk in r.decision.lookups]
+            if guests or any(wants):
+                refusal = self._guard_verdict(guests, sum(wants))
+                if refusal is not None:
+                    out = self._refuse_simple(sql, codec.error_response(refusal.sqlstate, refusal.message), now,
+                                              decision=refusal)
+                    self._expect[-1].runs[0].guard = self._take_guard()  # type: ignore[index]
+                    return out
+                runs[0].guard = self._take_guard()
+                reserved, self._last_reserved = self._last_reserved, None
+                if reserved is not None:
+                    for r, w in zip(runs, wants):
+                        r.reserved = (reserved[0], w) if w else None
         if not runs:
             runs = [Run()]
             runs[0].start = now
@@ -795,22 +806,49 @@ class ClientSession(asyncio.Protocol):
 
     # --- guards that wait for the state store (R3.4) ------------------------------------------
 
-    def _lookup_verdict(self, guests: list[str | None]) -> Decision | None:
-        """None if these lookups may go ahead; else the refusal. Suspends the first time it is asked."""
+    def _rows_wanted(self, text: str, d: Decision | None, max_rows: int = 0) -> int:
+        """Rows a statement may return, to reserve from the person's row budget (0: nothing to reserve).
+
+        Reads of protected tables may return up to the row cap (the rewritten SQL refuses more);
+        a FETCH from a cursor declared over them, up to its count. A DECLARE returns nothing itself.
+        """
+        grants, _ = self.server.engine.grants(self.principal) if self.principal else (None, "")
+        if grants is None or not grants.row_budget or not grants.row_cap:
+            return 0
+        cap = grants.row_cap
+        head = text.lstrip()[:8].upper()
+        if d is not None and d.action == "rewrite" and d.tables:
+            if head.startswith("DECLARE"):
+                name = declared_cursor(text)
+                if name is not None:
+                    self._cursors.add(name)
+                return 0
+            if not head.startswith(("SELECT", "WITH", "TABLE", "VALUES", "(", "COPY", "EXECUTE")):
+                return 0  # writes (RETURNING is masked and capped by the same rules) are not reads
+            return min(max_rows, cap) if max_rows > 0 else cap
+        if head.startswith("FETCH") and self._cursors:
+            f = fetch_rows(text, cap)
+            if f is None:
+                return cap  # a FETCH pgwarden cannot read: assume the most
+            return f[1] if f[0] in self._cursors else 0
+        return 0
+
+    def _guard_verdict(self, guests: list[str | None], want: int) -> Decision | None:
+        """None if the statement may go ahead; else the refusal. Suspends the first time it is asked."""
         verdict, self._verdict = self._verdict, None
         if verdict is None:
             grants, _ = self.server.engine.grants(self.principal)
-            role = getattr(grants, "role", "")
-            limit = getattr(grants, "guest_lookups", None) or 0
-            if None in guests or not limit:
+            if None in guests or (guests and not getattr(grants, "guest_lookups", None)):
                 return refuse("pgwarden: a guest lookup could not be read; refused", reason="unreadable lookup")
             assert self.principal is not None
-            raise _Suspend(self.server.guards.check_lookups(self.principal, role, limit,
-                                                            [g for g in guests if g is not None]))
-        self._last_guard = {"lookups": verdict.counts} if verdict.counts else None
+            raise _Suspend(self.server.guards.check(self.principal, grants, [g for g in guests if g is not None],
+                                                    want))
+        self._last_guard = verdict.audit()
+        self._last_reserved = verdict.reserved
         if verdict.allowed:
             return None
-        return refuse(verdict.message, reason="guest lookup quota (R3.4)")
+        return refuse(verdict.message, reason="guest lookup quota (R3.4)" if "looked up" in verdict.message
+                      else "row budget (R3.3)" if "row budget" in verdict.message else "guard refused")
 
     def _take_guard(self) -> dict[str, Any] | None:
         g, self._last_guard = self._last_guard, None
@@ -832,12 +870,15 @@ class ClientSession(asyncio.Protocol):
                 values[n] = None
         return (st[0], st[1], values)
 
-    def _guard_execute(self, st: tuple[Any, ...], now: float) -> bytes | None:
-        """Execute of a portal that looks guests up: counted first; refused like a Parse if over quota."""
+    def _guard_execute(self, st: tuple[Any, ...], max_rows: int, now: float) -> bytes | None:
+        """Execute of a portal the guards count: checked first; refused like a Parse if over a limit."""
         d: Decision = st[1]
         params = st[2] if len(st) > 2 else None
         guests = [lk.value if lk.param is None else (params or {}).get(lk.param) for lk in d.lookups]
-        refusal = self._lookup_verdict(guests)
+        want = self._rows_wanted(st[0], d, max_rows)
+        if not guests and not want:
+            return None
+        refusal = self._guard_verdict(guests, want)
         if refusal is None:
             return None
         err = codec.error_response(refusal.sqlstate, refusal.message)
@@ -856,9 +897,9 @@ class ClientSession(asyncio.Protocol):
             try:
                 verdict = await check
             except Exception as exc:  # noqa: BLE001 - fail closed
-                from .guards import LookupVerdict
+                from .guards import Verdict
 
-                verdict = LookupVerdict(False, f"pgwarden: the guard check failed ({type(exc).__name__}); refused")
+                verdict = Verdict(False, f"pgwarden: the guard check failed ({type(exc).__name__}); refused")
             if self.closed:
                 return
             held, self._held = self._held or [], None
@@ -1076,6 +1117,8 @@ class ClientSession(asyncio.Protocol):
         if guards.store is not None and self.principal is not None:
             if run.guard is not None:
                 fields["guard"] = run.guard
+            if run.reserved is not None:
+                guards.give_back(self.principal, run.reserved, rows if outcome != "refused" else 0)
             guards.after(self.principal, outcome == "refused", (d.reason or d.message) if d is not None else "",
                          lambda ev, f: self.server.audit.emit(ev, self.principal, **f))
         self.server.audit.emit_with("statement", self._audit_base, fields)

@@ -101,6 +101,39 @@ BEGIN
 END
 $fn$;
 """),
+        (2, "row budgets", f"""
+-- Rows returned to each person per minute (R3.3): a statement reserves what it may return
+-- before it runs, and gives back what it did not use when it ends, so concurrent sessions
+-- of one person can never together pass the hour's or the day's budget.
+CREATE TABLE {s}.row_usage (
+    user_name  text NOT NULL,
+    minute     timestamptz NOT NULL,
+    rows       bigint NOT NULL,
+    PRIMARY KEY (user_name, minute)
+);
+CREATE FUNCTION {s}.reserve_rows(p_user text, p_want bigint, p_hour bigint, p_day bigint)
+RETURNS TABLE (granted boolean, minute timestamptz, used_hour bigint, used_day bigint)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    m timestamptz := date_trunc('minute', now());
+    h bigint;
+    d bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('pgwarden-rows:' || p_user));
+    DELETE FROM {s}.row_usage u WHERE u.user_name = p_user AND u.minute < now() - interval '1 day';
+    SELECT coalesce(sum(u.rows) FILTER (WHERE u.minute > now() - interval '1 hour'), 0), coalesce(sum(u.rows), 0)
+        INTO h, d FROM {s}.row_usage u WHERE u.user_name = p_user;
+    IF (p_hour IS NOT NULL AND h + p_want > p_hour) OR (p_day IS NOT NULL AND d + p_want > p_day) THEN
+        RETURN QUERY SELECT false, m, h, d;
+        RETURN;
+    END IF;
+    INSERT INTO {s}.row_usage AS u (user_name, minute, rows) VALUES (p_user, m, p_want)
+        ON CONFLICT (user_name, minute) DO UPDATE SET rows = u.rows + p_want;
+    RETURN QUERY SELECT true, m, h + p_want, d + p_want;
+END
+$fn$;
+"""),
     ]
 
 
@@ -310,7 +343,28 @@ SELECT pg_notify($2, json_build_object('kind', 'streak', 'user', $1::text, 'stre
         self.lockouts.pop(user, None)
         return done
 
+    # --- row budgets (R3.3) -----------------------------------------------------------------
+
+    async def reserve_rows(self, user: str, want: int, hour: int | None,
+                           day: int | None) -> tuple[bool, datetime, int, int]:
+        """(granted, minute, rows used this hour, this day): all ``want`` rows, or none."""
+        pool = self._require()
+        r = await pool.fetchrow(f"SELECT * FROM {self.schema}.reserve_rows($1, $2, $3, $4)", user, want, hour, day)
+        return bool(r["granted"]), r["minute"], int(r["used_hour"]), int(r["used_day"])
+
+    async def give_back(self, user: str, minute: datetime, unused: int) -> None:
+        """Return what a statement reserved but did not send."""
+        if unused > 0:
+            await _unused(self._require(), self.schema, user, minute, unused)
+
     # --- guest lookups (R3.4) --------------------------------------------------------------
+
+    async def untake_lookups(self, user: str, guests: Sequence[str], month: date | None = None) -> None:
+        """Undo one counted lookup of each guest (its statement was refused for another reason)."""
+        m = month or datetime.now(timezone.utc).date().replace(day=1)
+        await self._require().execute(
+            f"UPDATE {self.schema}.guest_lookups SET lookups = greatest(lookups - 1, 0) "
+            "WHERE user_name = $1 AND month = $2 AND guest = ANY ($3)", user, m, sorted(set(guests)))
 
     async def take_lookups(self, user: str, guests: Sequence[str], limit: int, *,
                            exempt: Sequence[str] = (), month: date | None = None) -> list[tuple[str, int, bool]]:
@@ -320,6 +374,11 @@ SELECT pg_notify($2, json_build_object('kind', 'streak', 'user', $1::text, 'stre
         rows = await pool.fetch(f"SELECT guest, lookups, allowed FROM {self.schema}.take_lookups($1, $2, $3, $4, $5)",
                                 user, sorted(set(guests)), m, limit, list(exempt))
         return [(r["guest"], int(r["lookups"]), bool(r["allowed"])) for r in rows]
+
+
+async def _unused(pool: asyncpg.Pool, schema: str, user: str, minute: datetime, unused: int) -> None:
+    await pool.execute(f"UPDATE {schema}.row_usage SET rows = greatest(rows - $3, 0) "
+                       "WHERE user_name = $1 AND minute = $2", user, minute, unused)
 
 
 async def unlock_on(conn: asyncpg.Connection, schema: str, user: str) -> bool:

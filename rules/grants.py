@@ -75,3 +75,4 @@ class StatementGrants:
     role: str = ""
     flags: frozenset[str] = frozenset()  # e.g. internal_audit: every statement flagged in the audit log
     guest_lookups: int | None = None  # per guest per calendar month (R3.4); None: no quota
+    row_budget: tuple[int | None, int | None] | None = None  # rows per rolling (hour, day) (R3.3)

@@ -112,6 +112,8 @@ class Role:
     guest_lookups: int | None = None
     #: Designated devices (R3.6): networks this role may connect from; empty: anywhere.
     networks: tuple[Any, ...] = ()
+    #: Rows per person per rolling hour and day (R3.3): (hour, day), either may be None.
+    row_budget: tuple[int | None, int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
         p = ("roles", name)
         r = _mapping(v, loc, p, f"role {name}")
         _keys(r, {"grants", "statements", "requires", "otherwise", "row_cap", "export", "unrestricted", "flags",
-                  "functions", "guest_lookups", "networks"}, loc, p)
+                  "functions", "guest_lookups", "networks", "row_budget"}, loc, p)
         grants = {}
         for table, g in _mapping(r.get("grants"), loc, p + ("grants",), "grants").items():
             if table not in tables:
@@ -300,7 +302,8 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
             flags=frozenset(str(f) for f in r.get("flags") or []),
             functions=frozenset(str(f) for f in r.get("functions") or []), where=loc.where(*p),
             guest_lookups=_positive(r, "guest_lookups", loc, p),
-            networks=parse_networks(r.get("networks"), loc, p + ("networks",)))
+            networks=parse_networks(r.get("networks"), loc, p + ("networks",)),
+            row_budget=_budget(r, cap, loc, p))
     guards = _guards(d.get("guards"), loc, roles)
     for name, role in roles.items():
         if role.otherwise is not None and role.otherwise not in roles:
@@ -317,6 +320,25 @@ def _positive(d: dict[str, Any], key: str, loc: _Located, path: tuple[Any, ...])
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise _err(loc, path + (key,), f"{key} must be a positive whole number")
     return v
+
+
+def _budget(r: dict[str, Any], cap: int | None, loc: _Located,
+            path: tuple[Any, ...]) -> tuple[int | None, int | None] | None:
+    if r.get("row_budget") is None:
+        return None
+    b = _mapping(r["row_budget"], loc, path + ("row_budget",), "row_budget")
+    _keys(b, {"hour", "day"}, loc, path + ("row_budget",))
+    hour, day = (_positive(b, k, loc, path + ("row_budget",)) for k in ("hour", "day"))
+    if hour is None and day is None:
+        raise _err(loc, path + ("row_budget",), "row_budget needs hour, day or both")
+    if cap is None:
+        # A statement reserves what it may return before it runs: without a cap that is unbounded.
+        raise _err(loc, path + ("row_budget",), "a role with a row_budget needs a row_cap (rows per statement)")
+    for k, v in (("hour", hour), ("day", day)):
+        if v is not None and v < cap:
+            raise _err(loc, path + ("row_budget", k), f"row_budget {k} ({v}) is smaller than row_cap ({cap}): "
+                       "no statement could ever run")
+    return hour, day
 
 
 def _seconds(v: Any, loc: _Located, path: tuple[Any, ...]) -> int:
@@ -629,7 +651,7 @@ def grants_for(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]
     return StatementGrants(tables=tables, kinds=kinds, catalog_relations=CATALOG_RELATIONS,
                            row_cap=role.row_cap, export=role.export, allowed_functions=role.functions,
                            unrestricted=role.unrestricted, role=role.name, flags=role.flags,
-                           guest_lookups=role.guest_lookups), why
+                           guest_lookups=role.guest_lookups, row_budget=role.row_budget), why
 
 
 def _canonical(name: str) -> str:

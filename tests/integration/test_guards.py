@@ -34,10 +34,26 @@ def schema(cluster: PgCluster) -> Iterator[str]:
     cluster.psql(f"DROP SCHEMA IF EXISTS {name} CASCADE", user=cluster.superuser)
 
 
+def replicas(cluster: PgCluster, schema: str, tmp_path: Path, rules: Path = HOTEL) -> tuple[Proxy, Proxy]:
+    a = start_proxy(cluster, str(tmp_path / "a"), rules=str(rules), state=state_config(cluster, schema))
+    b = start_proxy(cluster, str(tmp_path / "b"), rules=str(rules), state=state_config(cluster, schema))
+    return a, b
+
+
+def hotel_with(tmp_path: Path, *edits: tuple[str, str]) -> Path:
+    """The hotel rules with some lines changed (each edit must apply exactly once)."""
+    text = HOTEL.read_text(encoding="utf-8")
+    for old, new in edits:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    path = tmp_path / "rules.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def pair(cluster: PgCluster, schema: str, tmp_path: Path) -> Iterator[tuple[Proxy, Proxy]]:
-    a = start_proxy(cluster, str(tmp_path / "a"), rules=str(HOTEL), state=state_config(cluster, schema))
-    b = start_proxy(cluster, str(tmp_path / "b"), rules=str(HOTEL), state=state_config(cluster, schema))
+    a, b = replicas(cluster, schema, tmp_path)
     try:
         yield a, b
     finally:
@@ -182,8 +198,18 @@ def test_disguised_lookups_are_refused(pair: tuple[Proxy, Proxy], cluster: PgClu
     assert isinstance(err, psycopg.Error) and err.sqlstate == "42501" and "cannot be counted" in str(err)
 
 
-def test_concurrent_lookups_never_overshoot(pair: tuple[Proxy, Proxy], cluster: PgCluster, schema: str) -> None:
-    a, b = pair
+def test_concurrent_lookups_never_overshoot(cluster: PgCluster, schema: str, tmp_path: Path) -> None:
+    # A row budget large enough not to refuse any of the twelve: only the quota decides here.
+    rules = hotel_with(tmp_path, ("    row_budget: {hour: 20000, day: 60000}\n", ""))
+    a, b = replicas(cluster, schema, tmp_path, rules)
+    try:
+        concurrent_lookups(a, b, cluster, schema)
+    finally:
+        a.thread.stop()
+        b.thread.stop()
+
+
+def concurrent_lookups(a: Proxy, b: Proxy, cluster: PgCluster, schema: str) -> None:
     (g,) = visible_guests(cluster, 1)
     results: list[str | None] = []
     lock = threading.Lock()
@@ -353,3 +379,63 @@ def test_roles_connect_only_from_their_networks(cluster: PgCluster, tmp_path: Pa
         assert [(e["user"], e["sqlstate"]) for e in failed] == [("gina", "28000")]
     finally:
         p.thread.stop()
+
+
+# ---------------------------------------------------------------------------
+# row budget (R3.3)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def budget_pair(cluster: PgCluster, schema: str, tmp_path: Path) -> Iterator[tuple[Proxy, Proxy]]:
+    """Sales (gina) with a cap of 10 rows per statement and 25 rows per hour."""
+    rules = hotel_with(tmp_path, ("  sales:                           # 销售部: consultations, never complaints\n",
+                                  "  sales:\n    row_cap: 10\n    row_budget: {hour: 25}\n"))
+    a, b = replicas(cluster, schema, tmp_path, rules)
+    try:
+        yield a, b
+    finally:
+        a.thread.stop()
+        b.thread.stop()
+
+
+def used_rows(cluster: PgCluster, schema: str, user: str) -> int:
+    (n,), = direct(cluster, f"SELECT coalesce(sum(rows), 0)::int FROM {schema}.row_usage WHERE user_name = '{user}'")
+    return n
+
+
+def test_many_small_queries_on_two_replicas_run_into_the_budget(budget_pair: tuple[Proxy, Proxy],
+                                                                cluster: PgCluster, schema: str) -> None:
+    a, b = budget_pair
+    # Each statement reserves the cap (10) and gives back what it did not send.
+    for i, p in enumerate((a, b, a, b)):
+        rows = attempt(p, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 5")
+        assert isinstance(rows, list) and len(rows) == 5, (i, rows)
+        wait_until(lambda: used_rows(cluster, schema, "gina") == 5 * (i + 1))
+    err = attempt(b, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 1")
+    assert isinstance(err, psycopg.Error) and err.sqlstate == "42501"
+    assert "gina has 5 rows left of role sales's row budget this hour, and this statement may return up to 10" in str(err)
+    assert used_rows(cluster, schema, "gina") == 20  # the refused statement reserved nothing
+    # Statements that read nothing protected are not counted.
+    assert attempt(a, "gina", "SELECT 1") == [(1,)]
+    ev = [e for e in a.take_events() if e.get("guard")]
+    assert [e["guard"]["rows_reserved"] for e in ev] == [10, 10]
+
+
+def test_cursor_fetches_are_counted(budget_pair: tuple[Proxy, Proxy], cluster: PgCluster, schema: str) -> None:
+    a, _ = budget_pair
+    with psycopg.connect(a.dsn("gina")) as c:
+        c.execute("DECLARE cur CURSOR FOR SELECT id FROM cs_records ORDER BY id LIMIT 10")
+        assert len(c.execute("FETCH 4 FROM cur").fetchall()) == 4
+        assert len(c.execute("FETCH 4 FROM cur").fetchall()) == 4
+        wait_until(lambda: used_rows(cluster, schema, "gina") == 8)
+        assert len(c.execute("FETCH ALL FROM cur").fetchall()) == 2  # reserves the cap, uses 2
+        wait_until(lambda: used_rows(cluster, schema, "gina") == 10)
+        c.rollback()
+        c.execute("DECLARE cur2 CURSOR FOR SELECT id FROM cs_records ORDER BY id LIMIT 10")
+        assert len(c.execute("FETCH 10 FROM cur2").fetchall()) == 10
+        wait_until(lambda: used_rows(cluster, schema, "gina") == 20)
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("FETCH 6 FROM cur2")
+        assert ei.value.sqlstate == "42501" and "5 rows left" in str(ei.value)
+        c.rollback()
