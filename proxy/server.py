@@ -9,6 +9,7 @@ import os
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -17,6 +18,7 @@ from rules.engine import Engine
 from . import upstream
 from .audit import AuditLog
 from .config import Config
+from .metrics import Stats
 from .session import ClientSession
 
 
@@ -57,18 +59,58 @@ class Server:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = config.listen_port
+        # Counters for /metrics; None (and not counted at all) when no metrics listener is configured.
+        self.stats: Stats | None = Stats() if config.metrics_listen else None
+        self._cache_base = {"exact": 0, "template": 0, "misses": 0}  # from engines replaced by reloads
+        self.http: Any = None  # HttpEndpoints when metrics.listen is set
+        self.draining = False
+        self.reuse_port = False  # --workers: every worker listens on the same port
+        self.peers: list[str] = []  # --workers: the other workers' unix sockets, for foreign cancel requests
+        self.cancel_socket: str | None = None
+        self._cancel_server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientSession(self), self.config.listen_host, self.config.listen_port, reuse_address=True,
-            backlog=1024,
+            reuse_port=self.reuse_port or None, backlog=1024,
         )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self.audit.bind_loop(loop)
         if self.config.rules_path:
             self.spawn(self.watch_rules())
+        if self.cancel_socket:
+            self._cancel_server = await asyncio.start_unix_server(self._on_peer_cancel, self.cancel_socket)
+        if self.config.metrics_listen:
+            from .http_endpoints import HttpEndpoints
+            from .metrics import make_registry
+
+            assert self.stats is not None
+            registry = make_registry(self.stats, lambda: len(self.sessions), self.cache_counts)
+            self.http = HttpEndpoints(registry, self.readiness)
+            host, port = self.config.metrics_listen
+            await self.http.start(host, port)
+
+    def cache_counts(self) -> dict[str, int]:
+        """Decision-cache counters of the current engine plus those of engines replaced by reloads."""
+        e = self.engine
+        b = self._cache_base
+        return {"exact": b["exact"] + e.cache_hits, "template": b["template"] + e.template_hits,
+                "misses": b["misses"] + e.cache_misses}
+
+    async def readiness(self) -> tuple[bool, str]:
+        """Ready: accepting, rules loaded (when configured) and the upstream answering."""
+        from .http_endpoints import probe_postgres
+
+        if self.draining:
+            return False, "shutting down"
+        if self.config.rules_path and not self.engine.enforcing:
+            return False, "rules not loaded"
+        why = await probe_postgres(self.config.upstream.host, self.config.upstream.port)
+        if why is not None:
+            return False, why
+        return True, "ready"
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -92,8 +134,15 @@ class Server:
         except ConfigError as exc:
             self.audit.emit("rules_reload_failed", None, path=path, error=str(exc))
             print(f"pgwarden: rules NOT reloaded, the old rules stay: {exc}", file=sys.stderr, flush=True)
+            if self.stats is not None:
+                self.stats.reloads["failed"] += 1
             return False
+        old = self.engine
+        for k, v in (("exact", old.cache_hits), ("template", old.template_hits), ("misses", old.cache_misses)):
+            self._cache_base[k] += v
         self.engine = Engine(rules)
+        if self.stats is not None:
+            self.stats.reloads["ok"] += 1
         self.forget_catalogs()  # a reload is also how a DBA makes pgwarden see new tables (new sessions)
         self._rules_mtime = _mtime(path)
         self.audit.emit("rules_reloaded", None, path=path, roles=len(rules.roles), tables=len(rules.tables))
@@ -129,7 +178,36 @@ class Server:
         """Read catalogs afresh on next use (after DDL upstream, or a reload)."""
         self._catalogs.clear()
 
+    def reload_tls(self) -> bool:
+        """Read the certificate and key again; new TLS handshakes use them, open ones keep theirs.
+
+        A broken pair (a half-copied renewal) is refused and the old context stays.
+        """
+        tls = self.config.tls
+        if tls is None:
+            return False
+        try:
+            ctx = make_ssl_context(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            self.audit.emit("tls_reload_failed", None, cert=tls.cert, error=str(exc))
+            print(f"pgwarden: TLS certificate NOT reloaded, the old one stays: {exc}", file=sys.stderr, flush=True)
+            if self.stats is not None:
+                self.stats.tls_reloads["failed"] += 1
+            return False
+        self.ssl_context = ctx
+        self.audit.emit("tls_reloaded", None, cert=tls.cert)
+        if self.stats is not None:
+            self.stats.tls_reloads["ok"] += 1
+        return True
+
+    def reload(self) -> None:
+        """SIGHUP: rules and TLS material."""
+        self.reload_rules()
+        self.reload_tls()
+
     def admit(self, session: ClientSession) -> bool:
+        if self.stats is not None:
+            self.stats.accepted += 1
         if len(self.sessions) >= self.config.max_connections:
             return False
         self.sessions.add(session)
@@ -144,27 +222,91 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def cancel(self, pid: int, secret: bytes) -> None:
-        """Route a client's CancelRequest to the upstream backend it belongs to."""
+    async def cancel(self, pid: int, secret: bytes, *, from_peer: bool = False) -> None:
+        """Route a client's CancelRequest to the upstream backend it belongs to.
+
+        With several workers the kernel hands a cancel connection to any of them: a key this
+        worker did not issue is passed to the other workers, and only the one that issued it acts.
+        """
         for (kpid, ksecret), session in list(self.cancel_keys.items()):
             if kpid == pid and hmac.compare_digest(ksecret, secret):
                 if session.up_pid:
                     self.audit.emit("cancel", session.principal)
+                    if self.stats is not None:
+                        self.stats.cancels += 1
                     await upstream.send_cancel(self.config.upstream, session.up_pid, session.up_secret)
                 return
+        if not from_peer and self.peers and len(secret) == 4:
+            self.audit.emit("cancel_forwarded", None, pid=pid, workers=len(self.peers))
+            packet = pid.to_bytes(4, "big") + secret
+            await asyncio.gather(*(self._tell_peer(p, packet) for p in self.peers))
         # Like PostgreSQL, an unknown key is ignored silently.
 
-    async def close(self) -> None:
+    @staticmethod
+    async def _tell_peer(path: str, packet: bytes) -> None:
+        try:
+            async with asyncio.timeout(2):
+                _, writer = await asyncio.open_unix_connection(path)
+                writer.write(packet)
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except (OSError, TimeoutError):
+            pass  # a worker being restarted: its sessions are gone with it anyway
+
+    async def _on_peer_cancel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(2):
+                packet = await reader.readexactly(8)
+            await self.cancel(int.from_bytes(packet[:4], "big"), packet[4:], from_peer=True)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+        self.draining = True
+
+    async def drain(self, grace: float | None = None) -> None:
+        """SIGTERM: stop accepting, let running statements finish within ``grace`` seconds, then
+        close every session with 57P01 as PostgreSQL does; idle sessions are closed at once.
+
+        A session whose statement is still running stops reading its client, so no new statement
+        starts; it is closed as soon as the server has answered everything it was sent.
+        """
+        grace = self.config.shutdown_grace if grace is None else grace
+        self.stop_accepting()
+        self.audit.emit("shutdown", None, sessions=len(self.sessions), grace_s=grace)
+        deadline = time.monotonic() + grace
+        while True:
+            for s in list(self.sessions):
+                if not s.relaying or not s.busy():
+                    await s.shutdown()
+                else:
+                    s.pause_client_reading()
+            if not self.sessions or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        await self.close()
+
+    async def close(self) -> None:
+        self.stop_accepting()
         for s in list(self.sessions):
             with contextlib.suppress(Exception):
                 await s.shutdown()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
+        if self._cancel_server is not None:
+            self._cancel_server.close()
+        if self.http is not None:
+            await self.http.close()
         for t in list(self._tasks):
             t.cancel()
+        # Sessions closed above write their last events (disconnects) on their way out.
+        await asyncio.sleep(0)
         self.audit.close()
 
 

@@ -368,6 +368,8 @@ class ClientSession(asyncio.Protocol):
             self._login_failed(user, SqlState.PROTOCOL_VIOLATION, f"pgwarden: connection failed during login: {exc}",
                                None)
             return
+        if self.server.stats is not None:
+            self.server.stats.login(None)
         self.server.audit.emit("login", self.principal, auth_method=self.principal.auth_method,
                                tls=self.tls, database=self.principal.database,
                                login_ms=round((time.monotonic() - started) * 1000, 3))
@@ -492,6 +494,8 @@ class ClientSession(asyncio.Protocol):
             transport, proto, login = await upstream.connect(self.server.config.upstream, params,
                                                             self.server.config.max_message_size)
         except upstream.UpstreamError as exc:
+            if self.server.stats is not None:
+                self.server.stats.upstream_errors["connect"] += 1
             raise LoginError(exc.sqlstate, str(exc), exc.error) from exc
         if self.closed:
             transport.close()
@@ -533,6 +537,8 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self._close_upstream()
+        if self.server.stats is not None:
+            self.server.stats.login(sqlstate)
         self.server.audit.emit("login_failed", None, user=user, client_addr=self.client_addr,
                                sqlstate=sqlstate, error=message, tls=self.tls)
 
@@ -925,6 +931,8 @@ class ClientSession(asyncio.Protocol):
         elif outcome == "refused":
             fields["sqlstate"] = SqlState.INSUFFICIENT_PRIVILEGE
         self.server.audit.emit_with("statement", self._audit_base, fields)
+        if self.server.stats is not None:  # metrics: counted where the event is written
+            self.server.stats.statement(outcome, d, dur / 1000.0, err.sqlstate if err is not None else None)
 
     # --- endings ------------------------------------------------------------------------------
 
@@ -949,6 +957,8 @@ class ClientSession(asyncio.Protocol):
     def on_upstream_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
+        if self.server.stats is not None:
+            self.server.stats.upstream_errors["lost"] += 1
         if not self._upstream_fatal:
             self._send(codec.error_response(
                 SqlState.CONNECTION_FAILURE,
@@ -967,6 +977,8 @@ class ClientSession(asyncio.Protocol):
                     self.server.audit.emit("statement", self.principal, statement_type=statement_type(text),
                                            statement=text, outcome=outcome, sqlstate=sqlstate, rows=None,
                                            duration_ms=round((time.perf_counter() - r.start) * 1000.0, 3))
+                    if self.server.stats is not None:
+                        self.server.stats.statement(outcome, r.decision, time.perf_counter() - r.start, sqlstate)
 
     def _teardown(self, client_gone: bool) -> None:
         busy = bool(self._expect)
@@ -982,6 +994,10 @@ class ClientSession(asyncio.Protocol):
         self.server.release(self)
         if self.principal is not None and self.relaying:
             self.server.audit.emit("disconnect", self.principal, statements=self.statements)
+
+    def busy(self) -> bool:
+        """Is the server still to answer something this client sent (a statement running)?"""
+        return bool(self._expect)
 
     async def shutdown(self) -> None:
         """Server is stopping: tell the client, as PostgreSQL does on a fast shutdown."""
