@@ -292,10 +292,17 @@ class Server:
         await self.close()
 
     async def close(self) -> None:
+        """Stop now: running statements are cancelled upstream, every client hears 57P01."""
         self.stop_accepting()
+        running = [(s.up_pid, s.up_secret) for s in self.sessions if s.relaying and s.busy() and s.up_pid]
         for s in list(self.sessions):
             with contextlib.suppress(Exception):
                 await s.shutdown()
+        if running:  # after the clients heard 57P01: the statements' cancellations are nobody's business
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(
+                    *(upstream.send_cancel(self.config.upstream, pid, secret) for pid, secret in running),
+                    return_exceptions=True), 3)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
@@ -305,8 +312,10 @@ class Server:
             await self.http.close()
         for t in list(self._tasks):
             t.cancel()
-        # Sessions closed above write their last events (disconnects) on their way out.
-        await asyncio.sleep(0)
+        # Sessions closed above write their last events (disconnects) on their way out: wait for them.
+        deadline = time.monotonic() + 2
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         self.audit.close()
 
 
