@@ -39,6 +39,10 @@ class _Located:
             var = self.env.get(path[:i])
             if var is not None:
                 return f"environment variable {var}"
+        if path and path not in self.lines:  # a section only the environment created
+            made = sorted(v for k, v in self.env.items() if k[: len(path)] == path)
+            if made:
+                return f"environment variable {', '.join(made)}"
         while path and path not in self.lines:
             path = path[:-1]
         return f"{self.source}:{self.lines.get(path, 1)}"
