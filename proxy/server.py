@@ -80,6 +80,8 @@ class Server:
         self.audit.bind_loop(loop)
         if self.config.rules_path:
             self.spawn(self.watch_rules())
+        if self.config.tls:
+            self.spawn(self.watch_tls())
         if self.cancel_socket:
             self._cancel_server = await asyncio.start_unix_server(self._on_peer_cancel, self.cancel_socket)
         if self.config.metrics_listen:
@@ -160,6 +162,19 @@ class Server:
             if m != self._rules_mtime:
                 self._rules_mtime = m
                 self.reload_rules()
+
+    async def watch_tls(self, interval: float = 2.0) -> None:
+        """Reload the certificate when its files change (a renewal by cert-manager or certbot)."""
+        tls = self.config.tls
+        if tls is None:
+            return
+        seen = (_mtime(tls.cert), _mtime(tls.key))
+        while True:
+            await asyncio.sleep(interval)
+            now = (_mtime(tls.cert), _mtime(tls.key))
+            if now != seen:
+                seen = now
+                self.reload_tls()
 
     async def catalog_for(self, database: str) -> Any:
         """The catalog snapshot of one database, read once with the service login and shared."""
