@@ -55,31 +55,32 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"worker {worker[0]} listening {server.port} pid {os.getpid()}", flush=True)
     if server.http is not None:
         print(f"metrics {server.http.port}", flush=True)
-    stop = loop.create_future()
+    stop: asyncio.Future[float] = loop.create_future()  # its result: how long clients may linger
     drain: list[asyncio.Task[None]] = []
 
     def now() -> None:
+        for t in drain:
+            t.cancel()
         if not stop.done():
-            stop.set_result(None)
+            stop.set_result(0.2)
 
     def on_sigterm() -> None:
         # The first SIGTERM drains (running statements may finish); a second one stops at once.
         if drain:
-            for t in drain:
-                t.cancel()
             now()
             return
         task = loop.create_task(server.drain())
-        task.add_done_callback(lambda _t: now())
+        task.add_done_callback(lambda _t: stop.done() or stop.set_result(0.2))
         drain.append(task)
 
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     loop.add_signal_handler(signal.SIGINT, now)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
+    linger = 0.2
     try:
-        loop.run_until_complete(stop)
+        linger = loop.run_until_complete(stop)
     finally:
-        loop.run_until_complete(server.close())
+        loop.run_until_complete(server.close(linger))
         loop.close()
     return 0
 

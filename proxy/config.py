@@ -147,6 +147,7 @@ class Config:
     metrics_listen: tuple[str, int] | None = None  # /metrics, /healthz, /readyz; None: no HTTP listener
     shutdown_grace: float = 30.0  # seconds running statements may finish after SIGTERM
     env_overrides: tuple[str, ...] = ()  # environment variables that replaced values of the file
+    admin_users: tuple[str, ...] = ()  # may use the admin console (database pgwarden), besides security directors
 
 
 _METHODS = ("scram-sha-256", "md5", "password")
@@ -223,7 +224,7 @@ def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
 
 def parse_config(data: Any, loc: _Located) -> Config:
     d = _check_keys(data, {"listen", "tls", "upstream", "auth", "audit", "limits", "users", "secret", "rules",
-                           "metrics", "shutdown_grace"}, loc, ())
+                           "metrics", "shutdown_grace", "admin_users"}, loc, ())
     listen = _check_keys(d.get("listen") or {}, {"host", "port"}, loc, ("listen",))
     up = _check_keys(d.get("upstream") or {}, {"host", "port", "user", "password", "sslmode", "connect_timeout"},
                      loc, ("upstream",))
@@ -269,6 +270,11 @@ def parse_config(data: Any, loc: _Located) -> Config:
             rp = Path(loc.source).parent / rp
         _expect(rp.is_file(), loc, ("rules",), f"rules file {str(rp)!r} does not exist")
         rules_path = str(rp)
+    admins = d.get("admin_users") or []
+    _expect(isinstance(admins, list) and all(isinstance(a, str) for a in admins), loc, ("admin_users",),
+            "admin_users must be a list of user names")
+    for i, a in enumerate(admins):
+        _expect(a in users, loc, ("admin_users", i), f"admin_users: no user {a!r} in users")
     metrics_listen = None
     if d.get("metrics"):
         m = _check_keys(d["metrics"], {"listen"}, loc, ("metrics",))
@@ -283,7 +289,7 @@ def parse_config(data: Any, loc: _Located) -> Config:
         secret=str(secret).encode() if secret else os.urandom(32), rules_path=rules_path, source=loc.source,
         metrics_listen=metrics_listen,
         shutdown_grace=_number(d, "shutdown_grace", 30.0, loc, (), integer=False, low=0, high=86400),
-        env_overrides=tuple(sorted(set(loc.env.values()))),
+        env_overrides=tuple(sorted(set(loc.env.values()))), admin_users=tuple(admins),
     )
 
 
@@ -374,6 +380,7 @@ def effective_config(cfg: Config) -> dict[str, Any]:
         "rules": cfg.rules_path,
         "metrics": {"listen": f"{cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"} if cfg.metrics_listen else None,
         "shutdown_grace": cfg.shutdown_grace,
+        "admin_users": list(cfg.admin_users),
         "secret": HIDDEN,
         "users": {},
     }

@@ -55,6 +55,7 @@ class Server:
         self.audit = audit or AuditLog(config.audit_path)
         self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
         self.sessions: set[ClientSession] = set()
+        self.connected_at: dict[ClientSession, float] = {}  # for the admin console's SHOW CLIENTS
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -64,6 +65,7 @@ class Server:
         self._cache_base = {"exact": 0, "template": 0, "misses": 0}  # from engines replaced by reloads
         self.http: Any = None  # HttpEndpoints when metrics.listen is set
         self.draining = False
+        self._closing: set[ClientSession] = set()  # sessions told 57P01, waiting for their client to go
         self.reuse_port = False  # --workers: every worker listens on the same port
         self.peers: list[str] = []  # --workers: the other workers' unix sockets, for foreign cancel requests
         self.cancel_socket: str | None = None
@@ -226,10 +228,12 @@ class Server:
         if len(self.sessions) >= self.config.max_connections:
             return False
         self.sessions.add(session)
+        self.connected_at[session] = time.time()
         return True
 
     def release(self, session: ClientSession) -> None:
         self.sessions.discard(session)
+        self.connected_at.pop(session, None)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a background task whose failure must not take the server down."""
@@ -297,22 +301,36 @@ class Server:
         deadline = time.monotonic() + grace
         while True:
             for s in list(self.sessions):
+                if s in self._closing:
+                    continue
                 if not s.relaying or not s.busy():
-                    await s.shutdown()
+                    # Until the drain ends the socket stays half-open, so a client that is slow to
+                    # send its next statement still reads the 57P01 instead of a reset.
+                    self.spawn(self._close_session(s, max(0.1, deadline - time.monotonic())))
                 else:
                     s.pause_client_reading()
-            if not self.sessions or time.monotonic() >= deadline:
+            if not (self.sessions - self._closing) or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.02)
         await self.close()
 
-    async def close(self) -> None:
-        """Stop now: running statements are cancelled upstream, every client hears 57P01."""
+    async def _close_session(self, s: ClientSession, linger: float) -> None:
+        if s in self._closing:
+            return
+        self._closing.add(s)
+        try:
+            await s.shutdown(linger)
+        finally:
+            self._closing.discard(s)
+
+    async def close(self, linger: float = 2.0) -> None:
+        """Stop now: running statements are cancelled upstream, every client hears 57P01.
+
+        ``linger``: how long a closed client may still send before its socket is dropped.
+        """
         self.stop_accepting()
         running = [(s.up_pid, s.up_secret) for s in self.sessions if s.relaying and s.busy() and s.up_pid]
-        for s in list(self.sessions):
-            with contextlib.suppress(Exception):
-                await s.shutdown()
+        await asyncio.gather(*(self._close_session(s, linger) for s in list(self.sessions)), return_exceptions=True)
         if running:  # after the clients heard 57P01: the statements' cancellations are nobody's business
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.gather(
@@ -328,7 +346,7 @@ class Server:
         for t in list(self._tasks):
             t.cancel()
         # Sessions closed above write their last events (disconnects) on their way out: wait for them.
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + linger + 0.5
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self.audit.close()

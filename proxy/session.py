@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from rules.decision import Decision, refuse
 from rules.rewrite import ROW_CAP_MARKER
 
-from . import auth, upstream
+from . import admin_console, auth, upstream
 from .audit import principal_fields
 from .identity import Principal
 from .sqltext import split_statements, statement_type, type_from_tag
@@ -336,6 +336,7 @@ class ClientSession(asyncio.Protocol):
     async def _login(self) -> None:
         started = time.monotonic()
         user = ""
+        console = False
         try:
             async with asyncio.timeout(LOGIN_TIMEOUT):
                 startup = await self._negotiate()
@@ -345,7 +346,14 @@ class ClientSession(asyncio.Protocol):
                 if self._over_limit:
                     raise LoginError(SqlState.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
                 self.principal = await self._authenticate(startup)
-                await self._connect_upstream(startup)
+                console = self.principal.database == admin_console.DATABASE
+                if console:  # pgwarden answers itself; nothing reaches the database server
+                    if not admin_console.may_use(self.server, self.principal):
+                        raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE,
+                                         f"pgwarden: {self.principal.user} may not use the pgwarden console")
+                    self._send(admin_console.greeting())
+                else:
+                    await self._connect_upstream(startup)
         except LoginError as exc:
             self._login_failed(user, exc.sqlstate, exc.message, exc.raw)
             return
@@ -373,6 +381,8 @@ class ClientSession(asyncio.Protocol):
         self.server.audit.emit("login", self.principal, auth_method=self.principal.auth_method,
                                tls=self.tls, database=self.principal.database,
                                login_ms=round((time.monotonic() - started) * 1000, 3))
+        if console:
+            await admin_console.run(self)
 
     async def _negotiate(self) -> StartupMessage | None:
         """SSL/GSS negotiation, cancel requests, then the StartupMessage."""
@@ -999,8 +1009,32 @@ class ClientSession(asyncio.Protocol):
         """Is the server still to answer something this client sent (a statement running)?"""
         return bool(self._expect)
 
-    async def shutdown(self) -> None:
-        """Server is stopping: tell the client, as PostgreSQL does on a fast shutdown."""
+    async def shutdown(self, linger: float = 1.0) -> None:
+        """Server is stopping: tell the client, as PostgreSQL does on a fast shutdown.
+
+        Closing a socket with unread client bytes makes the kernel send a reset, which can
+        destroy the 57P01 before the client reads it: so end our side (FIN), read and drop
+        whatever the client still sends, and close once it has gone (at most ``linger`` s).
+        """
+        t = self.transport
         self._send(codec.error_response(SqlState.ADMIN_SHUTDOWN,
                                         "terminating connection due to administrator command", severity="FATAL"))
+        if t is None or t.is_closing() or self.closed:
+            return
+        self._on_client_data = self._discard  # type: ignore[method-assign]  # nothing more is relayed
+        gone = self.loop.create_future()
+        self._waiter = gone  # connection_lost sets it
+        if t.can_write_eof():
+            t.write_eof()
+        else:
+            linger = min(linger, 0.1)  # TLS: no half-close; a moment to read what is in flight
+        t.resume_reading()
+        self._client_paused = False
+        try:
+            await asyncio.wait_for(gone, linger)
+        except TimeoutError:
+            pass
         self._close_client()
+
+    def _discard(self, data: bytes) -> None:
+        pass
