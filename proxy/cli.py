@@ -9,7 +9,16 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
+
+
+def _load(path: str) -> Config | None:
+    """The configuration, or None after saying why not (file:line or the environment variable)."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -17,10 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .server import Server, new_event_loop
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"pgwarden: {exc}", file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 2
     if args.port is not None:
         cfg = replace(cfg, listen_port=args.port)
@@ -91,10 +98,8 @@ def _config_show(args: argparse.Namespace) -> int:
 
     from .config import effective_config
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"pgwarden: {exc}", file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 2
     sys.stdout.write(yaml.safe_dump(effective_config(cfg), sort_keys=False, allow_unicode=True))
     return 0
