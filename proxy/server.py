@@ -50,7 +50,7 @@ class Server:
             engine = Engine(rules)
         self.engine = engine
         self._catalogs: dict[str, Any] = {}
-        self._rules_mtime = 0.0
+        self._rules_mtime: tuple[float, ...] = ()
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self.audit = audit or AuditLog(config.audit_path)
         self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
@@ -148,19 +148,24 @@ class Server:
         if self.stats is not None:
             self.stats.reloads["ok"] += 1
         self.forget_catalogs()  # a reload is also how a DBA makes pgwarden see new tables (new sessions)
-        self._rules_mtime = _mtime(path)
+        self._rules_mtime = self._rules_stamp()
         self.audit.emit("rules_reloaded", None, path=path, roles=len(rules.roles), tables=len(rules.tables))
         return True
 
+    def _rules_stamp(self) -> tuple[float, ...]:
+        """Modification times of the rules file and every file it includes."""
+        rules = getattr(self.engine, "rules", None)
+        files = getattr(rules, "sources", ()) or (self.config.rules_path,)
+        return tuple(_mtime(f) for f in files if f)
+
     async def watch_rules(self, interval: float = 2.0) -> None:
-        """Reload when the rules file changes on disk (SIGHUP does it at once)."""
-        path = self.config.rules_path
-        if not path:
+        """Reload when the rules file (or a file it includes) changes on disk (SIGHUP does it at once)."""
+        if not self.config.rules_path:
             return
-        self._rules_mtime = _mtime(path)
+        self._rules_mtime = self._rules_stamp()
         while True:
             await asyncio.sleep(interval)
-            m = _mtime(path)
+            m = self._rules_stamp()
             if m != self._rules_mtime:
                 self._rules_mtime = m
                 self.reload_rules()

@@ -26,7 +26,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rules.decision import Decision, refuse
-from rules.rewrite import ROW_CAP_MARKER
+from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
 
 from . import admin_console, auth, upstream
 from .audit import principal_fields
@@ -839,10 +839,13 @@ class ClientSession(asyncio.Protocol):
             return None
         head = expect[0]
         refusal = head.refusal  # our own error, replacing the server's answer to the poison statement
-        cap: Decision | None = None
+        late: Decision | None = None  # a refusal PostgreSQL raised for us (row cap, row check)
         if refusal is None and ROW_CAP_MARKER in err.message:
             refusal = self._row_cap_error()
-            cap = refuse("row cap", reason="result larger than the role's row cap (R3.2)")
+            late = refuse("row cap", reason="result larger than the role's row cap (R3.2)")
+        elif refusal is None and ROW_CHECK_MARKER in err.message:
+            refusal = self._row_check_error()
+            late = refuse("row check", reason="new row outside the role's row filter")
         replacement = refusal
         if refusal is None and "D" in err.fields and self.server.engine.restricted(self.principal):
             # DETAIL can echo row values ("Key (id)=(...)", "Failing row contains (...)").
@@ -852,8 +855,8 @@ class ClientSession(asyncio.Protocol):
             if head.index < len(runs):
                 run = runs[head.index]
                 head.index = len(runs)  # the rest of the Query is not run
-                if cap is not None:
-                    run.decision = cap
+                if late is not None:
+                    run.decision = late
                 self._finish(run, "refused" if refusal else "error", None, 0, None if refusal else err)
             return replacement
         # Extended protocol: the server now skips everything up to Sync.
@@ -866,8 +869,8 @@ class ClientSession(asyncio.Protocol):
             # Parse, Bind or Describe failed before any Execute of this batch.
             failed = Run(head.sql or "")
             failed.start = time.perf_counter()
-        if cap is not None:
-            failed.decision = cap
+        if late is not None:
+            failed.decision = late
             self._finish(failed, "refused", None, 0, None)
         elif refusal is not None:
             failed.text = head.sql or ""
@@ -887,6 +890,15 @@ class ClientSession(asyncio.Protocol):
             SqlState.INSUFFICIENT_PRIVILEGE,
             f"pgwarden: the result has more than {cap} rows, the row cap of role {role}; "
             "narrow the query (filters, LIMIT) or ask for a ticket")
+
+    def _row_check_error(self) -> bytes:
+        """PostgreSQL refused an INSERT at the row check the rewriter put in it: nothing was written."""
+        grants, _ = self.server.engine.grants(self.principal) if self.principal else (None, "")
+        role = getattr(grants, "role", "")
+        return codec.error_response(
+            SqlState.INSUFFICIENT_PRIVILEGE,
+            f"pgwarden: role {role} may not write a row it could not read back (outside its row filter); "
+            "nothing was written")
 
     def _track_parameter(self, name: str, value: str) -> None:
         """Follow what changes how the server reads statement text (the lexer must see what it sees)."""

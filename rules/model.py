@@ -116,6 +116,8 @@ class Rules:
     tables: Mapping[str, TableRules]
     roles: Mapping[str, Role]
     source: str = ""
+    #: Every file the rules were read from (the main file and its includes): reload watches them all.
+    sources: tuple[str, ...] = ()
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -324,8 +326,83 @@ def _check_grant_columns(g: TableGrantRule, t: TableRules, loc: _Located, path: 
 
 
 def load_rules(path: str | Path) -> Rules:
-    data, loc = load_yaml(path)
-    return parse_rules(data, loc)
+    data, loc, sources = _load_with_includes(Path(path), ())
+    rules = parse_rules(data, loc)
+    return Rules(timezone=rules.timezone, shifts=rules.shifts, tables=rules.tables, roles=rules.roles,
+                 source=str(path), sources=sources)
+
+
+class _Merged(_Located):
+    """Positions across a rules file and its includes: each key keeps its own file and line."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(source)
+        self.files: dict[tuple[Any, ...], str] = {}
+
+    def where(self, *path: Any) -> str:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return f"{self.files.get(path, self.source)}:{self.lines.get(path, 1)}"
+
+    def absorb(self, other: _Located, prefix: tuple[Any, ...] = ()) -> None:
+        """Take the positions of ``other`` under ``prefix`` (``other`` may itself be merged)."""
+        for path, line in other.lines.items():
+            if path[:len(prefix)] == prefix:
+                self.lines[path] = line
+                self.files[path] = other.files.get(path, other.source) if isinstance(other, _Merged) \
+                    else other.source
+
+
+#: Sections an included file may add entries to (a name defined twice is an error).
+_INCLUDABLE = ("shifts", "tables", "roles")
+
+
+def _load_with_includes(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], _Merged, tuple[str, ...]]:
+    """A rules file with ``include: [other.yaml, ...]`` (relative to it) merged in.
+
+    Splitting is for people (a file of roles, a file of table classifications), so merging is
+    strict: an entry defined in two files, or a time zone that disagrees, is an error naming both.
+    """
+    raw, own = load_yaml(path)
+    loc = _Merged(str(path))
+    loc.absorb(own)
+    data = dict(_mapping(raw, loc, (), "the rules file"))
+    sources = [str(path)]
+    includes = data.pop("include", None)
+    if includes is None:
+        return data, loc, tuple(sources)
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise _err(loc, ("include",), "include is a file name or a list of them, relative to this file")
+    for i, name in enumerate(includes):
+        sub_path = (path.parent / name).resolve() if not Path(name).is_absolute() else Path(name)
+        if sub_path in chain or sub_path == path.resolve():
+            raise _err(loc, ("include", i), f"{name} includes itself (through {' -> '.join(map(str, chain))})")
+        if not sub_path.is_file():
+            raise _err(loc, ("include", i), f"included file {name!r} does not exist")
+        sub, sub_loc, sub_sources = _load_with_includes(sub_path, (*chain, path.resolve()))
+        sources.extend(sub_sources)
+        for key, value in sub.items():
+            if key in _INCLUDABLE:
+                section = _mapping(data.setdefault(key, {}), loc, (key,), key)
+                for name2, entry in _mapping(value, sub_loc, (key,), key).items():
+                    if name2 in section:
+                        raise ConfigError(f"{sub_loc.where(key, name2)}: {key[:-1]} {name2!r} is already defined "
+                                          f"at {loc.where(key, name2)}")
+                    section[name2] = entry
+                    loc.absorb(sub_loc, (key, name2))
+                data[key] = section
+            elif key == "timezone":
+                if "timezone" in data and data["timezone"] != value:
+                    raise ConfigError(f"{sub_loc.where(key)}: timezone {value!r} disagrees with "
+                                      f"{data['timezone']!r} at {loc.where(key)}")
+                data[key] = value
+                loc.absorb(sub_loc, (key,))
+            else:
+                raise ConfigError(f"{sub_loc.where(key)}: an included file may hold timezone, shifts, tables "
+                                  f"and roles, not {key!r}")
+    return data, loc, tuple(sources)
 
 
 # --- rendering conditions -------------------------------------------------------------------
