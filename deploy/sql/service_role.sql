@@ -13,7 +13,8 @@
 --   * USAGE on schema public, never CREATE: it owns nothing, so it cannot change or drop a table,
 --     and pgwarden's rewritten statements cannot be made to run code it defined;
 --   * SELECT on exactly the tables some role in the hotel rules is granted;
---   * INSERT on cs_records (and the id sequence) for the property-management system;
+--   * INSERT on cs_records (and the id sequence) and UPDATE of its content columns, for the
+--     property-management system;
 --   * not superuser, no CREATEDB/CREATEROLE/REPLICATION/BYPASSRLS: row security and every grant apply.
 -- The rules, not the role, decide which rows and columns each person sees: the role is the ceiling.
 
@@ -50,6 +51,11 @@ GRANT SELECT ON
     public.training_dialogs, public.keycard_events
 TO :"svc";
 
--- The PMS writes conversation records (role pms_integration: statements [select, insert]).
+-- The PMS writes conversation records and updates its own of today (role pms_integration:
+-- statements [select, insert, update]). pgwarden holds both to the row filter; here UPDATE is also
+-- limited to the record's content columns, so no statement can move a record to another guest,
+-- agent or day, or lift a legal hold, whatever the rules say.
 GRANT INSERT ON public.cs_records TO :"svc";
+GRANT UPDATE (department, category, severity, channel, guest_name, phone, id_number, bank_card, content)
+    ON public.cs_records TO :"svc";
 GRANT USAGE ON SEQUENCE public.cs_records_id_seq TO :"svc";

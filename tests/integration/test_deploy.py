@@ -256,8 +256,14 @@ def test_service_role_reads_and_inserts_only_what_the_rules_need(role_db: Any) -
     assert r.returncode == 0, r.stderr
     assert role_psql(c, "SELECT count(*) FROM cs_records").stdout == "4\n"
     assert role_psql(c, "SELECT count(*) FROM guests").stdout == "1\n"
+    # the PMS's UPDATE of a record's content (pgwarden holds it to its own rows of today)
+    r = role_psql(c, "UPDATE cs_records SET content = 'towels delivered' WHERE content = 'towels'")
+    assert (r.returncode, r.stdout) == (0, "UPDATE 1\n"), r.stderr
     denied = {
-        "UPDATE cs_records SET content = 'x'": "permission denied for table cs_records",
+        "UPDATE cs_records SET agent = 'x'": "permission denied for table cs_records",
+        "UPDATE cs_records SET legal_hold = true": "permission denied for table cs_records",
+        "UPDATE cs_records SET created_at = now()": "permission denied for table cs_records",
+        "UPDATE guests SET phone = 'x'": "permission denied for table guests",
         "DELETE FROM cs_records": "permission denied for table cs_records",
         "TRUNCATE cs_records": "permission denied for table cs_records",
         "INSERT INTO guests (name, id_number, phone, account_manager, region) VALUES ('a','b','c','d','east')":
@@ -277,7 +283,7 @@ def test_service_role_reads_and_inserts_only_what_the_rules_need(role_db: Any) -
     assert r.stdout == "f|f|f|f|f\n"
     r = role_psql(c, f"SELECT count(*) FROM pg_class WHERE relowner = '{ROLE}'::regrole")
     assert r.stdout == "0\n"
-    # the grants are exactly the hotel tables' SELECT plus INSERT on cs_records
+    # the grants are exactly the hotel tables' SELECT plus INSERT on cs_records (UPDATE is per column)
     r = role_psql(c, "SELECT table_name || ':' || string_agg(privilege_type, ',' ORDER BY privilege_type) "
                      f"FROM information_schema.role_table_grants WHERE grantee = '{ROLE}' "
                      "GROUP BY table_name ORDER BY table_name")
@@ -297,3 +303,9 @@ def test_service_role_covers_every_table_the_hotel_rules_grant() -> None:
     assert select is not None
     listed = {t.strip() for t in select.group(1).split(",")}
     assert granted <= listed, granted - listed
+    # every table some role may write is writable by the service role (and no other)
+    writers = {t for g in rules.roles.values() for t, tg in g.grants.items()
+               if {"insert", "update", "delete"} & {k.value for k in tg.kinds}}
+    assert writers == {"public.cs_records"}, writers
+    deleters = {t for g in rules.roles.values() for t, tg in g.grants.items() if "delete" in {k.value for k in tg.kinds}}
+    assert deleters == set() and "DELETE" not in sql.upper()  # no role deletes, so the service role may not
