@@ -172,7 +172,7 @@ users:
 class TestErrorLines:
     def test_unknown_top_level_key(self) -> None:
         text = "# comment\n\nupstream:\n  host: h\nlisen: 1\n"
-        assert_error(text, 5, "unknown key 'lisen' (expected one of: audit, auth, limits, listen, rules, secret, state, tls, upstream, users)")
+        assert_error(text, 5, "unknown key 'lisen' (expected one of: admin_users, audit, auth, limits, listen, metrics, rules, secret, shutdown_grace, state, tls, upstream, users)")
 
     def test_unknown_upstream_key(self) -> None:
         text = "upstream:\n  host: h\n  # a comment\n  hots: x\n"
