@@ -115,6 +115,11 @@ def test_three_refusals_lock_out_on_every_replica_until_security_unlocks(
     with psycopg.connect(a.dsn("frank"), autocommit=True) as sec:
         assert sec.execute("SELECT 1").fetchall() == [(1,)]
     assert [e["user"] for e in a.take_events("lockout")] == ["gina"]
+    # Security sees it in the admin console of either replica (simple protocol, like pgbouncer's).
+    with psycopg.connect(b.dsn("frank", database="pgwarden"), autocommit=True) as console:
+        cur = console.execute("SHOW LOCKOUTS", prepare=False)
+        rows = cur.fetchall()
+    assert [(r[0], r[2]) for r in rows] == [("gina", "pgwarden: role sales may not read table public.guests")]
     (row,) = direct(cluster, f"SELECT user_name, locked_until > now() + interval '29 minutes' FROM {schema}.lockouts")
     assert row == ("gina", True)
 
