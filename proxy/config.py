@@ -115,6 +115,8 @@ class UserEntry:
     method: str = "scram-sha-256"  # or md5 / password (cleartext, TLS only)
     #: Designated devices (R3.6): the networks this person may connect from; empty: anywhere.
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: Second factor (R3.6): SHA-256 fingerprints (hex) of client certificates bound to this person.
+    certificates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class UpstreamConfig:
 class TLSConfig:
     cert: str
     key: str
+    client_ca: str | None = None  # CA of client certificates (the second factor of R3.6); None: none asked
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,8 @@ def _check_keys(d: Any, allowed: set[str], loc: _Located, path: tuple[Any, ...])
 
 def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
     p = ("users", name)
-    d = _check_keys(d, {"password", "md5", "role", "department", "attributes", "method", "networks"}, loc, p)
+    d = _check_keys(d, {"password", "md5", "role", "department", "attributes", "method", "networks",
+                        "certificates"}, loc, p)
     _expect(isinstance(d.get("role"), str) and d["role"], loc, p, f"user {name!r} needs a role")
     scram = md5 = None
     for key in ("password", "md5"):
@@ -225,7 +229,24 @@ def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
         name=name, role=d["role"], department=None if dept is None else str(dept),
         attributes=dict(attrs), scram=scram, md5=md5, method=method,
         networks=parse_networks(d.get("networks"), loc, p + ("networks",)),
+        certificates=_fingerprints(d.get("certificates"), loc, p + ("certificates",)),
     )
+
+
+def _fingerprints(v: Any, loc: _Located, path: tuple[Any, ...]) -> tuple[str, ...]:
+    """SHA-256 certificate fingerprints, as `openssl x509 -fingerprint -sha256` prints them or plain hex."""
+    if v is None:
+        return ()
+    _expect(isinstance(v, list), loc, path, "certificates must be a list of SHA-256 fingerprints")
+    out = []
+    for i, f in enumerate(v):
+        h = str(f).replace(":", "").lower()
+        if h.startswith("sha256="):
+            h = h[7:]
+        _expect(bool(re.fullmatch(r"[0-9a-f]{64}", h)), loc, path + (i,),
+                "a certificate fingerprint is 64 hex digits (SHA-256), e.g. from openssl x509 -fingerprint -sha256")
+        out.append(h)
+    return tuple(out)
 
 
 def parse_networks(v: Any, loc: _Located, path: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -294,11 +315,12 @@ def parse_config(data: Any, loc: _Located) -> Config:
     )
     tls = None
     if d.get("tls"):
-        t = _check_keys(d["tls"], {"cert", "key"}, loc, ("tls",))
+        t = _check_keys(d["tls"], {"cert", "key", "client_ca"}, loc, ("tls",))
         _expect("cert" in t and "key" in t, loc, ("tls",), "tls needs both cert and key")
-        for k in ("cert", "key"):
-            _expect(Path(t[k]).is_file(), loc, ("tls", k), f"tls {k} file {t[k]!r} does not exist")
-        tls = TLSConfig(cert=str(t["cert"]), key=str(t["key"]))
+        for k in ("cert", "key", "client_ca"):
+            _expect(k not in t or Path(t[k]).is_file(), loc, ("tls", k), f"tls {k} file {t.get(k)!r} does not exist")
+        tls = TLSConfig(cert=str(t["cert"]), key=str(t["key"]),
+                        client_ca=str(t["client_ca"]) if t.get("client_ca") else None)
     auth = _check_keys(d.get("auth") or {}, {"trust"}, loc, ("auth",))
     nets = []
     trust = auth.get("trust") or []

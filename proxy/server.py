@@ -30,10 +30,14 @@ def _mtime(path: str) -> float:
         return -1.0
 
 
-def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+def make_ssl_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
+    if client_ca:
+        # Asked, not required: people bound to a certificate are refused without one (at login).
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(client_ca)
     return ctx
 
 
@@ -61,7 +65,8 @@ class Server:
             store = StateStore(config.state, replica=f"{config.listen_host}:{config.listen_port}",
                                log=lambda event, fields: self.audit.emit(event, None, **fields))
         self.guards = Guards(store, lambda: self.engine.rules, self.spawn)
-        self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
+        self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key, config.tls.client_ca) \
+            if config.tls else None
         self.sessions: set[ClientSession] = set()
         self.connected_at: dict[ClientSession, float] = {}  # for the admin console's SHOW CLIENTS
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
@@ -223,7 +228,7 @@ class Server:
         if tls is None:
             return False
         try:
-            ctx = make_ssl_context(tls.cert, tls.key)
+            ctx = make_ssl_context(tls.cert, tls.key, tls.client_ca)
         except (OSError, ssl.SSLError) as exc:
             self.audit.emit("tls_reload_failed", None, cert=tls.cert, error=str(exc))
             print(f"pgwarden: TLS certificate NOT reloaded, the old one stays: {exc}", file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ server's error is then replaced by pgwarden's own.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import secrets
 import time
@@ -211,6 +212,7 @@ class ClientSession(asyncio.Protocol):
         self.relaying = False
         self.closed = False
         self._over_limit = False
+        self.client_cert: str | None = None  # SHA-256 of a verified client certificate, if one was shown
         # login
         self._rx = bytearray()
         self._waiter: asyncio.Future[None] | None = None
@@ -425,6 +427,8 @@ class ClientSession(asyncio.Protocol):
                     raise ConnectionResetError("TLS handshake failed")
                 self.transport = new  # type: ignore[assignment]
                 self.tls = True
+                der = new.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                self.client_cert = hashlib.sha256(der).hexdigest() if der else None
                 continue
             if isinstance(pkt, GSSENCRequest):
                 self._send(b"N")
@@ -499,6 +503,9 @@ class ClientSession(asyncio.Protocol):
 
     def _device_refusal(self, p: Principal) -> str | None:
         entry = self.server.config.users.get(p.user)
+        if entry is not None and entry.certificates and self.client_cert not in entry.certificates:
+            return (f"pgwarden: user {p.user} must also present their client certificate (TLS), "
+                    + ("and this one is not theirs" if self.client_cert else "and presented none"))
         rules = self.server.engine.rules
         role = None
         if rules is not None:
