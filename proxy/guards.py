@@ -255,6 +255,29 @@ _FETCH = re.compile(
 _DECLARE = re.compile(r"\s*DECLARE\s+(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s", re.IGNORECASE)
 
 
+def skip_comments(sql: str) -> str:
+    """The text after leading whitespace and comments, read as PostgreSQL reads them (/* */ nest)."""
+    i, n = 0, len(sql)
+    while i < n:
+        if sql[i].isspace():
+            i += 1
+        elif sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif sql.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if sql.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif sql.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+        else:
+            break
+    return sql[i:]
+
+
 def cursor_name(raw: str) -> str:
     return raw[1:-1].replace('""', '"') if raw.startswith('"') else raw.lower()
 
@@ -285,14 +308,24 @@ def fetch_rows(sql: str, cap: int) -> tuple[str, int] | None:
     return cursor_name(name), n
 
 
-def decode_param(value: bytes | None, binary: bool) -> str | None:
-    """A bound parameter as the text the quota counts (integers in binary are read as such)."""
+#: Binary parameter types pgwarden reads (OID -> struct format); anything else in binary is refused.
+_BINARY = {20: ">q", 21: ">h", 23: ">i", 700: ">f", 701: ">d"}
+
+
+def decode_param(value: bytes | None, binary: bool, type_oid: int = 0) -> str | None:
+    """A bound parameter as text, to be read as a guest key (canonical_key does the rest).
+
+    A binary value is read only by its declared type: the same eight bytes are a different
+    number as int8 and as float8.
+    """
+    import struct
+
     if value is None:
         return None
     if not binary:
-        text = value.decode("utf-8", "replace")
-        return str(int(text)) if text.strip().lstrip("-").isdigit() else text
-    if len(value) in (2, 4, 8):
-        return str(int.from_bytes(value, "big", signed=True))
-    raise ValueError("a binary parameter of a type pgwarden cannot read")
-
+        return value.decode("utf-8", "replace")
+    fmt = _BINARY.get(type_oid)
+    if fmt is None or struct.calcsize(fmt) != len(value):
+        raise ValueError("a binary parameter of a type pgwarden cannot read")
+    (n,) = struct.unpack(fmt, value)
+    return repr(n) if isinstance(n, float) else str(n)

@@ -30,7 +30,7 @@ from rules.decision import Decision, refuse
 from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
 
 from . import admin_console, auth, upstream
-from .guards import declared_cursor, decode_param, device_refusal, fetch_rows
+from .guards import declared_cursor, decode_param, device_refusal, fetch_rows, skip_comments
 from .audit import principal_fields
 from .identity import Principal
 from .sqltext import split_statements, statement_type, type_from_tag
@@ -148,6 +148,12 @@ class _Suspend(Exception):
 
     def __init__(self, check: Any) -> None:
         self.check = check
+
+
+def _param_key(value: str | None, integer: bool) -> str | None:
+    from rules.lookups import canonical_key
+
+    return None if value is None else canonical_key(value, integer)
 
 
 class _ScopeVerdict:
@@ -651,7 +657,7 @@ class ClientSession(asyncio.Protocol):
                 elif t == _F_EXECUTE:
                     end = payload.find(b"\x00")
                     st = self._portals.get(payload[:end] if end >= 0 else payload)
-                    if st is not None and self.server.guards.store is not None:
+                    if self.server.guards.store is not None and self.principal is not None:
                         replacement = self._guard_execute(st, int.from_bytes(payload[end + 1:end + 5], "big"), now)
                     if replacement is None:
                         run = Run(st[0], st[1]) if st else Run()
@@ -806,7 +812,16 @@ class ClientSession(asyncio.Protocol):
             if self._undecodable else None)
         if problem is not None and engine.restricted(self.principal):
             return refuse(f"pgwarden: {problem}; statement refused")
-        return engine.decide(self.principal, text, self.catalog, self._context)
+        d = engine.decide(self.principal, text, self.catalog, self._context)
+        if guards.store is not None and d.action == "rewrite" and d.sql is not None and d.tables \
+                and d.sql[:7].upper() == "PREPARE":
+            grants, _ = engine.grants(self.principal)
+            if grants is not None and (grants.row_budget or grants.guest_lookups):
+                # Its EXECUTEs could not be counted: the protocol's own prepared statements can.
+                return refuse(f"pgwarden: role {grants.role} has row budgets or lookup quotas, so SQL PREPARE of "
+                              "protected tables is refused; prepare through the protocol (Parse/Bind) instead",
+                              reason="uncounted PREPARE")
+        return d
 
     def _pin_application_name(self, stmt: str) -> str | None:
         """SET application_name = 'x' -> SET application_name = 'person/x' (None: not such a SET)."""
@@ -856,7 +871,7 @@ class ClientSession(asyncio.Protocol):
             self._expect.append(Expect(_P, [Run(text, d)], refusal=err, sql=text))
             poison = msg.name + b"\x00" + POISON_SQL + b"\x00\x00"
             return codec.message(F.PARSE, poison)
-        self._statements[msg.name] = (text, d)
+        self._statements[msg.name] = (text, d, msg.param_types) if d.lookups else (text, d)
         self._expect.append(Expect(_P, sql=text))
         return codec.message(F.PARSE, payload) if pinned is not None else None
 
@@ -981,21 +996,23 @@ class ClientSession(asyncio.Protocol):
         if grants is None or not grants.row_budget or not grants.row_cap:
             return 0
         cap = grants.row_cap
-        head = text.lstrip()[:8].upper()
         if d is not None and d.action == "rewrite" and d.tables:
-            if head.startswith("DECLARE"):
-                name = declared_cursor(text)
+            # Classified on pgwarden's own regenerated text (no comments), never on the client's.
+            if d.sql is not None and d.sql[:7].upper() == "DECLARE":
+                name = declared_cursor(d.sql)
                 if name is not None:
                     self._cursors.add(name)
                 return 0
-            if not head.startswith(("SELECT", "WITH", "TABLE", "VALUES", "(", "COPY", "EXECUTE")):
-                return 0  # writes (RETURNING is masked and capped by the same rules) are not reads
-            return min(max_rows, cap) if max_rows > 0 else cap
-        if head.startswith("FETCH") and self._cursors:
-            f = fetch_rows(text, cap)
-            if f is None:
-                return cap  # a FETCH pgwarden cannot read: assume the most
-            return f[1] if f[0] in self._cursors else 0
+            return min(max_rows, cap) if max_rows > 0 else cap  # anything else may return up to the cap
+        if self._cursors:
+            body = skip_comments(text)
+            if body[:5].upper() == "FETCH":
+                f = fetch_rows(body, cap)
+                if f is None:
+                    return cap  # a FETCH pgwarden cannot read: assume the most
+                return f[1] if f[0] in self._cursors else 0
+            if body[:7].upper() == "EXECUTE" or body[:4].upper() == "MOVE":
+                return cap
         return 0
 
     def _guard_verdict(self, guests: list[str | None], want: int) -> Decision | None:
@@ -1026,31 +1043,50 @@ class ClientSession(asyncio.Protocol):
         except codec.ProtocolError:
             return (st[0], st[1], None)
         formats = bind.param_formats
+        types = st[2] if len(st) > 2 else ()
         values: dict[int, str | None] = {}
         for n, v in enumerate(bind.params, start=1):
             binary = (formats[0] if len(formats) == 1 else formats[n - 1] if len(formats) >= n else 0) == 1
             try:
-                values[n] = decode_param(v, binary)
+                values[n] = decode_param(v, binary, types[n - 1] if len(types) >= n else 0)
             except ValueError:
-                values[n] = None
+                values[n] = None  # unreadable: the lookup is refused
         return (st[0], st[1], values)
 
-    def _guard_execute(self, st: tuple[Any, ...], max_rows: int, now: float) -> bytes | None:
-        """Execute of a portal the guards count: checked first; refused like a Parse if over a limit."""
-        d: Decision = st[1]
-        params = st[2] if len(st) > 2 else None
-        guests = [lk.value if lk.param is None else (params or {}).get(lk.param) for lk in d.lookups]
-        want = self._rows_wanted(st[0], d, max_rows)
-        if not guests and not want:
-            return None
-        refusal = self._guard_verdict(guests, want)
+    def _guard_execute(self, st: tuple[Any, ...] | None, max_rows: int, now: float) -> bytes | None:
+        """Execute under the guards: lockouts and an unreachable store stop it here too (a statement
+        parsed earlier must not outlive them); lookups and rows are counted first. A refused Execute
+        is answered like a refused Parse, and the server skips to Sync."""
+        assert self.principal is not None
+        engine = self.server.engine
+        guards = self.server.guards
+        refusal: Decision | None = None
+        blocked = guards.block(self.principal, engine.restricted(self.principal))
+        if blocked is not None:
+            refusal = refuse(blocked[0], reason=blocked[1])
+        elif st is None or st[1] is None:
+            grants, _ = engine.grants(self.principal)
+            if grants is not None and (grants.guest_lookups or grants.row_budget):
+                # A portal pgwarden did not see bound (a SQL cursor, a SQL-prepared statement): it
+                # cannot be counted, so for a role with quotas or budgets it is not run.
+                refusal = refuse(f"pgwarden: role {grants.role} may Execute only statements prepared through the "
+                                 "protocol (Parse/Bind); read SQL cursors with FETCH", reason="uncounted portal")
+        else:
+            d: Decision = st[1]
+            params = st[2] if len(st) > 2 else None
+            guests = [lk.value if lk.param is None else _param_key((params or {}).get(lk.param), lk.integer)
+                      for lk in d.lookups]
+            want = self._rows_wanted(st[0], d, max_rows)
+            if guests or want:
+                refusal = self._guard_verdict(guests, want)
         if refusal is None:
             return None
+        text = st[0] if st is not None else ""
         err = codec.error_response(refusal.sqlstate, refusal.message)
-        run = Run(st[0], refusal)
+        run = Run(text, refusal)
         run.start = now
         run.guard = self._take_guard()
-        self._expect.append(Expect(_P, [run], refusal=err, sql=st[0]))
+        self._expect.append(Expect(_P, [run], refusal=err, sql=text))
         return codec.message(F.PARSE, b"pgwarden_refused\x00" + POISON_SQL + b"\x00\x00")
 
     def _wait_for_guard(self, check: Any) -> None:

@@ -206,8 +206,11 @@ class StateStore:
         #: user -> locked until (UTC), as last pushed or loaded; the lockout check reads only this.
         self.lockouts: dict[str, datetime] = {}
         self.lock_reasons: dict[str, str] = {}
-        #: tickets closed since start (pushed): sessions using one stop at their next statement.
+        #: recently closed tickets: sessions using one stop at their next statement.
         self.closed_tickets: set[str] = set()
+        self._reload_pending = False
+        self._reload_again = False
+        self._reload_task: asyncio.Task[None] | None = None
         #: users whose refusal streak is not zero (so an allowed statement knows to reset it).
         self.streaking: set[str] = set()
         self.healthy = False
@@ -307,28 +310,33 @@ class StateStore:
         self.lock_reasons = {r["user_name"]: r["reason"] for r in rows}
         rows = await self._pool.fetch(f"SELECT user_name FROM {s}.refusal_streaks WHERE streak > 0")
         self.streaking = {r["user_name"] for r in rows}
+        rows = await self._pool.fetch(f"SELECT id FROM {s}.tickets WHERE status = 'closed' "
+                                      "AND closed_at > now() - interval '7 days'")
+        self.closed_tickets = {r["id"] for r in rows}
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        try:
-            msg = json.loads(payload)
-            user = str(msg["user"])
-            kind = msg["kind"]
-        except (ValueError, KeyError, TypeError):
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        """A hint that something changed: read it back from the tables, never from the payload.
+
+        Any login may NOTIFY on any channel; only what the state schema's owner wrote counts.
+        """
+        if self._reload_pending or self._pool is None:
+            self._reload_again = True
             return
-        if kind == "lock":
-            self.lockouts[user] = datetime.fromtimestamp(float(msg["until"]), timezone.utc)
-            self.lock_reasons[user] = str(msg.get("reason", ""))
-            self.streaking.discard(user)
-        elif kind == "ticket_closed":
-            self.closed_tickets.add(str(msg.get("ticket", "")))
-        elif kind == "unlock":
-            self.lockouts.pop(user, None)
-            self.streaking.discard(user)
-        elif kind == "streak":
-            if int(msg.get("streak", 0)) > 0:
-                self.streaking.add(user)
-            else:
-                self.streaking.discard(user)
+        self._reload_pending = True
+
+        async def reload() -> None:
+            try:
+                while True:
+                    self._reload_again = False
+                    await self._reload()
+                    if not self._reload_again:
+                        return
+            except Exception:  # noqa: BLE001 - the keep-alive loop notices a dead store
+                pass
+            finally:
+                self._reload_pending = False
+
+        self._reload_task = asyncio.get_running_loop().create_task(reload())
 
     def _require(self) -> asyncpg.Pool:
         if self._pool is None or not self.healthy:
@@ -455,8 +463,9 @@ async def unlock_on(conn: asyncpg.Connection, schema: str, user: str) -> bool:
     n = await conn.fetchval(f"""
 WITH d AS (DELETE FROM {schema}.lockouts WHERE user_name = $1 RETURNING 1),
      r AS (UPDATE {schema}.refusal_streaks SET streak = 0 WHERE user_name = $1 RETURNING 1)
-SELECT count(*) FROM d, LATERAL (SELECT pg_notify($2, json_build_object('kind', 'unlock', 'user', $1::text)::text)) n
-""", user, channel(schema))
+SELECT count(*) FROM d""", user)
+    # Always: every replica re-reads the lockouts (whatever it may have been told by others).
+    await conn.execute("SELECT pg_notify($1, $2)", channel(schema), json.dumps({"kind": "unlock", "user": user}))
     return bool(n)
 
 

@@ -1150,11 +1150,21 @@ def _check_dml_columns(tree: exp.Expression, target: exp.Table, rel: Relation, g
                 ok.add(id(found[0]))
     if not protected:
         return ok
+    qual = normalise_identifier(_target_qualifier(target).name, False)
+    # An INSERT's source (and WITH) cannot see the new row: their columns are other tables' (fenced).
+    elsewhere = {id(c) for part in (tree.args.get("expression"), tree.args.get("with"))
+                 if isinstance(tree, exp.Insert) and part is not None for c in part.find_all(exp.Column)}
     for col in tree.find_all(exp.Column):
         n = _column_name(col)
-        if n in protected and id(col) not in ok and not _inside_subquery(col, tree):
-            raise Refused(f"pgwarden: role {ctx.role} may not use column {protected[n]} in "
-                          f"{type(tree).__name__.upper()}")
+        if n not in protected or id(col) in ok or id(col) in elsewhere:
+            continue
+        # Inside a subquery too: `(SELECT phone)` is a correlated reference to the raw target row.
+        # Only a column qualified with another table's name is surely not the target's.
+        if col.table and normalise_identifier(col.table, False) != qual and _inside_subquery(col, tree):
+            continue
+        raise Refused(f"pgwarden: role {ctx.role} may not use column {protected[n]} in "
+                      f"{type(tree).__name__.upper()}" + (" (qualify a column of another table with its name)"
+                                                          if _inside_subquery(col, tree) else ""))
     return ok
 
 

@@ -452,7 +452,9 @@ def test_utility_statements(guarded: Proxy, sql: str) -> None:  # noqa: F811
 
 
 def test_prepare_execute_and_cursors_stay_masked(guarded: Proxy) -> None:  # noqa: F811
-    with psycopg.connect(guarded.dsn("bob"), autocommit=True) as c:
+    # bob has lookup quotas and a row budget: SQL PREPARE's EXECUTEs could not be counted, so it is refused.
+    assert_refused(attempt(guarded, "bob", "PREPARE p0 AS SELECT phone FROM cs_records WHERE guest_id = 3"))
+    with psycopg.connect(guarded.dsn("frank"), autocommit=True) as c:
         c.execute("PREPARE p1 AS SELECT phone FROM cs_records ORDER BY id LIMIT 5")
         rows = c.execute("EXECUTE p1").fetchall()
         assert rows and all(PHONE_MASK.fullmatch(r[0]) for r in rows)
