@@ -1104,10 +1104,20 @@ class ClientSession(asyncio.Protocol):
             if self.closed:
                 return
             held, self._held = self._held or [], None
-            self._verdict = verdict
             if self.transport is not None and not self._client_paused:
                 self.transport.resume_reading()
-            self._handle_client(held, None)
+            # The answer belongs to the message that asked (the head) and to no other.
+            self._verdict = verdict
+            self._handle_client(held[:1], None)
+            if self._verdict is verdict:  # not asked again (a lockout or a reload came in between)
+                self._verdict = None
+                reserved = getattr(verdict, "reserved", None)
+                if reserved is not None and self.principal is not None:
+                    self.server.guards.give_back(self.principal, reserved, 0)
+            if self._held is not None:  # the head waits again: the rest stays behind it
+                self._held.extend(held[1:])
+            elif len(held) > 1:
+                self._handle_client(held[1:], None)
 
         self.server.spawn(wait())
 
@@ -1219,7 +1229,8 @@ class ClientSession(asyncio.Protocol):
                 head.index = len(runs)  # the rest of the Query is not run
                 if late is not None:
                     run.decision = late
-                self._finish(run, "refused" if refusal else "error", None, 0, None if refusal else err)
+                sent = max(self._scanner.rows - head.rows0, 0) if refusal is None else 0  # rows before the error
+                self._finish(run, "refused" if refusal else "error", None, sent, None if refusal else err)
             return replacement
         # Extended protocol: the server now skips everything up to Sync.
         failed: Run | None = None
@@ -1240,7 +1251,7 @@ class ClientSession(asyncio.Protocol):
                 failed.decision = head.runs[0].decision
             self._finish(failed, "refused", None, 0, None)
         else:
-            self._finish(failed, "error", None, 0, err)
+            self._finish(failed, "error", None, max(self._scanner.rows - head.rows0, 0), err)
         return replacement
 
     def _row_cap_error(self) -> bytes:

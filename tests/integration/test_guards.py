@@ -472,3 +472,92 @@ def test_a_client_certificate_as_second_factor(cluster: PgCluster, tmp_path: Pat
         assert connect("dave") == [(1,)]  # no certificate bound: the password alone
     finally:
         p.thread.stop()
+
+
+# ---------------------------------------------------------------------------
+# bypasses an adversarial review demonstrated (each closed; each asserted here)
+# ---------------------------------------------------------------------------
+
+
+def raw_execute(p: Proxy, user: str, setup: str, portal: str) -> list[tuple[int, bytes]]:
+    """A simple-protocol setup, then Execute of a portal by name + Sync, over the raw protocol."""
+    from proxy.wire import codec
+    from proxy.wire.codes import B, F
+    from tests.integration.fix_wire import login, simple_query
+
+    async def go() -> list[tuple[int, bytes]]:
+        conn = await login(p.port, user=user)
+        try:
+            await simple_query(conn, setup)
+            conn.send(codec.message(F.EXECUTE, portal.encode() + b"\x00" + (0).to_bytes(4, "big"))
+                      + codec.message(F.SYNC))
+            return await conn.recv_until(B.READY_FOR_QUERY)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def test_a_sql_cursor_portal_cannot_be_executed_uncounted(budget_pair: tuple[Proxy, Proxy]) -> None:
+    from tests.integration.fix_wire import data_rows, errors
+
+    a, _ = budget_pair
+    msgs = raw_execute(a, "gina", "BEGIN; DECLARE cur0 CURSOR FOR SELECT id FROM cs_records LIMIT 10", "cur0")
+    assert data_rows(msgs) == []
+    (err,) = errors(msgs)
+    assert err.sqlstate == "42501" and "may Execute only statements prepared through the protocol" in err.message
+
+
+def test_a_lockout_stops_statements_prepared_before_it(pair: tuple[Proxy, Proxy]) -> None:
+    a, b = pair
+    q = "SELECT count(*) FROM cs_records WHERE category = %s"
+    with psycopg.connect(a.dsn("bob"), autocommit=True) as held:
+        assert held.execute(q, ("complaint",), prepare=True).fetchall()  # Parse + Bind + Execute
+        for _ in range(3):
+            assert sqlstate(attempt(b, "bob", "SELECT * FROM guests")) == "42501"
+        wait_until(lambda: isinstance(attempt(a, "bob", "SELECT 1"), psycopg.Error))
+        with pytest.raises(psycopg.Error) as ei:
+            held.execute(q, ("complaint",), prepare=True)  # Bind + Execute only, of the earlier Parse
+        assert ei.value.sqlstate == "42501" and LOCKED in str(ei.value)
+
+
+def test_a_forged_notify_neither_unlocks_nor_locks(pair: tuple[Proxy, Proxy], cluster: PgCluster,
+                                                   schema: str) -> None:
+    a, _ = pair
+    for _ in range(3):
+        attempt(a, "gina", "SELECT * FROM guests")
+    wait_until(lambda: isinstance(attempt(a, "gina", "SELECT 1"), psycopg.Error))
+    # Any database login may NOTIFY on any channel (here the service account clients run as).
+    with psycopg.connect(cluster.dsn(cluster.service_user), autocommit=True) as svc:
+        svc.execute("SELECT pg_notify(%s, %s)", (f"{schema}_guards", json.dumps({"kind": "unlock", "user": "gina"})))
+        svc.execute("SELECT pg_notify(%s, %s)", (f"{schema}_guards",
+                                                 json.dumps({"kind": "lock", "user": "frank", "until": 4102444800})))
+    time.sleep(1.0)
+    assert isinstance(attempt(a, "gina", "SELECT 1"), psycopg.Error)  # still locked out
+    assert attempt(a, "frank", "SELECT 1") == [(1,)]                  # never locked out
+
+
+def test_one_guest_spelled_many_ways_is_one_guest(pair: tuple[Proxy, Proxy], cluster: PgCluster,
+                                                  schema: str) -> None:
+    a, b = pair
+    (g,), = direct(cluster, "SELECT guest_id FROM cs_records WHERE department = 'FO' AND NOT legal_hold AND "
+                            "created_at >= now() - interval '70 hours' GROUP BY guest_id ORDER BY guest_id LIMIT 1")
+    spellings = [(a, f"SELECT count(*) FROM cs_records WHERE guest_id = {g}.0", None),
+                 (b, "SELECT count(*) FROM cs_records WHERE guest_id = %s", (f" +{g}",)),
+                 (a, f"SELECT count(*) FROM cs_records WHERE guest_id IN ('0{g}')", None)]
+    for p, sql, params in spellings:
+        assert isinstance(attempt(p, "bob", sql, params), list), sql
+    err = attempt(b, "bob", "SELECT count(*) FROM cs_records WHERE guest_id = %s", (f"{g}",))
+    assert sqlstate(err) == "42501" and "3 times this month" in str(err)
+    assert direct(cluster, f"SELECT guest, lookups FROM {schema}.guest_lookups") == [(str(g), 3)]
+
+
+def test_dml_subqueries_cannot_read_the_target_row_unmasked(pair: tuple[Proxy, Proxy]) -> None:
+    a, _ = pair
+    with psycopg.connect(a.dsn("pms")) as c:
+        for sql in ["UPDATE cs_records SET severity = 'major' WHERE agent = 'pms' RETURNING id, (SELECT phone)",
+                    "UPDATE cs_records SET severity = 'major' WHERE (SELECT id_number) LIKE '1101%'"]:
+            with pytest.raises(psycopg.Error) as ei:
+                c.execute(sql)
+            assert ei.value.sqlstate == "42501", sql
+            c.rollback()
