@@ -27,6 +27,20 @@ def add_guard_commands(sub: Any) -> None:
     u.set_defaults(fn=_unlock, command="unlock")
 
 
+def with_state(state: Any, work: Any) -> Any:
+    """Run ``work(connection)`` (a coroutine) on one connection to the state store, then close it."""
+    from .statestore import connect
+
+    async def run() -> Any:
+        conn = await connect(state)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def _state_config(args: argparse.Namespace) -> tuple[Config, Any] | int:
     try:
         cfg = load_config(args.config)
@@ -40,22 +54,15 @@ def _state_config(args: argparse.Namespace) -> tuple[Config, Any] | int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .statestore import apply_migrations, connect, latest_version
+    from .statestore import apply_migrations, latest_version
 
     got = _state_config(args)
     if isinstance(got, int):
         return got
     _, state = got
 
-    async def run() -> list[int]:
-        conn = await connect(state)
-        try:
-            return await apply_migrations(conn, state.schema)
-        finally:
-            await conn.close()
-
     try:
-        applied = asyncio.run(run())
+        applied = with_state(state, lambda conn: apply_migrations(conn, state.schema))
     except Exception as exc:  # noqa: BLE001 - said plainly
         print(f"pgwarden: cannot migrate the state store: {exc}", file=sys.stderr)
         return 1
@@ -108,7 +115,7 @@ def add_actor_arguments(p: Any) -> None:
 
 def _unlock(args: argparse.Namespace) -> int:
     from .audit import AuditLog
-    from .statestore import connect, unlock_on
+    from .statestore import unlock_on
 
     got = authenticate_actor(args)
     if isinstance(got, int):
@@ -120,15 +127,8 @@ def _unlock(args: argparse.Namespace) -> int:
               f"{', '.join(sorted(allowed)) or 'nobody'})", file=sys.stderr)
         return 3
 
-    async def run() -> bool:
-        conn = await connect(state)
-        try:
-            return await unlock_on(conn, state.schema, args.user)
-        finally:
-            await conn.close()
-
     try:
-        lifted = asyncio.run(run())
+        lifted = with_state(state, lambda conn: unlock_on(conn, state.schema, args.user))
     except Exception as exc:  # noqa: BLE001 - said plainly
         print(f"pgwarden: cannot reach the state store: {exc}", file=sys.stderr)
         return 1

@@ -7,14 +7,13 @@ password (see proxy/cli_guards.py). Every command that changes a ticket writes a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .cli_guards import add_actor_arguments, authenticate_actor
+from .cli_guards import add_actor_arguments, authenticate_actor, with_state
 
 
 def add_ticket_commands(sub: Any) -> None:
@@ -45,7 +44,6 @@ def add_ticket_commands(sub: Any) -> None:
 
 
 def _ticket(args: argparse.Namespace) -> int:
-    from .statestore import connect
     from .ticketstore import TicketError
 
     got = authenticate_actor(args)
@@ -56,15 +54,8 @@ def _ticket(args: argparse.Namespace) -> int:
         "request": _request, "approve": _decide, "reject": _decide, "close": _close, "list": _list,
         "show": _show, "overdue": _overdue}[args.ticket_command]
 
-    async def run() -> int:
-        conn = await connect(state)
-        try:
-            return await action(Ctx(args, cfg, state.schema, rules, actor, conn))
-        finally:
-            await conn.close()
-
     try:
-        return asyncio.run(run())
+        return int(with_state(state, lambda conn: action(Ctx(args, cfg, state.schema, rules, actor, conn))))
     except TicketError as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)
         return 4

@@ -257,25 +257,9 @@ _DECLARE = re.compile(r"\s*DECLARE\s+(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]
 
 def skip_comments(sql: str) -> str:
     """The text after leading whitespace and comments, read as PostgreSQL reads them (/* */ nest)."""
-    i, n = 0, len(sql)
-    while i < n:
-        if sql[i].isspace():
-            i += 1
-        elif sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
-        elif sql.startswith("/*", i):
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-        else:
-            break
-    return sql[i:]
+    from .sqltext import skip_space_and_comments
+
+    return sql[skip_space_and_comments(sql, 0, parens=False):]
 
 
 def cursor_name(raw: str) -> str:

@@ -98,7 +98,7 @@ def _line_end(sql: str, i: int) -> int:
 
 
 def _only_comments(piece: str) -> bool:
-    return _skip_space_and_comments(piece, 0, parens=False) >= len(piece)
+    return skip_space_and_comments(piece, 0, parens=False) >= len(piece)
 
 
 def _skip_string(sql: str, i: int, escapes: bool) -> int:
@@ -117,7 +117,7 @@ def _skip_string(sql: str, i: int, escapes: bool) -> int:
     return n
 
 
-def _skip_space_and_comments(sql: str, i: int = 0, parens: bool = True) -> int:
+def skip_space_and_comments(sql: str, i: int = 0, parens: bool = True) -> int:
     n = len(sql)
     while i < n:
         c = sql[i]
@@ -141,7 +141,7 @@ def _skip_space_and_comments(sql: str, i: int = 0, parens: bool = True) -> int:
 
 def statement_type(sql: str) -> str:
     """The leading keyword, upper-cased ('SELECT', 'WITH', 'COPY'...), or '' for none."""
-    m = _WORD.match(sql, _skip_space_and_comments(sql))
+    m = _WORD.match(sql, skip_space_and_comments(sql))
     return m.group(0).upper() if m else ""
 
 

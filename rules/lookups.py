@@ -310,24 +310,23 @@ def _conditions(scope: exp.Expression) -> list[exp.Expression]:
     return out
 
 
-def _conjuncts(e: exp.Expression) -> Iterator[exp.Expression]:
+def _flatten(e: exp.Expression, kind: type[exp.Expression]) -> Iterator[exp.Expression]:
+    """The operands of a chain of ANDs (or ORs), parentheses dropped."""
     while isinstance(e, exp.Paren):
         e = e.this
-    if isinstance(e, exp.And):
-        yield from _conjuncts(e.this)
-        yield from _conjuncts(e.expression)
+    if isinstance(e, kind):
+        yield from _flatten(e.this, kind)
+        yield from _flatten(e.expression, kind)
     else:
         yield e
+
+
+def _conjuncts(e: exp.Expression) -> Iterator[exp.Expression]:
+    return _flatten(e, exp.And)
 
 
 def _disjuncts(e: exp.Expression) -> Iterator[exp.Expression]:
-    while isinstance(e, exp.Paren):
-        e = e.this
-    if isinstance(e, exp.Or):
-        yield from _disjuncts(e.this)
-        yield from _disjuncts(e.expression)
-    else:
-        yield e
+    return _flatten(e, exp.Or)
 
 
 class _Classes:
