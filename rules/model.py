@@ -564,6 +564,17 @@ def _sql(template: str, **nodes: exp.Expression) -> exp.Expression:
     return tree.transform(put)
 
 
+def _secondment(p: Principal) -> tuple[str, str, str] | None:
+    """(original department, from, until) of a person on secondment (attribute ``secondment``)."""
+    sec = p.attributes.get("secondment")
+    if not isinstance(sec, Mapping):
+        return None
+    home, start, until = sec.get("home_department"), sec.get("from"), sec.get("until")
+    if not (home and start and until):
+        raise ValueError(f"user {p.user}: secondment needs home_department, from and until")
+    return str(home), str(start), str(until)
+
+
 def principal_value(ref: Any, p: Principal) -> Any:
     """'principal.user' / 'principal.department' / 'principal.attributes.x' -> the value; else ref itself."""
     if not isinstance(ref, str) or not ref.startswith("principal."):
@@ -624,7 +635,17 @@ def condition_sql(c: Condition, t: TableRules, rules: Rules, p: Principal) -> ex
     if c.kind == "own_department":
         if p.department is None:
             return exp.false()  # no department: no department's rows
-        return _op(_col(t.department_column or ""), "=", _lit(p.department))
+        home = _secondment(p)
+        if home is None:
+            return _op(_col(t.department_column or ""), "=", _lit(p.department))
+        # Seconded (R1.5): during the window, still only the original department; decided by
+        # PostgreSQL at the statement's time, like every other window.
+        dept, start, until = home
+        now = _sql("pg_catalog.statement_timestamp()")
+        during = exp.and_(_op(now, ">=", exp.Cast(this=_lit(start), to=exp.DataType.build("timestamptz"))),
+                          _op(now, "<", exp.Cast(this=_lit(until), to=exp.DataType.build("timestamptz"))))
+        which = exp.Case(ifs=[exp.If(this=during, true=_lit(dept))], default=_lit(p.department))
+        return _op(_col(t.department_column or ""), "=", exp.Paren(this=which))
     if c.kind == "column":
         col = _col(str(c.args["name"]))
         if "equals" in c.args:

@@ -83,3 +83,18 @@ def test_current_shift_window(cluster: PgCluster, local_now: str, first_in: str,
     with psycopg.connect(cluster.dsn(cluster.superuser, cluster.superuser_password)) as conn:
         got = {r[0] for r in conn.execute(f"SELECT n FROM ({rows}) s WHERE {where}").fetchall()}
     assert got == {"in", "now"}
+
+
+def test_seconded_staff_see_only_their_original_department_during_the_window(cluster: PgCluster) -> None:
+    # bob is seconded from FO to HK (his department now says HK) for November: he still sees FO then.
+    sec = {"home_department": "FO", "from": "2026-11-01T00:00:00+08:00", "until": "2026-12-01T00:00:00+08:00"}
+    during = datetime(2026, 11, 15, tzinfo=timezone.utc)
+    after = datetime(2026, 12, 15, tzinfo=timezone.utc)
+    for at, dept in ((during, "FO"), (after, "HK")):
+        where = filter_sql("bob", "supervisor", "HK", "public.cs_records", at, secondment=sec)
+        got = count(cluster, "public.cs_records", f"({where}) AND department <> '{dept}'")
+        assert got == 0, (at, where)
+        # the same filter with his department's name put in plainly selects the same rows
+        plain = filter_sql("bob", "supervisor", dept, "public.cs_records", at)
+        n = count(cluster, "public.cs_records", plain)
+        assert count(cluster, "public.cs_records", where) == n and (n > 0 or at is after)
