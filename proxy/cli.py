@@ -1,4 +1,4 @@
-"""The ``pgwarden`` command: serve, passwd, check, explain, demo."""
+"""The ``pgwarden`` command: serve, passwd, check, explain, demo, audit, retention."""
 
 from __future__ import annotations
 
@@ -158,6 +158,23 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, tour=args.tour, records=args.records)
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    from .audit_files import numbered_lines
+    from .audit_verify import render, verify
+
+    try:
+        result = verify(numbered_lines(args.files), from_start=args.from_start)
+    except OSError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    if not result.chains and not result.broken:
+        print("pgwarden: no audit events in the files given", file=sys.stderr)
+        return 1
+    for line in render(result):
+        print(line)
+    return 0 if result.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pgwarden", description="Access-control proxy for PostgreSQL.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -193,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--tour", action="store_true", help="run a scripted tour of queries as several users, then exit")
     d.add_argument("--records", type=int, default=200_000, help="customer-service records to generate")
     d.set_defaults(fn=_demo)
+
+    a = sub.add_parser("audit", help="verify, search and report on audit files")
+    asub = a.add_subparsers(dest="audit_cmd", required=True)
+    v = asub.add_parser("verify", help="check the hash chains: first edited, missing or reordered event per replica")
+    v.add_argument("files", nargs="+", help="audit files (.jsonl, .jsonl.gz) or directories holding them")
+    v.add_argument("--from-start", action="store_true",
+                   help="fail unless every replica's chain starts at its first event (seq 1)")
+    v.set_defaults(fn=_audit_verify)
 
     args = ap.parse_args(argv)
     return int(args.fn(args))

@@ -15,7 +15,7 @@ from typing import Any
 from rules.engine import Engine
 
 from . import upstream
-from .audit import AuditLog
+from .audit import AuditLog, default_replica
 from .config import Config
 from .session import ClientSession
 
@@ -50,7 +50,8 @@ class Server:
         self._catalogs: dict[str, Any] = {}
         self._rules_mtime = 0.0
         self._catalog_locks: dict[str, asyncio.Lock] = {}
-        self.audit = audit or AuditLog(config.audit_path)
+        self.audit = audit or AuditLog(config.audit_path, on_failure=config.audit_on_failure,
+                                       replica=config.audit_replica or default_replica(config.listen_port))
         self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
         self.sessions: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
@@ -165,6 +166,11 @@ class Server:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         for t in list(self._tasks):
             t.cancel()
+        # Closed sessions write their last events (disconnect, abandoned statements) from
+        # connection_lost, on a later loop turn: let them before the audit log closes.
+        deadline = asyncio.get_running_loop().time() + 5
+        while self.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         self.audit.close()
 
 

@@ -70,6 +70,8 @@ SAFE_ENCODINGS = frozenset({
     "WIN1250", "WIN1251", "WIN1252", "KOI8R",
 })
 POISON_SQL = b"pgwarden refused this statement\x00"
+AUDIT_FAILING = ("pgwarden: the audit log cannot be written, so statements of restricted roles are refused "
+                 "until it can; tell the pgwarden administrator")
 # SET application_name = 'x' would hide the person from the DBA (or name another one): keep the prefix.
 _SET_APPNAME = re.compile(
     r"\s*SET\s+(?:SESSION\s+|LOCAL\s+)?application_name\s*(?:=|\bTO\b)\s*"
@@ -679,6 +681,9 @@ class ClientSession(asyncio.Protocol):
             if self._undecodable else None)
         if problem is not None and engine.restricted(self.principal):
             return refuse(f"pgwarden: {problem}; statement refused")
+        # --- audit log failing (issue 6): restricted roles never run unlogged statements ---
+        if self.server.audit.refusing and engine.restricted(self.principal):
+            return refuse(AUDIT_FAILING, reason=f"audit log cannot be written: {self.server.audit.failure}")
         return engine.decide(self.principal, text, self.catalog, self._context)
 
     def _pin_application_name(self, stmt: str) -> str | None:
