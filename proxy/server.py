@@ -166,11 +166,6 @@ class Server:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         for t in list(self._tasks):
             t.cancel()
-        # Closed sessions write their last events (disconnect, abandoned statements) from
-        # connection_lost, on a later loop turn: let them before the audit log closes.
-        deadline = asyncio.get_running_loop().time() + 5
-        while self.sessions and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
         self.audit.close()
 
 
