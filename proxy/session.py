@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from rules.decision import Decision, refuse
 from rules.rewrite import ROW_CAP_MARKER
 
-from . import auth, upstream
+from . import auth, receipts, upstream
 from .audit import principal_fields
 from .identity import Principal
 from .sqltext import split_statements, statement_type, type_from_tag
@@ -780,15 +780,17 @@ class ClientSession(asyncio.Protocol):
                     runs[-1].start = runs[0].start
                 run = runs[head.index]
                 head.index += 1
-                self._finish(run, "ok", _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
+                slip = self._finish(run, "ok", _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
                 head.rows0 = rows
                 if head.index < len(runs):
                     runs[head.index].start = time.perf_counter()
             elif head.kind == _E:
                 expect.popleft()
-                self._finish(head.runs[0], "suspended" if t == _M_SUSPENDED else "ok",  # type: ignore[index]
-                             _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
-            return None
+                slip = self._finish(head.runs[0], "suspended" if t == _M_SUSPENDED else "ok",  # type: ignore[index]
+                                    _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
+            else:
+                return None
+            return None if slip is None else slip + codec.message(t, payload)  # the receipt, then this message
         if t == _M_READY:
             self.tx_status = chr(payload[0]) if payload else "I"
             if expect and expect[0].kind in (_S, _Q, _F):
@@ -891,10 +893,13 @@ class ClientSession(asyncio.Protocol):
                 "standard_conforming_strings is off, so backslashes in strings would be read differently")
 
     def _finish(self, run: Run, outcome: str, tag: tuple[str, int | None] | None, rows: int,
-                err: Any = None) -> None:
-        """Write the statement's audit event. ``tag``: (type, rows) from its CommandComplete, if any."""
+                err: Any = None) -> bytes | None:
+        """Write the statement's audit event. ``tag``: (type, rows) from its CommandComplete, if any.
+
+        Returns the receipt notice to send the client before the CommandComplete, if the statement gets one.
+        """
         if run.done:
-            return
+            return None
         run.done = True
         self.statements += 1
         dur = (time.perf_counter() - run.start) * 1000.0 if run.start else 0.0
@@ -913,6 +918,7 @@ class ClientSession(asyncio.Protocol):
             fields["sqlstate"] = err.sqlstate
             fields["error"] = err.message
         d = run.decision
+        slip: bytes | None = None
         if d is not None and d.action == "rewrite":
             fields["decision"] = "rewrite"
             fields["rewritten"] = d.redacted_sql if d.redacted else d.sql
@@ -922,6 +928,11 @@ class ClientSession(asyncio.Protocol):
                 fields["masked"] = list(d.masked)
             if d.hidden:
                 fields["hidden"] = list(d.hidden)
+            # --- receipt for a read of personal data (issue 6, R5.4) ---
+            if stype == "SELECT" and (outcome == "ok" or outcome == "suspended") and (
+                    d.masked or d.hidden or not self.server.engine.protected.isdisjoint(d.tables)):
+                fields["receipt"] = rid = receipts.new_receipt()
+                slip = receipts.receipt_notice(receipts.receipt_text(rid, rows, d.tables, d.masked, d.hidden))
         if d is not None and d.flags:
             fields["flags"] = list(d.flags)
         if outcome == "refused" and d is not None:
@@ -930,6 +941,7 @@ class ClientSession(asyncio.Protocol):
         elif outcome == "refused":
             fields["sqlstate"] = SqlState.INSUFFICIENT_PRIVILEGE
         self.server.audit.emit_with("statement", self._audit_base, fields)
+        return slip
 
     # --- endings ------------------------------------------------------------------------------
 

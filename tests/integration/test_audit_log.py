@@ -147,3 +147,63 @@ def _run_quietly(conn: psycopg.Connection, sql: str) -> BaseException | None:
     except psycopg.Error as exc:
         return exc
     return None
+
+
+@pytest.fixture(scope="module")
+def guarded(cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    p = start_proxy(cluster, str(tmp_path_factory.mktemp("receipts")), rules=str(HOTEL))
+    try:
+        yield p
+    finally:
+        p.thread.stop()
+
+
+ALICE_MASKED = "masked: bank_card, content, guest_name, id_number, phone"
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])
+def test_receipt_notice_through_psycopg_matches_the_audit_event(guarded: Proxy, prepare: bool) -> None:
+    guarded.take_events()
+    notices: list[tuple[str | None, ...]] = []
+    with psycopg.connect(guarded.dsn("alice"), autocommit=True) as c:
+        # A Diagnostic is only valid inside the handler: copy its fields.
+        c.add_notice_handler(lambda d: notices.append((d.severity, d.sqlstate, d.message_primary)))
+        rows = c.execute("SELECT id, phone FROM cs_records ORDER BY id LIMIT 7", prepare=prepare).fetchall()
+        assert len(rows) == 7
+        c.execute("SELECT 1", prepare=prepare).fetchall()  # reads no protected table: no receipt
+    assert len(notices) == 1
+    severity, sqlstate, message = notices[0]
+    assert (severity, sqlstate) == ("NOTICE", "00000")
+    evs = [e for e in guarded.take_events() if e["statement"].startswith("SELECT id, phone")]
+    assert len(evs) == 1 and evs[0]["rows"] == 7
+    rid = evs[0]["receipt"]
+    assert rid.startswith("R-") and len(rid) == 18
+    assert message == f"pgwarden receipt {rid}: 7 rows from cs_records, {ALICE_MASKED}"
+
+
+def test_receipt_counts_rows_and_tables_of_a_join_for_the_general_manager(guarded: Proxy) -> None:
+    guarded.take_events()
+    notices: list[str] = []
+    with psycopg.connect(guarded.dsn("dave"), autocommit=True) as c:
+        c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        got = c.execute("SELECT r.id, g.name FROM cs_records r JOIN guests g ON g.id = r.guest_id "
+                        "ORDER BY r.id LIMIT 3").fetchall()
+        assert len(got) == 3
+    (ev,) = guarded.take_events()
+    assert ev["flags"] == ["internal_audit"]
+    assert notices == [f"pgwarden receipt {ev['receipt']}: 3 rows from cs_records, guests, masked: "
+                       "guests.bank_card, guests.email, guests.id_number, guests.name, guests.phone"]
+
+
+def test_receipt_in_psql_for_each_statement_of_a_query(guarded: Proxy) -> None:
+    guarded.take_events()
+    r = subprocess.run(["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(guarded.port), "-U", "bob", "-d", "hotel",
+                        "-c", "SELECT count(*) FROM cs_records; SELECT 2"],
+                       env={"PGPASSWORD": "demo", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    evs = guarded.take_events()
+    assert [e.get("receipt") is not None for e in evs] == [True, False]
+    assert r.stderr == (f"NOTICE:  pgwarden receipt {evs[0]['receipt']}: 1 row from cs_records, "
+                        "masked: bank_card, content, id_number, phone\n")
+    assert r.stdout.splitlines()[1] == "2"
