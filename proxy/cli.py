@@ -262,6 +262,56 @@ def _audit_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retention(args: argparse.Namespace) -> int:
+    """Plan (dry run, the default) or apply the retention rules; every rule is audited either way."""
+    import getpass
+
+    from rules.retention import load_retention
+
+    from .audit import AuditLog, default_replica
+    from .retention import render, run
+
+    try:
+        cfg = load_config(args.config)
+        rules_path = args.rules or cfg.rules_path
+        if not rules_path:
+            print("pgwarden: no rules: give --rules or set rules: in the config", file=sys.stderr)
+            return 2
+        retention = load_retention(rules_path)
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    if not retention:
+        print(f"pgwarden: {rules_path} has no retention: section", file=sys.stderr)
+        return 2
+    apply = args.action == "apply"
+
+    async def go() -> list:  # type: ignore[type-arg]
+        import asyncpg
+
+        up = cfg.upstream
+        if args.dsn:
+            conn = await asyncpg.connect(args.dsn)
+        else:
+            conn = await asyncpg.connect(host=up.host, port=up.port, user=up.user, password=up.password,
+                                         database=args.database, ssl=False if up.sslmode == "disable" else "prefer")
+        audit = AuditLog(cfg.audit_path, replica=default_replica() + ":retention")
+        try:
+            return await run(conn, retention, apply=apply, audit=audit, batch=args.batch, actor=getpass.getuser())
+        finally:
+            audit.close()
+            await conn.close()
+
+    try:
+        results = asyncio.run(go())
+    except Exception as exc:  # noqa: BLE001 - a database problem, said plainly; each rule is its own transaction
+        print(f"pgwarden: retention {args.action} failed: {exc}", file=sys.stderr)
+        return 1
+    for line in render(results, apply=apply):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pgwarden", description="Access-control proxy for PostgreSQL.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -330,6 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--off-hours", default="23:00-07:00",
                     help="local window counted as off shift for people without a shift (default 23:00-07:00)")
     rp.set_defaults(fn=_audit_report)
+
+    r = sub.add_parser("retention", help="delete rows past their retention period (plan: dry run)")
+    r.add_argument("action", nargs="?", choices=("plan", "apply"), default="plan")
+    r.add_argument("--config", "-c", required=True, help="pgwarden configuration (upstream, audit log)")
+    r.add_argument("--rules", help="rules YAML with a retention: section (default: rules: in the config)")
+    r.add_argument("--database", default="hotel")
+    r.add_argument("--dsn", help="connect with this DSN instead (a role allowed to DELETE)")
+    r.add_argument("--batch", type=int, default=5000, help="rows per DELETE (default 5000)")
+    r.set_defaults(fn=_retention)
 
     args = ap.parse_args(argv)
     return int(args.fn(args))

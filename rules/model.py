@@ -236,7 +236,7 @@ def _grant(table: str, v: Any, loc: _Located, path: tuple[Any, ...]) -> TableGra
 
 def parse_rules(data: Any, loc: _Located) -> Rules:
     d = _mapping(data, loc, (), "the rules file")
-    _keys(d, {"timezone", "shifts", "tables", "roles"}, loc, ())
+    _keys(d, {"timezone", "shifts", "tables", "roles", "retention"}, loc, ())  # retention: rules/retention.py
     tz = str(d.get("timezone", "UTC"))
     try:
         ZoneInfo(tz)
@@ -325,7 +325,11 @@ def _check_grant_columns(g: TableGrantRule, t: TableRules, loc: _Located, path: 
 
 def load_rules(path: str | Path) -> Rules:
     data, loc = load_yaml(path)
-    return parse_rules(data, loc)
+    rules = parse_rules(data, loc)
+    from .retention import parse_retention  # checked here too, so check and reload report its errors
+
+    parse_retention(data.get("retention"), loc, data.get("tables") or {})
+    return rules
 
 
 # --- rendering conditions -------------------------------------------------------------------
