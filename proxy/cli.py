@@ -8,7 +8,7 @@ import getpass
 import signal
 import sys
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -103,6 +103,15 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_and_rules(args: argparse.Namespace) -> tuple[Config, str]:
+    """The configuration and the rules file: --rules, else rules: in the configuration."""
+    cfg = load_config(args.config)
+    rules_path = args.rules or cfg.rules_path
+    if not rules_path:
+        raise ConfigError("no rules: give --rules or set rules: in the config")
+    return cfg, rules_path
+
+
 def _explain(args: argparse.Namespace) -> int:
     """Print the Decision for one statement as one user: the very code the proxy runs."""
     import sqlglot
@@ -114,11 +123,7 @@ def _explain(args: argparse.Namespace) -> int:
     from .server import load_catalog_for
 
     try:
-        cfg = load_config(args.config)
-        rules_path = args.rules or cfg.rules_path
-        if not rules_path:
-            print("pgwarden: no rules: give --rules or set rules: in the config", file=sys.stderr)
-            return 2
+        cfg, rules_path = _config_and_rules(args)
         rules = load_rules(rules_path)
     except ConfigError as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)
@@ -272,11 +277,7 @@ def _retention(args: argparse.Namespace) -> int:
     from .retention import render, run
 
     try:
-        cfg = load_config(args.config)
-        rules_path = args.rules or cfg.rules_path
-        if not rules_path:
-            print("pgwarden: no rules: give --rules or set rules: in the config", file=sys.stderr)
-            return 2
+        cfg, rules_path = _config_and_rules(args)
         retention = load_retention(rules_path)
     except ConfigError as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)

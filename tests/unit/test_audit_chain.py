@@ -12,7 +12,8 @@ import os
 import subprocess
 import sys
 import threading
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import orjson
@@ -47,6 +48,13 @@ def write(path: Path, n: int, replica: str = "r1", **kw: object) -> None:
 
 def lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines()
+
+
+def tamper(path: Path, change: Callable[[list[bytes]], None]) -> None:
+    """Change the file's lines in place, as someone with write access to the log would."""
+    raw = lines(path)
+    change(raw)
+    path.write_bytes(b"\n".join(raw) + b"\n")
 
 
 def run_verify(*files: Path) -> subprocess.CompletedProcess[str]:
@@ -89,9 +97,7 @@ def test_chain_continues_across_restarts(tmp_path: Path) -> None:
 def test_edited_field_is_reported_at_its_line(tmp_path: Path) -> None:
     p = tmp_path / "audit.jsonl"
     write(p, 5)
-    raw = lines(p)
-    raw[2] = raw[2].replace(b'"rows":2', b'"rows":0')
-    p.write_bytes(b"\n".join(raw) + b"\n")
+    tamper(p, lambda raw: raw.__setitem__(2, raw[2].replace(b'"rows":2', b'"rows":0')))
     r = run_verify(p)
     assert r.returncode == 1
     assert f"replica r1: FAILED at {p}:3: edited: event seq 3 does not match its hash" in r.stdout
@@ -100,13 +106,11 @@ def test_edited_field_is_reported_at_its_line(tmp_path: Path) -> None:
 def test_edit_with_recomputed_hash_is_caught_by_the_next_link(tmp_path: Path) -> None:
     p = tmp_path / "audit.jsonl"
     write(p, 5)
-    raw = lines(p)
-    ev = orjson.loads(raw[1])
+    ev = orjson.loads(lines(p)[1])
     ev["user"] = "mallory"
     body = {k: v for k, v in ev.items() if k != "hash"}
     digest = hashlib.sha256(canonical(body)).hexdigest()
-    raw[1] = canonical(body)[:-1] + b',"hash":"' + digest.encode() + b'"}'
-    p.write_bytes(b"\n".join(raw) + b"\n")
+    tamper(p, lambda raw: raw.__setitem__(1, canonical(body)[:-1] + b',"hash":"' + digest.encode() + b'"}'))
     res = verify(numbered_lines([str(p)]))
     prob = res.chains["r1"].problem
     assert prob is not None and (prob.kind, prob.where) == ("edited", f"{p}:2")
@@ -116,9 +120,7 @@ def test_edit_with_recomputed_hash_is_caught_by_the_next_link(tmp_path: Path) ->
 def test_deleted_line_is_missing(tmp_path: Path) -> None:
     p = tmp_path / "audit.jsonl"
     write(p, 6)
-    raw = lines(p)
-    del raw[3:5]
-    p.write_bytes(b"\n".join(raw) + b"\n")
+    tamper(p, lambda raw: raw.__delitem__(slice(3, 5)))
     r = run_verify(p)
     assert r.returncode == 1
     assert f"FAILED at {p}:4: missing: seq 4..5 missing between {p}:3 and {p}:4" in r.stdout
@@ -127,9 +129,7 @@ def test_deleted_line_is_missing(tmp_path: Path) -> None:
 def test_swapped_lines_are_reordered(tmp_path: Path) -> None:
     p = tmp_path / "audit.jsonl"
     write(p, 6)
-    raw = lines(p)
-    raw[2], raw[3] = raw[3], raw[2]
-    p.write_bytes(b"\n".join(raw) + b"\n")
+    tamper(p, lambda raw: raw.__setitem__(slice(2, 4), [raw[3], raw[2]]))
     r = run_verify(p)
     assert r.returncode == 1
     assert f"FAILED at {p}:3: reordered: seq 4 comes after seq 2 ({p}:2); seq 3 is at {p}:4" in r.stdout
