@@ -68,12 +68,6 @@ class Result:
         return not self.broken and all(c.problem is None for c in self.chains.values())
 
 
-@dataclass
-class _Entry:
-    where: str
-    ev: dict[str, Any]
-
-
 def _replica_of_fragment(raw: bytes) -> str | None:
     """The replica named by a line that is JSON but not a complete chained event."""
     try:
@@ -84,88 +78,107 @@ def _replica_of_fragment(raw: bytes) -> str | None:
     return rep if isinstance(rep, str) else None
 
 
+class _Walker:
+    """One replica's chain, walked one event at a time (memory: the previous event only)."""
+
+    def __init__(self, replica: str, from_start: bool) -> None:
+        self.chain = Chain(replica)
+        self.from_start = from_start
+        self.prev: tuple[int, str, str] | None = None  # seq, hash, where
+        # A seq jump seen at ``where``: missing, unless seq ``want`` turns up later (then reordered).
+        self.gap: tuple[int, int, str, str] | None = None  # want, seq found, where found, prev where
+
+    def add(self, ev: dict[str, Any], where: str) -> None:
+        c = self.chain
+        if self.gap is not None:
+            want, got, at, before = self.gap
+            if ev["seq"] == want:
+                self.gap = None
+                c.problem = Problem(c.replica, "reordered", at, f"seq {got} comes after seq {want - 1} ({before}); "
+                                                                f"seq {want} is at {where}")
+            return
+        if c.problem is not None:
+            return
+        if hash_of(ev) != ev["hash"]:
+            c.problem = Problem(c.replica, "edited", where,
+                                f"event seq {ev['seq']} does not match its hash (its content was changed)")
+            return
+        if self.prev is None:
+            c.first_seq = ev["seq"]
+            if ev["seq"] != 1 or ev["prev_hash"] != GENESIS:
+                msg = f"the chain begins at seq {ev['seq']} ({where}): earlier events are not in the files given"
+                if self.from_start:
+                    c.problem = Problem(c.replica, "missing", where, msg)
+                    return
+                c.notes.append(msg)
+        else:
+            seq, digest, before = self.prev
+            want = seq + 1
+            if ev["seq"] == want and ev["prev_hash"] == digest:
+                pass
+            elif ev.get("event") == "chain_restart" and ev["seq"] == 1 and ev["prev_hash"] == GENESIS:
+                c.notes.append(f"a new chain segment starts at {where}: {ev.get('reason', '')}")
+            elif ev["seq"] == want:
+                c.problem = Problem(c.replica, "edited", before,
+                                    f"event seq {seq} was changed or replaced: the next event ({where}) "
+                                    "was chained to a different hash")
+                return
+            elif ev["seq"] <= seq:
+                c.problem = Problem(c.replica, "reordered", where,
+                                    f"seq {ev['seq']} comes after seq {seq} ({before})")
+                return
+            else:
+                self.gap = (want, ev["seq"], where, before)
+                return
+        c.events += 1
+        c.last_seq, c.last_hash = ev["seq"], ev["hash"]
+        c.last_event, c.last_where = str(ev.get("event", "")), where
+        self.prev = (ev["seq"], ev["hash"], where)
+
+    def end(self) -> Chain:
+        if self.gap is not None:
+            want, got, at, before = self.gap
+            gone = f"seq {want}" if got == want + 1 else f"seq {want}..{got - 1}"
+            self.chain.problem = Problem(self.chain.replica, "missing", at,
+                                         f"{gone} missing between {before} and {at}")
+        return self.chain
+
+
 def verify(lines: Iterable[Line], *, from_start: bool = False) -> Result:
-    """Walk every replica's chain through ``lines`` (given in file order)."""
-    by_replica: dict[str, list[_Entry]] = {}
+    """Walk every replica's chain through ``lines`` (given in file order), streaming."""
+    walkers: dict[str, _Walker] = {}
     broken: list[Problem] = []
-    pending_torn: tuple[str, str, str | None] | None = None  # (file, where, replica) of a line not yet excused
+    torn: tuple[str, str, str | None] | None = None  # (file, where, replica) of a line not yet excused
     for file, no, raw in lines:
         if not raw.strip():
             continue
         where = f"{file}:{no}"
         ev = parse_line(raw)
         if ev is None:
-            if pending_torn is not None:
-                _unexcused(pending_torn, broken, by_replica)
-            pending_torn = (file, where, _replica_of_fragment(raw))
+            if torn is not None:
+                broken.append(_unexcused(torn))
+            torn = (file, where, _replica_of_fragment(raw))
             continue
-        if pending_torn is not None:
-            if not (ev.get("event") == "chain_restart" and pending_torn[0] == file):
-                _unexcused(pending_torn, broken, by_replica)
-            pending_torn = None
-        by_replica.setdefault(ev["replica"], []).append(_Entry(where, ev))
-    if pending_torn is not None:
-        _unexcused(pending_torn, broken, by_replica)
-    chains = {rep: _walk(rep, entries, from_start) for rep, entries in by_replica.items()}
+        if torn is not None:
+            if not (ev.get("event") == "chain_restart" and torn[0] == file):
+                broken.append(_unexcused(torn))
+            torn = None
+        w = walkers.get(ev["replica"])
+        if w is None:
+            w = walkers[ev["replica"]] = _Walker(ev["replica"], from_start)
+        w.add(ev, where)
+    if torn is not None:
+        broken.append(_unexcused(torn))
+    chains = {rep: w.end() for rep, w in walkers.items()}
     for p in broken:
         if p.replica in chains and chains[p.replica].problem is None:
             chains[p.replica].problem = p
     return Result(chains=chains, broken=[p for p in broken if p.replica not in chains])
 
 
-def _unexcused(torn: tuple[str, str, str | None], broken: list[Problem], by_replica: dict[str, Any]) -> None:
+def _unexcused(torn: tuple[str, str, str | None]) -> Problem:
     _file, where, replica = torn
-    broken.append(Problem(replica or "?", "broken", where, "the line is not a complete audit event"))
-
-
-def _walk(replica: str, entries: list[_Entry], from_start: bool) -> Chain:
-    chain = Chain(replica)
-    prev: _Entry | None = None
-    for i, e in enumerate(entries):
-        ev = e.ev
-        if hash_of(ev) != ev["hash"]:
-            chain.problem = Problem(replica, "edited", e.where,
-                                    f"event seq {ev['seq']} does not match its hash (its content was changed)")
-            break
-        if prev is None:
-            chain.first_seq = ev["seq"]
-            if ev["seq"] != 1 or ev["prev_hash"] != GENESIS:
-                msg = f"the chain begins at seq {ev['seq']} ({e.where}): earlier events are not in the files given"
-                if from_start:
-                    chain.problem = Problem(replica, "missing", e.where, msg)
-                    break
-                chain.notes.append(msg)
-        else:
-            p = prev.ev
-            want = p["seq"] + 1
-            if ev["seq"] == want and ev["prev_hash"] == p["hash"]:
-                pass
-            elif ev.get("event") == "chain_restart" and ev["seq"] == 1 and ev["prev_hash"] == GENESIS:
-                chain.notes.append(f"a new chain segment starts at {e.where}: {ev.get('reason', '')}")
-            elif ev["seq"] == want:
-                chain.problem = Problem(replica, "edited", prev.where,
-                                        f"event seq {p['seq']} was changed or replaced: the next event "
-                                        f"({e.where}) was chained to a different hash")
-                break
-            else:
-                later = next((x for x in entries[i + 1:] if x.ev["seq"] == want), None)
-                if later is not None or ev["seq"] <= p["seq"]:
-                    at = later.where if later is not None else "earlier"
-                    chain.problem = Problem(replica, "reordered", e.where,
-                                            f"seq {ev['seq']} comes after seq {p['seq']} ({prev.where}); "
-                                            f"seq {want} is at {at}")
-                else:
-                    gone = f"seq {want}" if ev["seq"] == want + 1 else f"seq {want}..{ev['seq'] - 1}"
-                    chain.problem = Problem(replica, "missing", e.where,
-                                            f"{gone} missing between {prev.where} and {e.where}")
-                break
-        chain.events += 1
-        chain.last_seq, chain.last_hash = ev["seq"], ev["hash"]
-        chain.last_event, chain.last_where = str(ev.get("event", "")), e.where
-        prev = e
-    return chain
-
-
+    return Problem(replica or "?", "broken", where, "the line is not a complete audit event")
 
 
 def render(result: Result) -> list[str]:
