@@ -236,7 +236,10 @@ def _grant(table: str, v: Any, loc: _Located, path: tuple[Any, ...]) -> TableGra
 
 def parse_rules(data: Any, loc: _Located) -> Rules:
     d = _mapping(data, loc, (), "the rules file")
-    _keys(d, {"timezone", "shifts", "tables", "roles", "retention"}, loc, ())  # retention: rules/retention.py
+    _keys(d, {"timezone", "shifts", "tables", "roles", "retention"}, loc, ())
+    from .retention import parse_retention  # retention rules: checked with the rest (check, reload)
+
+    parse_retention(d.get("retention"), loc, d.get("tables") or {})
     tz = str(d.get("timezone", "UTC"))
     try:
         ZoneInfo(tz)
@@ -325,11 +328,7 @@ def _check_grant_columns(g: TableGrantRule, t: TableRules, loc: _Located, path: 
 
 def load_rules(path: str | Path) -> Rules:
     data, loc = load_yaml(path)
-    rules = parse_rules(data, loc)
-    from .retention import parse_retention  # checked here too, so check and reload report its errors
-
-    parse_retention(data.get("retention"), loc, data.get("tables") or {})
-    return rules
+    return parse_rules(data, loc)
 
 
 # --- rendering conditions -------------------------------------------------------------------

@@ -118,10 +118,14 @@ def parse_retention(data: Any, loc: _Located, tables: Mapping[str, Any]) -> tupl
 
 
 def load_retention(path: str) -> tuple[RetentionRule, ...]:
+    """The retention rules of a rules file (time columns from its tables, wherever they are declared)."""
+    from .model import load_rules
+
+    tables = {name: {"time_column": t.time_column} for name, t in load_rules(path).tables.items()}
     data, loc = load_yaml(path)
     if not isinstance(data, dict):
         return ()
-    return parse_retention(data.get("retention"), loc, data.get("tables") or {})
+    return parse_retention(data.get("retention"), loc, tables)
 
 
 def condition(rule: RetentionRule, legal_hold: str | None) -> str:
