@@ -152,7 +152,7 @@ class _ChainedWriter:
             if not f.endswith(".gz") and not audit_files.ends_with_newline(f):
                 with open(f, "ab") as fix:  # close the torn line off: the next event starts a line of its own
                     fix.write(b"\n")
-                torn = "torn (no newline at its end)"
+                torn = "is torn (no newline at its end)"
             first = True
             for line in audit_files.lines_backwards(f):
                 if not line.strip():
@@ -160,10 +160,10 @@ class _ChainedWriter:
                 ev = parse_line(line)
                 if first and (ev is None or hash_of(ev) != ev["hash"]):
                     # The last line is torn or altered: say so and link to the last good event, if any.
-                    why = torn or ("not a complete event" if ev is None else "its hash does not match its content")
+                    why = torn or ("is not a complete event" if ev is None else "does not match its hash")
                     found = self._last_good(f)
                     restart: dict[str, Any] = {
-                        "reason": f"the last line of {f} ({len(line)} bytes) is {why}",
+                        "reason": f"the last line of {f} ({len(line)} bytes) {why}",
                         "file": f,
                     }
                     if found is not None:

@@ -7,7 +7,7 @@ CDN, so it opens on an air-gapped reviewer's laptop.
 Sections and the event fields they are keyed on:
 
 * per-user activity: statement events by ``user`` (rows, refusals, receipts);
-* refusals (``outcome: refused``, with ``reason``) and lockouts (``event: lockout``);
+* refusals (``outcome: refused``, with ``reason``), failed logins and lockouts (``event: lockout``);
 * masked-column accesses: ``masked`` of statement events;
 * off-shift access: a person whose configuration gives a ``shift`` attribute
   is off shift outside that shift of the rules; anyone else, in the
@@ -74,6 +74,7 @@ class Summary:
     refusals: list[dict[str, Any]] = field(default_factory=list)
     refusal_reasons: Counter[str] = field(default_factory=Counter)
     lockouts: list[dict[str, Any]] = field(default_factory=list)
+    login_failures: Counter[str] = field(default_factory=Counter)
     masked: Counter[str] = field(default_factory=Counter)
     masked_by_user: Counter[tuple[str, str]] = field(default_factory=Counter)
     off_shift: list[dict[str, Any]] = field(default_factory=list)
@@ -100,6 +101,8 @@ def summarise(events: Iterable[Mapping[str, Any]], *, since: datetime, until: da
         kind = ev.get("event")
         if kind == "lockout":
             s.lockouts.append(dict(ev))
+        elif kind == "login_failed":
+            s.login_failures[f"{ev.get('user') or '?'} from {ev.get('client_addr') or '?'}"] += 1
         if ev.get("emergency"):
             s.emergency.append(dict(ev))
             if not ev.get("ticket") and t < until - EMERGENCY_GRACE:
@@ -240,6 +243,9 @@ def render_html(s: Summary, *, title: str = "pgwarden audit report") -> str:
         bar_chart([(r.user, r.refused) for r in sorted(users, key=lambda r: -r.refused) if r.refused],
                   css_id="chart-refusals", color="#b5473a"),
         _table(["reason", "refusals"], [[k, v] for k, v in s.refusal_reasons.most_common(20)], {1}, "refusal-reasons"),
+        "<h3>Failed logins</h3>",
+        _table(["user and address", "failed logins"], [[k, v] for k, v in s.login_failures.most_common(30)], {1},
+               "login-failures"),
         "<h3>Lockouts</h3>",
         _table(["time", "user", "role", "statement", "rows", "receipt / ticket"], _event_rows(s.lockouts),
                css_id="lockouts"), "</section>",

@@ -99,6 +99,9 @@ def month(cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
         with psycopg.connect(p.dsn("carol"), autocommit=True) as c:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 c.execute("SELECT name FROM guests").fetchall()
+        for _ in range(2):
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(p.dsn("carol", password="guess")).close()
         live = p.take_events()
     finally:
         p.thread.stop()
@@ -185,6 +188,7 @@ def test_report_renders_in_headless_chromium(month: tuple[Path, list[dict]], tmp
     assert '<tr><td>bob</td><td>public.cs_records.phone</td><td class="n">92</td></tr>' in html
     overdue = re.search(r'<table id="overdue">.*?</table>', html, re.S)
     assert overdue is not None and overdue.group(0).count("<tr>") == 2  # header + day 3
+    assert '<tr><td>carol from 127.0.0.1</td><td class="n">2</td></tr>' in html  # failed logins
     lockouts = re.search(r"<h3>Lockouts</h3>\s*<p class=\"none\">none recorded</p>", html)
     assert lockouts is not None
     shot = tmp_path / "report.png"

@@ -260,3 +260,18 @@ def test_unwritable_log_holds_events_back_and_recovers(tmp_path: Path) -> None:
     cont.emit("statement", None, n=1)
     assert not cont.healthy and not cont.refusing
     cont.close()
+
+
+def test_altered_last_line_at_start_is_reported_and_still_fails_verify(tmp_path: Path) -> None:
+    p = tmp_path / "audit.jsonl"
+    write(p, 3)
+    tamper(p, lambda raw: raw.__setitem__(3, raw[3].replace(b'"audit_closed"', b'"audit_closeD"')))
+    write(p, 1)
+    evs = [orjson.loads(x) for x in lines(p)]
+    restart = evs[4]
+    assert restart["event"] == "chain_restart"
+    assert restart["reason"] == f"the last line of {p} ({len(lines(p)[3])} bytes) does not match its hash"
+    assert (restart["seq"], restart["prev_hash"]) == (4, evs[2]["hash"])  # linked to the last good event
+    res = verify(numbered_lines([str(p)]))
+    prob = res.chains["r1"].problem
+    assert prob is not None and (prob.kind, prob.where) == ("edited", f"{p}:4")
