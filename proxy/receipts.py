@@ -23,6 +23,17 @@ def protected_tables(tables: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(name for name, t in tables.items() if t.sensitive or t.subject_key)
 
 
+_protected: tuple[Any, frozenset[str]] = (None, frozenset())
+
+
+def protected_by(rules: Any) -> frozenset[str]:
+    """``protected_tables`` of the rules in force, computed once per rules object (a reload makes a new one)."""
+    global _protected
+    if _protected[0] is not rules:
+        _protected = (rules, protected_tables(rules.tables) if rules is not None else frozenset())
+    return _protected[1]
+
+
 def new_receipt() -> str:
     """``R-`` and 16 hex digits: unique across replicas without coordination (64 random bits)."""
     return "R-" + os.urandom(8).hex()

@@ -930,7 +930,7 @@ class ClientSession(asyncio.Protocol):
                 fields["hidden"] = list(d.hidden)
             # --- receipt for a read of personal data (issue 6, R5.4) ---
             if stype == "SELECT" and (outcome == "ok" or outcome == "suspended") and (
-                    d.masked or d.hidden or not self.server.engine.protected.isdisjoint(d.tables)):
+                    d.masked or d.hidden or not receipts.protected_by(self.server.engine.rules).isdisjoint(d.tables)):
                 fields["receipt"] = rid = receipts.new_receipt()
                 slip = receipts.receipt_notice(receipts.receipt_text(rid, rows, d.tables, d.masked, d.hidden))
         if d is not None and d.flags:

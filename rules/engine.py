@@ -35,14 +35,10 @@ class Engine:
         self._pinned: dict[int, Any] = {}
         self._templates = TemplateCache()
         self._sensitive: dict[str, Any] = {}
-        self.protected: frozenset[str] = frozenset()  # tables whose reads get a receipt (R5.4)
         if rules is not None:
-            from proxy.receipts import protected_tables
-
             from .redact import sensitive_columns
 
             self._sensitive = sensitive_columns(rules.tables)
-            self.protected = protected_tables(rules.tables)
 
     @property
     def enforcing(self) -> bool:
