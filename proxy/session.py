@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 from rules.decision import Decision, refuse
 from rules.rewrite import ROW_CAP_MARKER
 
-from . import auth, receipts, upstream
+from . import auth, upstream
 from .audit import principal_fields
 from .identity import Principal
+from .receipts import new_receipt, protected_by, receipt_notice, receipt_text
 from .sqltext import split_statements, statement_type, type_from_tag
 from .wire import codec
 from .wire.codes import B, F, SqlState
@@ -930,9 +931,9 @@ class ClientSession(asyncio.Protocol):
                 fields["hidden"] = list(d.hidden)
             # --- receipt for a read of personal data (issue 6, R5.4) ---
             if stype == "SELECT" and (outcome == "ok" or outcome == "suspended") and (
-                    d.masked or d.hidden or not receipts.protected_by(self.server.engine.rules).isdisjoint(d.tables)):
-                fields["receipt"] = rid = receipts.new_receipt()
-                slip = receipts.receipt_notice(receipts.receipt_text(rid, rows, d.tables, d.masked, d.hidden))
+                    d.masked or d.hidden or not protected_by(self.server.engine.rules).isdisjoint(d.tables)):
+                fields["receipt"] = rid = new_receipt()
+                slip = receipt_notice(receipt_text(rid, rows, d.tables, d.masked, d.hidden))
         if d is not None and d.flags:
             fields["flags"] = list(d.flags)
         if outcome == "refused" and d is not None:
