@@ -67,6 +67,7 @@ class Summary:
     since: datetime
     until: datetime
     timezone: str
+    tz: tzinfo = timezone.utc
     events: int = 0
     statements: int = 0
     users: dict[str, UserRow] = field(default_factory=dict)
@@ -90,7 +91,7 @@ def summarise(events: Iterable[Mapping[str, Any]], *, since: datetime, until: da
               tz_name: str = "UTC", keys: SubjectKeys = {}, shifts: Mapping[str, Window] = {},  # noqa: B006
               user_shifts: Mapping[str, str] = {}, off_hours: Window = Window(time(23), time(7))) -> Summary:  # noqa: B006,B008
     """Count what the report shows for events with ``since <= time < until``."""
-    s = Summary(since=since, until=until, timezone=tz_name)
+    s = Summary(since=since, until=until, timezone=tz_name, tz=tz)
     s.off_shift_rule = (f"people with a shift: outside it ({', '.join(f'{k} {v}' for k, v in shifts.items())}); "
                         f"everyone else: {off_hours}, {tz_name}")
     for ev in events:
@@ -163,7 +164,7 @@ def bar_chart(items: list[tuple[str, int]], *, css_id: str, width: int = 640, ba
     """Horizontal bars with labels and values, as inline SVG."""
     if not items:
         return ""
-    label_w, gap = 170, 4
+    label_w, gap = 210, 4
     top = max(v for _, v in items) or 1
     h = len(items) * (bar + gap) + gap
     out = [f'<svg id="{css_id}" class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" '
@@ -171,7 +172,7 @@ def bar_chart(items: list[tuple[str, int]], *, css_id: str, width: int = 640, ba
     for i, (label, v) in enumerate(items):
         y = gap + i * (bar + gap)
         w = round((width - label_w - 60) * v / top)
-        out.append(f'<text x="{label_w - 6}" y="{y + bar - 5}" text-anchor="end">{_e(label[:28])}</text>'
+        out.append(f'<text x="{label_w - 6}" y="{y + bar - 5}" text-anchor="end">{_e(label[:32])}</text>'
                    f'<rect class="bar" x="{label_w}" y="{y}" width="{w}" height="{bar}" fill="{color}">'
                    f'<title>{_e(label)}: {v}</title></rect>'
                    f'<text x="{label_w + w + 4}" y="{y + bar - 5}">{v}</text>')
@@ -211,9 +212,17 @@ def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] = set(),
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _event_rows(evs: list[dict[str, Any]], limit: int = 200) -> list[list[Any]]:
-    return [[e.get("time", "")[:19], e.get("user", ""), e.get("role", ""), e.get("statement", e.get("reason", "")),
-             e.get("rows", ""), e.get("receipt", "") or e.get("ticket", "")] for e in evs[:limit]]
+EVENT_COLUMNS = ["local time", "user", "role", "statement", "rows", "receipt", "ticket"]
+
+
+def _event_rows(evs: list[dict[str, Any]], tz: tzinfo, limit: int = 200) -> list[list[Any]]:
+    rows = []
+    for e in evs[:limit]:
+        t = event_time(e)
+        rows.append([t.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if t else "", e.get("user", ""),
+                     e.get("role", ""), e.get("statement", e.get("reason", "")), e.get("rows", ""),
+                     e.get("receipt", ""), e.get("ticket", "")])
+    return rows
 
 
 def render_html(s: Summary, *, title: str = "pgwarden audit report") -> str:
@@ -247,14 +256,15 @@ def render_html(s: Summary, *, title: str = "pgwarden audit report") -> str:
         _table(["user and address", "failed logins"], [[k, v] for k, v in s.login_failures.most_common(30)], {1},
                "login-failures"),
         "<h3>Lockouts</h3>",
-        _table(["time", "user", "role", "statement", "rows", "receipt / ticket"], _event_rows(s.lockouts),
+        _table(EVENT_COLUMNS, _event_rows(s.lockouts, s.tz),
                css_id="lockouts"), "</section>",
         '<section id="masked"><h2>Masked-column accesses</h2>',
-        bar_chart(s.masked.most_common(15), css_id="chart-masked", color="#8a6d3b"),
+        bar_chart([(c.removeprefix("public."), n) for c, n in s.masked.most_common(15)], css_id="chart-masked",
+                  color="#8a6d3b"),
         _table(["user", "column", "statements"], [[u, c, n] for (u, c), n in s.masked_by_user.most_common(50)],
                {2}, "masked-by-user"), "</section>",
         f'<section id="off-shift"><h2>Off-shift access</h2><p class="muted">{_e(s.off_shift_rule)}</p>',
-        _table(["time", "user", "role", "statement", "rows", "receipt / ticket"], _event_rows(s.off_shift),
+        _table(EVENT_COLUMNS, _event_rows(s.off_shift, s.tz),
                css_id="off-shift-events"), "</section>",
         '<section id="guests"><h2>Most-looked-up guests</h2>',
         bar_chart([(f"guest {g}", n) for g, n in s.guests.most_common(15)], css_id="chart-guests", color="#6a4c93"),
@@ -262,14 +272,14 @@ def render_html(s: Summary, *, title: str = "pgwarden audit report") -> str:
                [[g, n, ", ".join(sorted(s.guest_users[g]))] for g, n in s.guests.most_common(30)], {1}, "top-guests"),
         "</section>",
         '<section id="emergency"><h2>Emergency access and overdue tickets</h2><h3>Emergency access</h3>',
-        _table(["time", "user", "role", "statement", "rows", "receipt / ticket"], _event_rows(s.emergency),
+        _table(EVENT_COLUMNS, _event_rows(s.emergency, s.tz),
                css_id="emergency-events"),
         "<h3>Overdue: no ticket within 24 hours</h3>",
-        _table(["time", "user", "role", "statement", "rows", "receipt / ticket"], _event_rows(s.overdue),
+        _table(EVENT_COLUMNS, _event_rows(s.overdue, s.tz),
                css_id="overdue"), "</section>",
         '<section id="general-manager"><h2>General-manager accesses (internal audit)</h2>',
         f'<p class="muted">{len(s.general_manager)} statements flagged for internal-audit filing.</p>',
-        _table(["time", "user", "role", "statement", "rows", "receipt / ticket"], _event_rows(s.general_manager, 500),
+        _table(EVENT_COLUMNS, _event_rows(s.general_manager, s.tz, 500),
                css_id="gm-events"), "</section>",
         "</body></html>",
     ]

@@ -186,6 +186,9 @@ def test_report_renders_in_headless_chromium(month: tuple[Path, list[dict]], tmp
     assert '<tr><td>1</td><td class="n">50</td><td>alice</td></tr>' in html
     assert '<tr><td>2</td><td class="n">51</td><td>alice</td></tr>' in html
     assert '<tr><td>bob</td><td>public.cs_records.phone</td><td class="n">92</td></tr>' in html
+    first_late = (START + timedelta(hours=15, minutes=30)).astimezone(shanghai)
+    assert first_late.strftime("%H:%M") == "23:30"  # tables show local time
+    assert f'<tr><td>{first_late:%Y-%m-%d %H:%M:%S}</td><td>dave</td><td>general_manager</td>' in html
     overdue = re.search(r'<table id="overdue">.*?</table>', html, re.S)
     assert overdue is not None and overdue.group(0).count("<tr>") == 2  # header + day 3
     assert '<tr><td>carol from 127.0.0.1</td><td class="n">2</td></tr>' in html  # failed logins
