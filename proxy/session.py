@@ -567,6 +567,8 @@ class ClientSession(asyncio.Protocol):
                     return
                 self._portals[payload[:a]] = self._statements.get(payload[a + 1 : b])
                 expect.append(_EXPECT_BIND)
+            elif t == _F_EXECUTE and self.server.audit.refusing and self.server.engine.restricted(self.principal):
+                replacement = self._refuse_unlogged(payload)  # audit log failing (issue 6)
             elif t == _F_EXECUTE:
                 end = payload.find(b"\x00")
                 st = self._portals.get(payload[:end] if end >= 0 else payload)
@@ -738,6 +740,16 @@ class ClientSession(asyncio.Protocol):
         run.start = now
         self._expect.append(Expect(kind, [run], refusal=error))
         return codec.query_message(POISON_SQL[:-1])
+
+    def _refuse_unlogged(self, execute: bytes) -> bytes:
+        """An Execute while the audit log cannot be written (a statement prepared before is not decided
+        again): a Parse that fails stands in for it, so the server skips to Sync as for any error."""
+        end = execute.find(b"\x00")
+        st = self._portals.get(execute[:end] if end >= 0 else execute)
+        text = st[0] if st else ""
+        d = refuse(AUDIT_FAILING, reason=f"audit log cannot be written: {self.server.audit.failure}")
+        self._expect.append(Expect(_P, [Run(text, d)], refusal=codec.error_response(d.sqlstate, d.message), sql=text))
+        return codec.message(F.PARSE, b"pgwarden_refused\x00" + POISON_SQL + b"\x00\x00")
 
     # --- relay: server -> client ------------------------------------------------------------
 

@@ -207,3 +207,43 @@ def test_receipt_in_psql_for_each_statement_of_a_query(guarded: Proxy) -> None:
     assert r.stderr == (f"NOTICE:  pgwarden receipt {evs[0]['receipt']}: 1 row from cs_records, "
                         "masked: bank_card, content, id_number, phone\n")
     assert r.stdout.splitlines()[1] == "2"
+
+
+def test_prepared_statements_are_refused_too_once_the_file_stops_growing(cluster: PgCluster, tmp_path: Path) -> None:
+    """RLIMIT_FSIZE stops pgwarden's audit file at 16 KiB (writes fail with EFBIG, as on a full disk):
+    a statement prepared while the log worked is refused at its next Execute, not run unlogged."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    cfg = _serve_config(cluster, tmp_path, str(tmp_path / "audit.jsonl"))
+    proc = subprocess.Popen([*PGWARDEN, "serve", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=limit)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split()[1])
+        sql = "SELECT count(*) FROM cs_records WHERE department = %s"
+        refused_at = None
+        with psycopg.connect(f"host=127.0.0.1 port={port} dbname=hotel user=bob password=demo",
+                             autocommit=True) as c:
+            for i in range(400):
+                try:
+                    c.execute(sql, ("FO",), prepare=True).fetchone()  # Parse once, then Bind/Execute only
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    assert str(exc).startswith("pgwarden: the audit log cannot be written")
+                    refused_at = i
+                    break
+                time.sleep(0.005)  # let each event's write happen (and fail) before the next Execute
+            assert refused_at is not None and refused_at > 3, refused_at
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT 1").fetchone()  # new statements are refused too
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "CANNOT BE WRITTEN: File too large (EFBIG)" in err
+    assert (tmp_path / "audit.jsonl").stat().st_size <= 16 << 10
