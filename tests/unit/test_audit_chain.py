@@ -275,3 +275,28 @@ def test_altered_last_line_at_start_is_reported_and_still_fails_verify(tmp_path:
     res = verify(numbered_lines([str(p)]))
     prob = res.chains["r1"].problem
     assert prob is not None and (prob.kind, prob.where) == ("edited", f"{p}:4")
+
+
+def test_two_replicas_interleaved_in_one_file_and_a_restart_finds_its_own_chain(tmp_path: Path) -> None:
+    p = tmp_path / "shared.jsonl"
+    a, b = AuditLog(str(p), replica="a"), AuditLog(str(p), replica="b")
+    for i in range(3):
+        a.emit("statement", None, n=i)
+        b.emit("statement", None, n=i)
+    a.close()
+    b.emit("statement", None, n=3)  # b's lines now follow a's last one
+    a = AuditLog(str(p), replica="a")  # scans back past b's lines to its own last event
+    a.emit("statement", None, n=9)
+    a.close()
+    b.close()
+    evs = [orjson.loads(x) for x in lines(p)]
+    assert [(e["replica"], e["seq"]) for e in evs] == [
+        ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3), ("a", 4), ("b", 4), ("a", 5), ("a", 6), ("b", 5)]
+    r = run_verify(p)
+    assert r.returncode == 0, r.stdout
+    assert "replica a: intact, 6 events, seq 1..6" in r.stdout and "replica b: intact, 5 events, seq 1..5" in r.stdout
+    tamper(p, lambda raw: raw.__delitem__(3))  # b's seq 2
+    r = run_verify(p)
+    assert r.returncode == 1
+    assert f"replica b: FAILED at {p}:5: missing: seq 2 missing between {p}:2 and {p}:5" in r.stdout
+    assert "replica a: intact, 6 events" in r.stdout
