@@ -1,12 +1,13 @@
 """``pgwarden audit search``: find events by user, role, guest, table, decision, ticket, time, receipt.
 
 Pure functions over event dicts (``matches``, ``guests_of``); the command
-reads the files. Guests: an event names them in ``guests`` when something
-upstream put them there; otherwise they are read from the logged statement
-itself, as the literals compared with a table's subject key (``guest_id =
-42``, ``guests.id IN (1, 2)``), with the subject keys taken from the rules.
-A statement that passes the guest as a bind parameter ($1) does not name it
-in its text, so such lookups are found only by table and time.
+reads the files. Guests: when the lookup quota (R3.4, a state store) counted
+the statement, its event names them in ``guard.lookups``, Bind parameters
+included. Otherwise they are read from the logged statement itself, as the
+literals compared with a table's subject key (``guest_id = 42``,
+``guests.id IN (1, 2)``), with the subject keys taken from the rules; a
+guest passed as a bind parameter ($1) is then not in the text, and such
+lookups are found only by table and time.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ def guests_of(ev: Mapping[str, Any], keys: SubjectKeys) -> tuple[str, ...]:
     named = ev.get("guests")
     if isinstance(named, list):
         return tuple(str(g) for g in named)
+    guard = ev.get("guard")
+    if isinstance(guard, dict) and isinstance(guard.get("lookups"), dict):
+        return tuple(str(g) for g in guard["lookups"])  # counted by the lookup quota, Bind parameters included
     sql = ev.get("statement")
     if ev.get("event") != "statement" or not isinstance(sql, str) or not keys:
         return ()

@@ -1,4 +1,4 @@
-"""The ``pgwarden`` command: serve, passwd, check, explain, demo."""
+"""The ``pgwarden`` command: serve, passwd, check, explain, demo, migrate, unlock."""
 
 from __future__ import annotations
 
@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--tour", action="store_true", help="run a scripted tour of queries as several users, then exit")
     d.add_argument("--records", type=int, default=200_000, help="customer-service records to generate")
     d.set_defaults(fn=_demo)
+
+    from .cli_guards import add_guard_commands
+
+    add_guard_commands(sub)
 
     from .audit_cli import add_commands
 

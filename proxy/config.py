@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,8 @@ class UserEntry:
     scram: str | None = None  # "SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>"
     md5: str | None = None  # "md5" + md5(password + user), for legacy clients
     method: str = "scram-sha-256"  # or md5 / password (cleartext, TLS only)
+    #: Designated devices (R3.6): the networks this person may connect from; empty: anywhere.
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ class Config:
     secret: bytes = b""  # keys the fake SCRAM salts of unknown users; random per start if unset
     rules_path: str | None = None  # access rules (YAML); None: a transparent, audited relay
     source: str = "<config>"
+    state: Any = None  # proxy.statestore.StateConfig: where guard state lives; None: no guards
+    guards_off: bool = False  # `state: off`: run rules without lockouts and quotas, knowingly
 
 
 _METHODS = ("scram-sha-256", "md5", "password")
@@ -170,7 +175,7 @@ def _check_keys(d: Any, allowed: set[str], loc: _Located, path: tuple[Any, ...])
 
 def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
     p = ("users", name)
-    d = _check_keys(d, {"password", "md5", "role", "department", "attributes", "method"}, loc, p)
+    d = _check_keys(d, {"password", "md5", "role", "department", "attributes", "method", "networks"}, loc, p)
     _expect(isinstance(d.get("role"), str) and d["role"], loc, p, f"user {name!r} needs a role")
     scram = md5 = None
     for key in ("password", "md5"):
@@ -207,22 +212,69 @@ def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
     return UserEntry(
         name=name, role=d["role"], department=None if dept is None else str(dept),
         attributes=dict(attrs), scram=scram, md5=md5, method=method,
+        networks=parse_networks(d.get("networks"), loc, p + ("networks",)),
     )
 
 
+def parse_networks(v: Any, loc: _Located, path: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A list of CIDR networks (errors at their line)."""
+    if v is None:
+        return ()
+    _expect(isinstance(v, list), loc, path, "networks must be a list of CIDR networks, e.g. [10.1.0.0/16]")
+    out = []
+    for i, n in enumerate(v):
+        try:
+            out.append(ipaddress.ip_network(str(n), strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"{loc.where(*path, i)}: {exc}") from exc
+    return tuple(out)
+
+
+def _secret(v: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
+    """'env:NAME' reads a secret from the environment (so the file holds no password)."""
+    if isinstance(v, str) and v.startswith("env:"):
+        var = v[4:]
+        v = os.environ.get(var)
+        _expect(v is not None, loc, path, f"environment variable {var} is not set")
+    return v
+
+
+def _parse_state(d: Any, upstream: UpstreamConfig, loc: _Located) -> Any:
+    """The guard state store: its own login (not the service account client sessions use)."""
+    from .statestore import StateConfig
+
+    p = ("state",)
+    d = _check_keys(d, {"host", "port", "database", "user", "password", "schema", "sslmode", "connect_timeout"},
+                    loc, p)
+    _expect(isinstance(d.get("database"), str) and d["database"], loc, p, "state needs a database")
+    _expect(isinstance(d.get("user"), str) and d["user"], loc, p,
+            "state needs a user of its own (not the upstream service account: clients must not reach the counters)")
+    _expect(d["user"] != upstream.user, loc, p + ("user",),
+            "the state store user must differ from the upstream service account: sessions run as that account "
+            "and could otherwise read or reset the counters")
+    schema = str(d.get("schema", "pgwarden"))
+    _expect(bool(re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema)), loc, p + ("schema",),
+            "schema must be a plain lower-case name")
+    sslmode = d.get("sslmode", upstream.sslmode)
+    _expect(sslmode in _SSLMODES, loc, p + ("sslmode",), f"sslmode must be one of {', '.join(_SSLMODES)}")
+    password = _secret(d.get("password"), loc, p + ("password",))
+    return StateConfig(
+        host=str(d.get("host", upstream.host)), port=_number(d, "port", upstream.port, loc, p, low=1, high=65535),
+        database=d["database"], user=d["user"], password=None if password is None else str(password),
+        schema=schema, sslmode=sslmode,
+        connect_timeout=_number(d, "connect_timeout", 5.0, loc, p, integer=False, low=0.1, high=600))
+
+
 def parse_config(data: Any, loc: _Located) -> Config:
-    d = _check_keys(data, {"listen", "tls", "upstream", "auth", "audit", "limits", "users", "secret", "rules"}, loc, ())
+    d = _check_keys(data, {"listen", "tls", "upstream", "auth", "audit", "limits", "users", "secret", "rules",
+                           "state"}, loc, ())
     listen = _check_keys(d.get("listen") or {}, {"host", "port"}, loc, ("listen",))
     up = _check_keys(d.get("upstream") or {}, {"host", "port", "user", "password", "sslmode", "connect_timeout"},
                      loc, ("upstream",))
     _expect("upstream" in d, loc, (), "an 'upstream' section (the real PostgreSQL) is required")
     sslmode = up.get("sslmode", "prefer")
     _expect(sslmode in _SSLMODES, loc, ("upstream", "sslmode"), f"sslmode must be one of {', '.join(_SSLMODES)}")
-    password = up.get("password")
-    if isinstance(password, str) and password.startswith("env:"):
-        var = password[4:]
-        password = os.environ.get(var)
-        _expect(password is not None, loc, ("upstream", "password"), f"environment variable {var} is not set")
+    password = _secret(up.get("password"), loc, ("upstream", "password"))
     upstream = UpstreamConfig(
         host=str(up.get("host", "127.0.0.1")), port=_number(up, "port", 5432, loc, ("upstream",), low=1, high=65535), user=str(up.get("user", "pgwarden_svc")),
         password=None if password is None else str(password), sslmode=sslmode,
@@ -264,8 +316,14 @@ def parse_config(data: Any, loc: _Located) -> Config:
             rp = Path(loc.source).parent / rp
         _expect(rp.is_file(), loc, ("rules",), f"rules file {str(rp)!r} does not exist")
         rules_path = str(rp)
+    raw_state = d.get("state")
+    guards_off = raw_state is False or raw_state == "off"
+    state = _parse_state(raw_state, upstream, loc) if raw_state is not None and not guards_off else None
+    _expect(state is not None or guards_off or not rules_path, loc, ("rules",),
+            "rules need a guard state store for lockouts and lookup quotas (R3.4, R3.5): add a state: section "
+            "(its own login and database), or `state: off` to run without those guards (not for production)")
     return Config(
-        upstream=upstream, users=users, listen_host=str(listen.get("host", "127.0.0.1")),
+        state=state, guards_off=guards_off, upstream=upstream, users=users, listen_host=str(listen.get("host", "127.0.0.1")),
         listen_port=_number(listen, "port", 6432, loc, ("listen",), high=65535), tls=tls, trust_networks=tuple(nets),
         audit_path=str(audit.get("path", "-")), audit_replica=replica, audit_on_failure=on_failure,
         max_message_size=_number(limits, "max_message_size", DEFAULT_MAX_MESSAGE, loc, ("limits",), low=1024,

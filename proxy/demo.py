@@ -163,7 +163,10 @@ def run_demo(port: int = 6432, tour: bool = False, records: int = 200_000, workd
                   "repository): running without access rules")
         cfg = demo_config(upstream_host=cluster.host, upstream_port=cluster.port, service_user=cluster.service_user,
                           service_password=cluster.service_password, listen_port=0 if tour else port,
-                          audit_path=audit_path, rules=rules)
+                          audit_path=audit_path, rules=rules,
+                          extra={"state": {"host": cluster.host, "port": cluster.port, "database": cluster.database,
+                                           "user": cluster.state_user, "password": cluster.state_password,
+                                           "sslmode": "disable"}})
         loop = new_event_loop()
         asyncio.set_event_loop(loop)
         server = Server(cfg)

@@ -209,6 +209,8 @@ class PgCluster:
     host: str = "127.0.0.1"
     superuser: str = "postgres"
     service_user: str = "pgwarden_svc"
+    #: The guard state store's own login (its schema must be out of the service account's reach).
+    state_user: str = "pgwarden_state"
     database: str = "hotel"
 
     def __init__(
@@ -229,6 +231,7 @@ class PgCluster:
         self.port: int = port if port is not None else 0
         self.superuser_password: str = superuser_password or secrets.token_urlsafe(18)
         self.service_password: str = service_password or secrets.token_urlsafe(18)
+        self.state_password: str = secrets.token_urlsafe(18)
         self._passwords_given = (superuser_password is not None, service_password is not None)
         self.bindir: Path | None = None
         self.run_user: str | None = None
@@ -265,8 +268,8 @@ class PgCluster:
         """A ``postgresql://`` URL over TCP; known users get their password filled in."""
         user = user or self.superuser
         if password is None:
-            password = {self.superuser: self.superuser_password,
-                        self.service_user: self.service_password}.get(user)
+            password = {self.superuser: self.superuser_password, self.service_user: self.service_password,
+                        self.state_user: self.state_password}.get(user)
         auth = quote(user, safe="")
         if password is not None:
             auth += ":" + quote(password, safe="")
@@ -486,6 +489,7 @@ class PgCluster:
                 self.superuser_password = state.get("superuser_password", self.superuser_password)
             if not self._passwords_given[1]:
                 self.service_password = state.get("service_password", self.service_password)
+            self.state_password = state.get("state_password", self.state_password)
             if not self._explicit_port and state.get("port"):
                 self.port = int(state["port"])
         if not self.port:
@@ -496,7 +500,7 @@ class PgCluster:
         fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump({"port": self.port, "superuser_password": self.superuser_password,
-                       "service_password": self.service_password}, fh)
+                       "service_password": self.service_password, "state_password": self.state_password}, fh)
 
     def _initdb(self) -> None:
         wd = self._wd()
@@ -612,7 +616,12 @@ class PgCluster:
             f"(SELECT FROM pg_roles WHERE rolname = {svc_name})\\gexec\n"
             f"ALTER ROLE {svc} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
             f"NOBYPASSRLS PASSWORD {_sql_literal(self.service_password)};\n"
-            f"GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {db} TO {svc};\n",
+            f"GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {db} TO {svc};\n"
+            f"SELECT 'CREATE ROLE {_sql_ident(self.state_user)} LOGIN' WHERE NOT EXISTS "
+            f"(SELECT FROM pg_roles WHERE rolname = {_sql_literal(self.state_user)})\\gexec\n"
+            f"ALTER ROLE {_sql_ident(self.state_user)} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
+            f"NOREPLICATION NOBYPASSRLS PASSWORD {_sql_literal(self.state_password)};\n"
+            f"GRANT CONNECT, CREATE ON DATABASE {db} TO {_sql_ident(self.state_user)};\n",
             database="postgres",
         )
         self.psql(

@@ -17,6 +17,7 @@ from rules.engine import Engine
 from . import upstream
 from .audit import AuditLog, default_replica
 from .config import Config
+from .guards import Guards
 from .session import ClientSession
 
 
@@ -48,10 +49,17 @@ class Server:
             engine = Engine(rules)
         self.engine = engine
         self._catalogs: dict[str, Any] = {}
-        self._rules_mtime = 0.0
+        self._rules_mtime: tuple[float, ...] = ()
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self.audit = audit or AuditLog(config.audit_path, on_failure=config.audit_on_failure,
                                        replica=config.audit_replica or default_replica(config.listen_port))
+        store = None
+        if config.state is not None:
+            from .statestore import StateStore
+
+            store = StateStore(config.state, replica=f"{config.listen_host}:{config.listen_port}",
+                               log=lambda event, fields: self.audit.emit(event, None, **fields))
+        self.guards = Guards(store, lambda: self.engine.rules, self.spawn)
         self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
         self.sessions: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
@@ -70,6 +78,9 @@ class Server:
         self.audit.bind_loop(loop)
         if self.config.rules_path:
             self.spawn(self.watch_rules())
+        if self.guards.store is not None:
+            # Restricted roles are refused until the store answers; give it a moment at start.
+            await self.guards.store.start(wait=self.config.state.connect_timeout if self.config.state else 5)
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -96,19 +107,24 @@ class Server:
             return False
         self.engine = Engine(rules)
         self.forget_catalogs()  # a reload is also how a DBA makes pgwarden see new tables (new sessions)
-        self._rules_mtime = _mtime(path)
+        self._rules_mtime = self._rules_stamp()
         self.audit.emit("rules_reloaded", None, path=path, roles=len(rules.roles), tables=len(rules.tables))
         return True
 
+    def _rules_stamp(self) -> tuple[float, ...]:
+        """Modification times of the rules file and every file it includes."""
+        rules = getattr(self.engine, "rules", None)
+        files = getattr(rules, "sources", ()) or (self.config.rules_path,)
+        return tuple(_mtime(f) for f in files if f)
+
     async def watch_rules(self, interval: float = 2.0) -> None:
-        """Reload when the rules file changes on disk (SIGHUP does it at once)."""
-        path = self.config.rules_path
-        if not path:
+        """Reload when the rules file (or a file it includes) changes on disk (SIGHUP does it at once)."""
+        if not self.config.rules_path:
             return
-        self._rules_mtime = _mtime(path)
+        self._rules_mtime = self._rules_stamp()
         while True:
             await asyncio.sleep(interval)
-            m = _mtime(path)
+            m = self._rules_stamp()
             if m != self._rules_mtime:
                 self._rules_mtime = m
                 self.reload_rules()
@@ -166,6 +182,9 @@ class Server:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         for t in list(self._tasks):
             t.cancel()
+        if self.guards.store is not None:
+            with contextlib.suppress(Exception):
+                await self.guards.store.close()
         self.audit.close()
 
 

@@ -26,9 +26,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rules.decision import Decision, refuse
-from rules.rewrite import ROW_CAP_MARKER
+from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
 
 from . import auth, upstream
+from .guards import declared_cursor, decode_param, device_refusal, fetch_rows
 from .audit import principal_fields
 from .identity import Principal
 from .receipts import new_receipt, protected_by, receipt_notice, receipt_text
@@ -107,13 +108,15 @@ def _quote_literal(value: str) -> str:
 class Run:
     """One statement on its way through the server, for its audit event."""
 
-    __slots__ = ("text", "start", "decision", "done")
+    __slots__ = ("text", "start", "decision", "done", "guard", "reserved")
 
     def __init__(self, text: str = "", decision: Decision | None = None) -> None:
         self.text = text  # decoded with the session's client_encoding
         self.start = 0.0
         self.decision = decision
         self.done = False
+        self.guard: dict[str, Any] | None = None  # guard counters for the audit event
+        self.reserved: Any = None  # (minute, rows) taken from the row budget, settled when it ends
 
 
 class Expect:
@@ -134,6 +137,13 @@ class Expect:
 # Answers that carry no state of their own are shared (rows0 is written but never read on them).
 _EXPECT_BIND, _EXPECT_SYNC, _EXPECT_DESCRIBE, _EXPECT_CLOSE = Expect(_B), Expect(_S), Expect(_D), Expect(_C)
 _F_BIND, _F_EXECUTE, _F_SYNC = F.BIND, F.EXECUTE, F.SYNC
+
+
+class _Suspend(Exception):
+    """Raised while handling a client message that must wait for a guard check (an awaitable)."""
+
+    def __init__(self, check: Any) -> None:
+        self.check = check
 
 
 class LoginError(Exception):
@@ -235,6 +245,12 @@ class ClientSession(asyncio.Protocol):
         self._scs_problem: str | None = None
         self._undecodable = False
         self._context: dict[str, Any] = {}
+        # A guard check in flight (R3.4): client messages wait here, in order, until it answers.
+        self._held: list[tuple[int, bytes]] | None = None
+        self._verdict: Any = None  # the answer, for the message at the head of _held
+        self._last_guard: dict[str, Any] | None = None  # counters for the next audit event
+        self._last_reserved: Any = None  # the row budget reservation the last verdict made
+        self._cursors: set[str] = set()  # cursors declared over protected tables (their FETCHes count)
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -348,6 +364,10 @@ class ClientSession(asyncio.Protocol):
                 if self._over_limit:
                     raise LoginError(SqlState.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
                 self.principal = await self._authenticate(startup)
+                blocked = self._device_refusal(self.principal) or await self.server.guards.login_block(
+                    self.principal, self.server.engine.restricted(self.principal))
+                if blocked is not None:
+                    raise LoginError(SqlState.INVALID_AUTHORIZATION, blocked)
                 await self._connect_upstream(startup)
         except LoginError as exc:
             self._login_failed(user, exc.sqlstate, exc.message, exc.raw)
@@ -468,6 +488,18 @@ class ClientSession(asyncio.Protocol):
             database=params.get("database") or user,
         )
 
+    def _device_refusal(self, p: Principal) -> str | None:
+        entry = self.server.config.users.get(p.user)
+        rules = self.server.engine.rules
+        role = None
+        if rules is not None:
+            from rules.model import effective_role
+
+            role, _ = effective_role(rules, p)
+        if not (entry is not None and entry.networks) and not getattr(role, "networks", ()):
+            return None
+        return device_refusal(p, entry.networks if entry is not None else (), role)
+
     async def _connect_upstream(self, startup: StartupMessage) -> None:
         p = self.principal
         assert p is not None
@@ -554,59 +586,79 @@ class ClientSession(asyncio.Protocol):
 
     def _handle_client(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         """Track and police each message; forward ``raw`` as is unless something changed."""
+        if self._held is not None:
+            self._held.extend(msgs)  # a guard check is in flight: keep the order
+            return
         changed: list[bytes] | None = None
         expect = self._expect
         now = time.perf_counter()
         for i, (t, payload) in enumerate(msgs):
             replacement: bytes | None = None
-            if t == _F_BIND:
-                a = payload.find(b"\x00")
-                b = payload.find(b"\x00", a + 1)
-                if b < 0:
-                    self._fatal(SqlState.PROTOCOL_VIOLATION, "invalid Bind message")
+            try:
+                if t == _F_BIND:
+                    a = payload.find(b"\x00")
+                    b = payload.find(b"\x00", a + 1)
+                    if b < 0:
+                        self._fatal(SqlState.PROTOCOL_VIOLATION, "invalid Bind message")
+                        return
+                    st = self._statements.get(payload[a + 1 : b])
+                    if st is not None and st[1] is not None and st[1].lookups:
+                        st = self._with_params(st, payload)
+                    self._portals[payload[:a]] = st
+                    expect.append(_EXPECT_BIND)
+                elif t == _F_EXECUTE:
+                    end = payload.find(b"\x00")
+                    st = self._portals.get(payload[:end] if end >= 0 else payload)
+                    if self.server.audit.refusing and self.server.engine.restricted(self.principal):
+                        # audit log failing (issue 6): a statement prepared earlier does not run unlogged either
+                        replacement = self._refuse_execute(st[0] if st else "", self._audit_refusal(), now)
+                    elif st is not None and self.server.guards.store is not None:
+                        replacement = self._guard_execute(st, int.from_bytes(payload[end + 1:end + 5], "big"), now)
+                    if replacement is None:
+                        run = Run(st[0], st[1]) if st else Run()
+                        run.start = now
+                        if self._last_guard is not None:
+                            run.guard = self._take_guard()
+                        if self._last_reserved is not None:
+                            run.reserved, self._last_reserved = self._last_reserved, None
+                        e = Expect(_E, [run])
+                        if not expect:  # rows counted from here; otherwise from when it becomes the head
+                            e.rows0 = self._scanner.rows
+                        expect.append(e)
+                elif t == _F_SYNC:
+                    expect.append(_EXPECT_SYNC)
+                elif t == F.QUERY:
+                    replacement = self._on_query(payload, now)
+                elif t == F.PARSE:
+                    replacement = self._on_parse(payload)
+                elif t == F.DESCRIBE:
+                    expect.append(_EXPECT_DESCRIBE)
+                elif t == F.CLOSE:
+                    c = codec.decode_close(payload)
+                    if c.kind == "S":
+                        self._statements.pop(c.name, None)
+                    else:
+                        self._portals.pop(c.name, None)
+                    expect.append(_EXPECT_CLOSE)
+                elif t in (F.FLUSH, F.COPY_DATA, F.COPY_DONE, F.COPY_FAIL):
+                    pass
+                elif t == F.TERMINATE:
+                    self._forward_parts(changed, raw, msgs[: i + 1])
+                    self._close_client()
                     return
-                self._portals[payload[:a]] = self._statements.get(payload[a + 1 : b])
-                expect.append(_EXPECT_BIND)
-            elif t == _F_EXECUTE and self.server.audit.refusing and self.server.engine.restricted(self.principal):
-                replacement = self._refuse_unlogged(payload)  # audit log failing (issue 6)
-            elif t == _F_EXECUTE:
-                end = payload.find(b"\x00")
-                st = self._portals.get(payload[:end] if end >= 0 else payload)
-                run = Run(st[0], st[1]) if st else Run()
-                run.start = now
-                e = Expect(_E, [run])
-                if not expect:  # rows counted from here; otherwise from when it becomes the head
-                    e.rows0 = self._scanner.rows
-                expect.append(e)
-            elif t == _F_SYNC:
-                expect.append(_EXPECT_SYNC)
-            elif t == F.QUERY:
-                replacement = self._on_query(payload, now)
-            elif t == F.PARSE:
-                replacement = self._on_parse(payload)
-            elif t == F.DESCRIBE:
-                expect.append(_EXPECT_DESCRIBE)
-            elif t == F.CLOSE:
-                c = codec.decode_close(payload)
-                if c.kind == "S":
-                    self._statements.pop(c.name, None)
+                elif t == F.FUNCTION_CALL:
+                    # Calls a function by OID, bypassing SQL and therefore every rule.
+                    replacement = self._refuse_simple(
+                        b"", codec.error_response(SqlState.INSUFFICIENT_PRIVILEGE,
+                                                  "pgwarden: the FunctionCall protocol message is not allowed"),
+                        now, kind=_F)
                 else:
-                    self._portals.pop(c.name, None)
-                expect.append(_EXPECT_CLOSE)
-            elif t in (F.FLUSH, F.COPY_DATA, F.COPY_DONE, F.COPY_FAIL):
-                pass
-            elif t == F.TERMINATE:
-                self._forward_parts(changed, raw, msgs[: i + 1])
-                self._close_client()
-                return
-            elif t == F.FUNCTION_CALL:
-                # Calls a function by OID, bypassing SQL and therefore every rule.
-                replacement = self._refuse_simple(
-                    b"", codec.error_response(SqlState.INSUFFICIENT_PRIVILEGE,
-                                              "pgwarden: the FunctionCall protocol message is not allowed"),
-                    now, kind=_F)
-            else:
-                self._fatal(SqlState.PROTOCOL_VIOLATION, f"invalid frontend message type {t}")
+                    self._fatal(SqlState.PROTOCOL_VIOLATION, f"invalid frontend message type {t}")
+                    return
+            except _Suspend as s:
+                self._forward_parts(changed, None, msgs[:i])
+                self._held = list(msgs[i:])
+                self._wait_for_guard(s.check)
                 return
             if replacement is not None:
                 if changed is None:
@@ -665,6 +717,21 @@ class ClientSession(asyncio.Protocol):
             r = Run(d.redacted or part, d)
             r.start = now
             runs.append(r)
+        if self.server.guards.store is not None:
+            wants = [self._rows_wanted(part, r.decision) for r, part in zip(runs, parts)]
+            guests = [lk.value for r in runs if r.decision is not None for lk in r.decision.lookups]
+            if guests or any(wants):
+                refusal = self._guard_verdict(guests, sum(wants))
+                if refusal is not None:
+                    out = self._refuse_simple(sql, codec.error_response(refusal.sqlstate, refusal.message), now,
+                                              decision=refusal)
+                    self._expect[-1].runs[0].guard = self._take_guard()  # type: ignore[index]
+                    return out
+                runs[0].guard = self._take_guard()
+                reserved, self._last_reserved = self._last_reserved, None
+                if reserved is not None:
+                    for r, w in zip(runs, wants):
+                        r.reserved = (reserved[0], w) if w else None
         if not runs:
             runs = [Run()]
             runs[0].start = now
@@ -679,6 +746,11 @@ class ClientSession(asyncio.Protocol):
 
     def _decide(self, text: str) -> Decision:
         engine = self.server.engine
+        guards = self.server.guards
+        if guards.store is not None and self.principal is not None:
+            blocked = guards.block(self.principal, engine.restricted(self.principal))
+            if blocked is not None:
+                return refuse(blocked[0], reason=blocked[1])
         problem = self._encoding_problem or self._scs_problem or (
             f"the statement is not valid {self.parameters.get('client_encoding', 'UTF8')} text"
             if self._undecodable else None)
@@ -686,8 +758,11 @@ class ClientSession(asyncio.Protocol):
             return refuse(f"pgwarden: {problem}; statement refused")
         # --- audit log failing (issue 6): restricted roles never run unlogged statements ---
         if self.server.audit.refusing and engine.restricted(self.principal):
-            return refuse(AUDIT_FAILING, reason=f"audit log cannot be written: {self.server.audit.failure}")
+            return self._audit_refusal()
         return engine.decide(self.principal, text, self.catalog, self._context)
+
+    def _audit_refusal(self) -> Decision:
+        return refuse(AUDIT_FAILING, reason=f"audit log cannot be written: {self.server.audit.failure}")
 
     def _pin_application_name(self, stmt: str) -> str | None:
         """SET application_name = 'x' -> SET application_name = 'person/x' (None: not such a SET)."""
@@ -741,15 +816,115 @@ class ClientSession(asyncio.Protocol):
         self._expect.append(Expect(kind, [run], refusal=error))
         return codec.query_message(POISON_SQL[:-1])
 
-    def _refuse_unlogged(self, execute: bytes) -> bytes:
-        """An Execute while the audit log cannot be written (a statement prepared before is not decided
-        again): a Parse that fails stands in for it, so the server skips to Sync as for any error."""
-        end = execute.find(b"\x00")
-        st = self._portals.get(execute[:end] if end >= 0 else execute)
-        text = st[0] if st else ""
-        d = refuse(AUDIT_FAILING, reason=f"audit log cannot be written: {self.server.audit.failure}")
-        self._expect.append(Expect(_P, [Run(text, d)], refusal=codec.error_response(d.sqlstate, d.message), sql=text))
+    # --- guards that wait for the state store (R3.4) ------------------------------------------
+
+    def _rows_wanted(self, text: str, d: Decision | None, max_rows: int = 0) -> int:
+        """Rows a statement may return, to reserve from the person's row budget (0: nothing to reserve).
+
+        Reads of protected tables may return up to the row cap (the rewritten SQL refuses more);
+        a FETCH from a cursor declared over them, up to its count. A DECLARE returns nothing itself.
+        """
+        grants, _ = self.server.engine.grants(self.principal) if self.principal else (None, "")
+        if grants is None or not grants.row_budget or not grants.row_cap:
+            return 0
+        cap = grants.row_cap
+        head = text.lstrip()[:8].upper()
+        if d is not None and d.action == "rewrite" and d.tables:
+            if head.startswith("DECLARE"):
+                name = declared_cursor(text)
+                if name is not None:
+                    self._cursors.add(name)
+                return 0
+            if not head.startswith(("SELECT", "WITH", "TABLE", "VALUES", "(", "COPY", "EXECUTE")):
+                return 0  # writes (RETURNING is masked and capped by the same rules) are not reads
+            return min(max_rows, cap) if max_rows > 0 else cap
+        if head.startswith("FETCH") and self._cursors:
+            f = fetch_rows(text, cap)
+            if f is None:
+                return cap  # a FETCH pgwarden cannot read: assume the most
+            return f[1] if f[0] in self._cursors else 0
+        return 0
+
+    def _guard_verdict(self, guests: list[str | None], want: int) -> Decision | None:
+        """None if the statement may go ahead; else the refusal. Suspends the first time it is asked."""
+        verdict, self._verdict = self._verdict, None
+        if verdict is None:
+            grants, _ = self.server.engine.grants(self.principal)
+            if None in guests or (guests and not getattr(grants, "guest_lookups", None)):
+                return refuse("pgwarden: a guest lookup could not be read; refused", reason="unreadable lookup")
+            assert self.principal is not None
+            raise _Suspend(self.server.guards.check(self.principal, grants, [g for g in guests if g is not None],
+                                                    want))
+        self._last_guard = verdict.audit()
+        self._last_reserved = verdict.reserved
+        if verdict.allowed:
+            return None
+        return refuse(verdict.message, reason="guest lookup quota (R3.4)" if "looked up" in verdict.message
+                      else "row budget (R3.3)" if "row budget" in verdict.message else "guard refused")
+
+    def _take_guard(self) -> dict[str, Any] | None:
+        g, self._last_guard = self._last_guard, None
+        return g
+
+    def _with_params(self, st: tuple[Any, ...], payload: bytes) -> tuple[Any, ...]:
+        """Keep a Bind's parameter values with its portal: the quota counts the guests they name."""
+        try:
+            bind = codec.decode_bind(payload)
+        except codec.ProtocolError:
+            return (st[0], st[1], None)
+        formats = bind.param_formats
+        values: dict[int, str | None] = {}
+        for n, v in enumerate(bind.params, start=1):
+            binary = (formats[0] if len(formats) == 1 else formats[n - 1] if len(formats) >= n else 0) == 1
+            try:
+                values[n] = decode_param(v, binary)
+            except ValueError:
+                values[n] = None
+        return (st[0], st[1], values)
+
+    def _guard_execute(self, st: tuple[Any, ...], max_rows: int, now: float) -> bytes | None:
+        """Execute of a portal the guards count: checked first; refused like a Parse if over a limit."""
+        d: Decision = st[1]
+        params = st[2] if len(st) > 2 else None
+        guests = [lk.value if lk.param is None else (params or {}).get(lk.param) for lk in d.lookups]
+        want = self._rows_wanted(st[0], d, max_rows)
+        if not guests and not want:
+            return None
+        refusal = self._guard_verdict(guests, want)
+        if refusal is None:
+            return None
+        return self._refuse_execute(st[0], refusal, now, self._take_guard())
+
+    def _refuse_execute(self, text: str, refusal: Decision, now: float, guard: dict[str, Any] | None = None) -> bytes:
+        """A refused Execute: a Parse that fails stands in for it, so the server skips to Sync as for any error."""
+        err = codec.error_response(refusal.sqlstate, refusal.message)
+        run = Run(text, refusal)
+        run.start = now
+        run.guard = guard
+        self._expect.append(Expect(_P, [run], refusal=err, sql=text))
         return codec.message(F.PARSE, b"pgwarden_refused\x00" + POISON_SQL + b"\x00\x00")
+
+    def _wait_for_guard(self, check: Any) -> None:
+        """Hold the client's messages until the state store answers, then go on where we stopped."""
+        if self.transport is not None and not self._client_paused:
+            self.transport.pause_reading()
+
+        async def wait() -> None:
+            try:
+                verdict = await check
+            except Exception as exc:  # noqa: BLE001 - fail closed
+                from .guards import Verdict
+
+                verdict = Verdict(False, f"pgwarden: the guard check failed ({type(exc).__name__}); refused")
+            if self.closed:
+                return
+            held, self._held = self._held or [], None
+            self._verdict = verdict
+            if self.transport is not None and not self._client_paused:
+                self.transport.resume_reading()
+            self._handle_client(held, None)
+
+        self.server.spawn(wait())
 
     # --- relay: server -> client ------------------------------------------------------------
 
@@ -843,10 +1018,13 @@ class ClientSession(asyncio.Protocol):
             return None
         head = expect[0]
         refusal = head.refusal  # our own error, replacing the server's answer to the poison statement
-        cap: Decision | None = None
+        late: Decision | None = None  # a refusal PostgreSQL raised for us (row cap, row check)
         if refusal is None and ROW_CAP_MARKER in err.message:
             refusal = self._row_cap_error()
-            cap = refuse("row cap", reason="result larger than the role's row cap (R3.2)")
+            late = refuse("row cap", reason="result larger than the role's row cap (R3.2)")
+        elif refusal is None and ROW_CHECK_MARKER in err.message:
+            refusal = self._row_check_error()
+            late = refuse("row check", reason="new row outside the role's row filter")
         replacement = refusal
         if refusal is None and "D" in err.fields and self.server.engine.restricted(self.principal):
             # DETAIL can echo row values ("Key (id)=(...)", "Failing row contains (...)").
@@ -856,8 +1034,8 @@ class ClientSession(asyncio.Protocol):
             if head.index < len(runs):
                 run = runs[head.index]
                 head.index = len(runs)  # the rest of the Query is not run
-                if cap is not None:
-                    run.decision = cap
+                if late is not None:
+                    run.decision = late
                 self._finish(run, "refused" if refusal else "error", None, 0, None if refusal else err)
             return replacement
         # Extended protocol: the server now skips everything up to Sync.
@@ -870,8 +1048,8 @@ class ClientSession(asyncio.Protocol):
             # Parse, Bind or Describe failed before any Execute of this batch.
             failed = Run(head.sql or "")
             failed.start = time.perf_counter()
-        if cap is not None:
-            failed.decision = cap
+        if late is not None:
+            failed.decision = late
             self._finish(failed, "refused", None, 0, None)
         elif refusal is not None:
             failed.text = head.sql or ""
@@ -891,6 +1069,15 @@ class ClientSession(asyncio.Protocol):
             SqlState.INSUFFICIENT_PRIVILEGE,
             f"pgwarden: the result has more than {cap} rows, the row cap of role {role}; "
             "narrow the query (filters, LIMIT) or ask for a ticket")
+
+    def _row_check_error(self) -> bytes:
+        """PostgreSQL refused an INSERT at the row check the rewriter put in it: nothing was written."""
+        grants, _ = self.server.engine.grants(self.principal) if self.principal else (None, "")
+        role = getattr(grants, "role", "")
+        return codec.error_response(
+            SqlState.INSUFFICIENT_PRIVILEGE,
+            f"pgwarden: role {role} may not write a row it could not read back (outside its row filter); "
+            "nothing was written")
 
     def _track_parameter(self, name: str, value: str) -> None:
         """Follow what changes how the server reads statement text (the lexer must see what it sees)."""
@@ -953,6 +1140,14 @@ class ClientSession(asyncio.Protocol):
             fields["reason"] = d.reason or d.message
         elif outcome == "refused":
             fields["sqlstate"] = SqlState.INSUFFICIENT_PRIVILEGE
+        guards = self.server.guards
+        if guards.store is not None and self.principal is not None:
+            if run.guard is not None:
+                fields["guard"] = run.guard
+            if run.reserved is not None:
+                guards.give_back(self.principal, run.reserved, rows if outcome != "refused" else 0)
+            guards.after(self.principal, outcome == "refused", (d.reason or d.message) if d is not None else "",
+                         lambda ev, f: self.server.audit.emit(ev, self.principal, **f))
         self.server.audit.emit_with("statement", self._audit_base, fields)
         return slip
 

@@ -272,6 +272,10 @@ class Column:
     type_oid: int
     not_null: bool
     position: int  # attnum: SELECT * order; may have gaps where columns were dropped
+    #: pg_get_expr() of the column's DEFAULT (what an INSERT that omits it stores); None if none.
+    default: str | None = None
+    #: 'i' identity, 's' generated (stored), '' plain: both compute the value outside ``default``.
+    computed: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -693,7 +697,7 @@ def catalog_to_dict(cat: Catalog) -> dict[str, Any]:
     """A JSON-ready dict (lists sorted, so equal catalogs give equal JSON)."""
     def col(c: Column) -> dict[str, Any]:
         return {"name": c.name, "type_name": c.type_name, "type_oid": c.type_oid,
-                "not_null": c.not_null, "position": c.position}
+                "not_null": c.not_null, "position": c.position, "default": c.default, "computed": c.computed}
 
     def rel(r: Relation) -> dict[str, Any]:
         return {
@@ -736,7 +740,8 @@ def catalog_from_dict(d: Mapping[str, Any]) -> Catalog:
         rel = Relation(
             oid=int(r["oid"]), schema=r["schema"], name=r["name"], kind=r["kind"],
             columns=tuple(Column(c["name"], c["type_name"], int(c["type_oid"]), bool(c["not_null"]),
-                                 int(c["position"])) for c in r["columns"]),
+                                 int(c["position"]), c.get("default"), c.get("computed", ""))
+                          for c in r["columns"]),
             parent=r["parents"][0] if r["parents"] else None,
             depends_on=frozenset(r["depends_on"]), owner=r.get("owner", ""),
             parents=tuple(r["parents"]), root=r.get("root"), ancestors=frozenset(r.get("ancestors", ())),
@@ -795,9 +800,11 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND n.nspname = ANY($1::text[]
 
 _COLUMNS_SQL = """
 SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod) AS type_name, a.atttypid,
-       a.attnotnull, a.attnum
+       a.attnotnull, a.attnum, pg_get_expr(d.adbin, d.adrelid) AS default_expr,
+       (a.attidentity::text || a.attgenerated::text) AS computed
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE a.attnum > 0 AND NOT a.attisdropped
   AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND n.nspname = ANY($1::text[])
@@ -879,7 +886,8 @@ async def _load(conn: asyncpg.Connection, only: Sequence[str] | None) -> Catalog
     cols: dict[int, list[Column]] = {}
     for r in await conn.fetch(_COLUMNS_SQL, names):
         cols.setdefault(r["attrelid"], []).append(
-            Column(r["attname"], r["type_name"], r["atttypid"], r["attnotnull"], r["attnum"]))
+            Column(r["attname"], r["type_name"], r["atttypid"], r["attnotnull"], r["attnum"],
+                   r["default_expr"], r["computed"] or ""))
 
     parents_of: dict[str, list[str]] = {}
     for r in await conn.fetch(_INHERITS_SQL):

@@ -26,6 +26,8 @@ class Decision:
     masked: tuple[str, ...] = ()  # table.column masked for this person in this statement
     hidden: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()  # from the role, e.g. internal_audit
+    #: Guests this statement looks up (rules.lookups.Lookup), for roles with a lookup quota (R3.4).
+    lookups: tuple = ()
 
     @property
     def refused(self) -> bool:

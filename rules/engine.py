@@ -111,6 +111,8 @@ class Engine:
             d = self._redacted(sql, full(sql))  # literals to redact: decided on their own
         else:
             d = self._templates.decide(sql, (id(grants), id(catalog), sp), full)
+        if grants.guest_lookups and d.action == "rewrite":
+            d = self._with_lookups(sql, d, grants, catalog, search_path)
         if len(self._decisions) >= DECISION_CACHE:
             # Templates are keyed by object ids too: they go with the pins that keep ids unique.
             self._decisions.clear()
@@ -119,6 +121,20 @@ class Engine:
             self._pinned[id(catalog)] = catalog
         self._decisions[key] = d
         return d
+
+    def _with_lookups(self, sql: str, d: Decision, grants: Any, catalog: Any, search_path: Any) -> Decision:
+        """The guests this statement looks up, for a role with a per-guest quota (R3.4)."""
+        from .lookups import UnclearLookup, find_lookups
+
+        try:
+            found = find_lookups(sql, grants, catalog, search_path)
+        except UnclearLookup as u:
+            keys = sorted({g.subject_key for g in grants.tables.values() if g.subject_key})
+            return self._redacted(sql, refuse(
+                f"pgwarden: role {grants.role} has a per-guest lookup quota, and this statement constrains a "
+                f"guest key in a way that cannot be counted ({u}); look guests up with "
+                f"{' / '.join(keys)} = value or IN (values)", reason=f"unclear guest lookup: {u}"))
+        return dataclasses.replace(d, lookups=found) if found else d
 
     @staticmethod
     def _annotated(d: Decision, grants: Any, catalog: Any) -> Decision:

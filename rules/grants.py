@@ -52,6 +52,7 @@ class TableGrant:
     columns: Mapping[str, ColumnRule] = field(default_factory=dict)  # absent column: CLEAR
     kinds: frozenset[StatementKind] = frozenset({StatementKind.SELECT})
     reason: str = ""  # which YAML rule produced it (for explain and the audit log)
+    subject_key: str | None = None  # the column naming the guest a row is about (lookup quotas, R3.4)
 
 
 @dataclass(frozen=True)
@@ -73,3 +74,5 @@ class StatementGrants:
     unrestricted: bool = False  # e.g. the DBA's break-glass role: statements pass as sent (still audited)
     role: str = ""
     flags: frozenset[str] = frozenset()  # e.g. internal_audit: every statement flagged in the audit log
+    guest_lookups: int | None = None  # per guest per calendar month (R3.4); None: no quota
+    row_budget: tuple[int | None, int | None] | None = None  # rows per rolling (hour, day) (R3.3)

@@ -14,6 +14,7 @@ in the configured time zone: a transaction held open does not widen them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sqlglot
 from sqlglot import exp
 
-from proxy.config import ConfigError, _Located, load_yaml
+from proxy.config import ConfigError, _Located, load_yaml, parse_networks
 from proxy.identity import Principal
 
 from .grants import ColumnRule, StatementGrants, StatementKind, TableGrant, Treatment
@@ -107,6 +108,21 @@ class Role:
     flags: frozenset[str] = frozenset()  # e.g. internal_audit: every statement flagged in the audit log
     functions: frozenset[str] = frozenset()
     where: str = ""
+    #: Lookups of one guest per person per calendar month before a ticket is needed (R3.4); None: no quota.
+    guest_lookups: int | None = None
+    #: Designated devices (R3.6): networks this role may connect from; empty: anywhere.
+    networks: tuple[Any, ...] = ()
+    #: Rows per person per rolling hour and day (R3.3): (hour, day), either may be None.
+    row_budget: tuple[int | None, int | None] | None = None
+
+
+@dataclass(frozen=True)
+class Guards:
+    """Rule-wide guard settings (``guards:``): the circuit breaker (R3.5) and who may lift it."""
+
+    lockout_after: int = 3  # consecutive refused statements
+    lockout_seconds: int = 1800
+    unlock_roles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,9 @@ class Rules:
     tables: Mapping[str, TableRules]
     roles: Mapping[str, Role]
     source: str = ""
+    #: Every file the rules were read from (the main file and its includes): reload watches them all.
+    sources: tuple[str, ...] = ()
+    guards: Guards = field(default_factory=Guards)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -236,7 +255,7 @@ def _grant(table: str, v: Any, loc: _Located, path: tuple[Any, ...]) -> TableGra
 
 def parse_rules(data: Any, loc: _Located) -> Rules:
     d = _mapping(data, loc, (), "the rules file")
-    _keys(d, {"timezone", "shifts", "tables", "roles", "retention"}, loc, ())
+    _keys(d, {"timezone", "shifts", "tables", "roles", "guards", "retention"}, loc, ())
     from .retention import parse_retention  # retention rules: checked with the rest (check, reload)
 
     parse_retention(d.get("retention"), loc, d.get("tables") or {})
@@ -268,7 +287,7 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
         p = ("roles", name)
         r = _mapping(v, loc, p, f"role {name}")
         _keys(r, {"grants", "statements", "requires", "otherwise", "row_cap", "export", "unrestricted", "flags",
-                  "functions"}, loc, p)
+                  "functions", "guest_lookups", "networks", "row_budget"}, loc, p)
         grants = {}
         for table, g in _mapping(r.get("grants"), loc, p + ("grants",), "grants").items():
             if table not in tables:
@@ -284,13 +303,69 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
             otherwise=r.get("otherwise"), row_cap=cap, export=bool(r.get("export", False)),
             unrestricted=bool(r.get("unrestricted", False)),
             flags=frozenset(str(f) for f in r.get("flags") or []),
-            functions=frozenset(str(f) for f in r.get("functions") or []), where=loc.where(*p))
+            functions=frozenset(str(f) for f in r.get("functions") or []), where=loc.where(*p),
+            guest_lookups=_positive(r, "guest_lookups", loc, p),
+            networks=parse_networks(r.get("networks"), loc, p + ("networks",)),
+            row_budget=_budget(r, cap, loc, p))
+    guards = _guards(d.get("guards"), loc, roles)
     for name, role in roles.items():
         if role.otherwise is not None and role.otherwise not in roles:
             raise _err(loc, ("roles", name, "otherwise"), f"unknown role {role.otherwise!r}")
         for t, g in role.grants.items():
             _check_grant_columns(g, tables[t], loc, ("roles", name, "grants", t))
-    return Rules(timezone=tz, shifts=tuple(shifts), tables=tables, roles=roles, source=loc.source)
+    return Rules(timezone=tz, shifts=tuple(shifts), tables=tables, roles=roles, source=loc.source, guards=guards)
+
+
+def _positive(d: dict[str, Any], key: str, loc: _Located, path: tuple[Any, ...]) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise _err(loc, path + (key,), f"{key} must be a positive whole number")
+    return v
+
+
+def _budget(r: dict[str, Any], cap: int | None, loc: _Located,
+            path: tuple[Any, ...]) -> tuple[int | None, int | None] | None:
+    if r.get("row_budget") is None:
+        return None
+    b = _mapping(r["row_budget"], loc, path + ("row_budget",), "row_budget")
+    _keys(b, {"hour", "day"}, loc, path + ("row_budget",))
+    hour, day = (_positive(b, k, loc, path + ("row_budget",)) for k in ("hour", "day"))
+    if hour is None and day is None:
+        raise _err(loc, path + ("row_budget",), "row_budget needs hour, day or both")
+    if cap is None:
+        # A statement reserves what it may return before it runs: without a cap that is unbounded.
+        raise _err(loc, path + ("row_budget",), "a role with a row_budget needs a row_cap (rows per statement)")
+    for k, v in (("hour", hour), ("day", day)):
+        if v is not None and v < cap:
+            raise _err(loc, path + ("row_budget", k), f"row_budget {k} ({v}) is smaller than row_cap ({cap}): "
+                       "no statement could ever run")
+    return hour, day
+
+
+def _seconds(v: Any, loc: _Located, path: tuple[Any, ...]) -> int:
+    m = _DURATION.match(str(v))
+    if not m:
+        raise _err(loc, path, f"expected a duration like 30m, 2h or 1d, not {v!r}")
+    unit = m.group(2)[0]
+    return int(m.group(1)) * {"m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def _guards(v: Any, loc: _Located, roles: Mapping[str, Role]) -> Guards:
+    d = _mapping(v, loc, ("guards",), "guards")
+    _keys(d, {"lockout", "unlock_roles"}, loc, ("guards",))
+    lock = _mapping(d.get("lockout"), loc, ("guards", "lockout"), "lockout")
+    _keys(lock, {"after", "for"}, loc, ("guards", "lockout"))
+    after = _positive(lock, "after", loc, ("guards", "lockout")) or 3
+    seconds = _seconds(lock.get("for", "30m"), loc, ("guards", "lockout", "for"))
+    unlockers = d.get("unlock_roles") or []
+    if not isinstance(unlockers, list):
+        raise _err(loc, ("guards", "unlock_roles"), "unlock_roles is a list of role names")
+    for i, r in enumerate(unlockers):
+        if r not in roles:
+            raise _err(loc, ("guards", "unlock_roles", i), f"unknown role {r!r}")
+    return Guards(lockout_after=after, lockout_seconds=seconds, unlock_roles=frozenset(map(str, unlockers)))
 
 
 def _resolve_env(v: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
@@ -327,8 +402,82 @@ def _check_grant_columns(g: TableGrantRule, t: TableRules, loc: _Located, path: 
 
 
 def load_rules(path: str | Path) -> Rules:
-    data, loc = load_yaml(path)
-    return parse_rules(data, loc)
+    data, loc, sources = _load_with_includes(Path(path), ())
+    rules = parse_rules(data, loc)
+    return dataclasses.replace(rules, source=str(path), sources=sources)
+
+
+class _Merged(_Located):
+    """Positions across a rules file and its includes: each key keeps its own file and line."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(source)
+        self.files: dict[tuple[Any, ...], str] = {}
+
+    def where(self, *path: Any) -> str:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return f"{self.files.get(path, self.source)}:{self.lines.get(path, 1)}"
+
+    def absorb(self, other: _Located, prefix: tuple[Any, ...] = ()) -> None:
+        """Take the positions of ``other`` under ``prefix`` (``other`` may itself be merged)."""
+        for path, line in other.lines.items():
+            if path[:len(prefix)] == prefix:
+                self.lines[path] = line
+                self.files[path] = other.files.get(path, other.source) if isinstance(other, _Merged) \
+                    else other.source
+
+
+#: Sections an included file may add entries to (a name defined twice is an error).
+_INCLUDABLE = ("shifts", "tables", "roles")
+
+
+def _load_with_includes(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], _Merged, tuple[str, ...]]:
+    """A rules file with ``include: [other.yaml, ...]`` (relative to it) merged in.
+
+    Splitting is for people (a file of roles, a file of table classifications), so merging is
+    strict: an entry defined in two files, or a time zone that disagrees, is an error naming both.
+    """
+    raw, own = load_yaml(path)
+    loc = _Merged(str(path))
+    loc.absorb(own)
+    data = dict(_mapping(raw, loc, (), "the rules file"))
+    sources = [str(path)]
+    includes = data.pop("include", None)
+    if includes is None:
+        return data, loc, tuple(sources)
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise _err(loc, ("include",), "include is a file name or a list of them, relative to this file")
+    for i, name in enumerate(includes):
+        sub_path = (path.parent / name).resolve() if not Path(name).is_absolute() else Path(name)
+        if sub_path in chain or sub_path == path.resolve():
+            raise _err(loc, ("include", i), f"{name} includes itself (through {' -> '.join(map(str, chain))})")
+        if not sub_path.is_file():
+            raise _err(loc, ("include", i), f"included file {name!r} does not exist")
+        sub, sub_loc, sub_sources = _load_with_includes(sub_path, (*chain, path.resolve()))
+        sources.extend(sub_sources)
+        for key, value in sub.items():
+            if key in _INCLUDABLE:
+                section = _mapping(data.setdefault(key, {}), loc, (key,), key)
+                for name2, entry in _mapping(value, sub_loc, (key,), key).items():
+                    if name2 in section:
+                        raise ConfigError(f"{sub_loc.where(key, name2)}: {key[:-1]} {name2!r} is already defined "
+                                          f"at {loc.where(key, name2)}")
+                    section[name2] = entry
+                    loc.absorb(sub_loc, (key, name2))
+                data[key] = section
+            elif key == "timezone":
+                if "timezone" in data and data["timezone"] != value:
+                    raise ConfigError(f"{sub_loc.where(key)}: timezone {value!r} disagrees with "
+                                      f"{data['timezone']!r} at {loc.where(key)}")
+                data[key] = value
+                loc.absorb(sub_loc, (key,))
+            else:
+                raise ConfigError(f"{sub_loc.where(key)}: an included file may hold timezone, shifts, tables "
+                                  f"and roles, not {key!r}")
+    return data, loc, tuple(sources)
 
 
 # --- rendering conditions -------------------------------------------------------------------
@@ -499,11 +648,13 @@ def grants_for(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]
         for col in g.hide:
             cols[col] = ColumnRule(Treatment.HIDDEN)
         tables[_canonical(name)] = TableGrant(table=_canonical(name), row_filter=row_filter, columns=cols,
-                                              kinds=g.kinds, reason=f"{role.name} grant at {g.where}")
+                                              kinds=g.kinds, reason=f"{role.name} grant at {g.where}",
+                                              subject_key=rules.tables[name].subject_key)
     kinds = role.kinds | (frozenset({StatementKind.COPY_TO}) if role.export else frozenset())
     return StatementGrants(tables=tables, kinds=kinds, catalog_relations=CATALOG_RELATIONS,
                            row_cap=role.row_cap, export=role.export, allowed_functions=role.functions,
-                           unrestricted=role.unrestricted, role=role.name, flags=role.flags), why
+                           unrestricted=role.unrestricted, role=role.name, flags=role.flags,
+                           guest_lookups=role.guest_lookups, row_budget=role.row_budget), why
 
 
 def _canonical(name: str) -> str:

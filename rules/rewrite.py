@@ -42,7 +42,9 @@ from sqlglot.dialects.postgres import Postgres
 from sqlglot.errors import SqlglotError
 from sqlglot.tokens import Token, TokenType
 
-from .catalog import BUILTIN_SCHEMAS, Catalog, Relation, normalise_identifier
+from masking.pgtypes import MaskTypeError, parse_pg_type
+
+from .catalog import BUILTIN_SCHEMAS, Catalog, Column, Relation, normalise_identifier
 from .classify import Refused, Simple, Wrapped, recognise
 from .decision import ALLOW, Decision, refuse
 from .grants import StatementGrants, StatementKind, TableGrant, Treatment
@@ -109,6 +111,8 @@ class _Ctx:
     catalog: Catalog
     search_path: Sequence[str] | None
     fences: dict[str, _Hit] = field(default_factory=dict)  # generated body SQL -> hit
+    #: Bodies of subqueries inside row filters we put in a DML WHERE (they read tables raw, by design).
+    filter_bodies: set[str] = field(default_factory=set)
     tables: list[str] = field(default_factory=list)
     shadowed: int = 0  # CTE names that shadow catalogued relations: send our regenerated text
 
@@ -1026,7 +1030,8 @@ def _verify(text: str, ctx: _Ctx, shape) -> None:  # noqa: ANN001 - predicate on
     if len(trees) != 1 or not shape(trees[0]):
         raise Refused("pgwarden: rewritten statement failed verification", reason="statement shape changed")
     tree = trees[0]
-    opaque = {id(s) for s in tree.find_all(exp.Subquery) if _body_key(s) in ctx.fences}
+    opaque = {id(s) for s in tree.find_all(exp.Subquery)
+              if (k := _body_key(s)) and (k in ctx.fences or k in ctx.filter_bodies)}
     try:
         leftover = _analyze(tree, ctx, opaque=opaque, skip=_dml_target_ids(tree))
     except Refused as r:
@@ -1056,7 +1061,13 @@ def _dml_target(tree: exp.Expression) -> exp.Table | None:
 
 
 def _dml_statement(tree: exp.Insert | exp.Update | exp.Delete, ctx: _Ctx) -> tuple[bool, str]:
-    """DML only where the table grant has the kind; UPDATE/DELETE get the row filter ANDed in."""
+    """DML only where the table grant has the kind, and only on rows the role's row filter admits.
+
+    UPDATE/DELETE: the filter decides which rows are touched *before* the user's predicate sees
+    them (see :func:`_guard_where`); an UPDATE may not change the columns the filter reads.
+    INSERT: every new row must satisfy the filter (a WITH CHECK, see :func:`_check_insert`).
+    RETURNING gives masked columns masked and hidden ones as NULL, like a SELECT would.
+    """
     kind = {exp.Insert: StatementKind.INSERT, exp.Update: StatementKind.UPDATE,
             exp.Delete: StatementKind.DELETE}[type(tree)]
     target = _dml_target(tree)
@@ -1070,50 +1081,282 @@ def _dml_statement(tree: exp.Insert | exp.Update | exp.Delete, ctx: _Ctx) -> tup
         raise Refused(f"pgwarden: role {ctx.role} may not {kind.value.upper()} table {rel.qualified_name}")
     if tree.args.get("conflict") is not None:
         raise Refused(f"pgwarden: role {ctx.role} may not use ON CONFLICT; refused")
-    _check_dml_columns(tree, target, rel, grant, ctx)
+    masked_returning = _check_dml_columns(tree, target, rel, grant, ctx)
     hits = _analyze(tree, ctx, skip={id(target)})
     _fence_all(tree, hits, ctx)
-    if kind != StatementKind.INSERT and grant.row_filter is not None:
-        _and_row_filter(tree, target, rel, grant)
+    if grant.row_filter is not None:
+        if not _filter_columns_ok(rel, grant.row_filter):
+            raise Refused(f"pgwarden: the row filter for {rel.qualified_name} names a column it does not have; "
+                          "refused")
+        if isinstance(tree, exp.Insert):
+            _check_insert(tree, rel, grant, ctx)
+        else:
+            if isinstance(tree, exp.Update):
+                _check_set_columns(tree, rel, grant, ctx)
+            _guard_where(tree, target, grant, ctx)
+    _mask_returning(tree, target, rel, grant, masked_returning)
     ctx.tables.append(rel.qualified_name)
     text = _generate(tree)
     _verify(text, ctx, lambda t: type(t) is type(tree))
     return True, text
 
 
-def _check_dml_columns(tree: exp.Expression, target: exp.Table, rel: Relation, grant: TableGrant,
-                       ctx: _Ctx) -> None:
-    """In DML the target's columns are raw: naming a masked/hidden one (WHERE, SET, RETURNING) is an oracle."""
-    protected = {c: f"{rel.qualified_name}.{c}" for c, r in grant.columns.items()
-                 if r.treatment != Treatment.CLEAR}
-    if not protected:
-        return
-    returning = tree.args.get("returning")
-    if returning is not None and returning.find(exp.Star):
-        raise Refused(f"pgwarden: role {ctx.role} may not use RETURNING * on {rel.qualified_name}; name columns")
-    for col in tree.find_all(exp.Column):
-        ident = col.this
-        if isinstance(ident, exp.Identifier):
-            n = normalise_identifier(ident.this, bool(ident.args.get("quoted")))
-            if n in protected and not _inside_subquery(col, tree):
-                raise Refused(f"pgwarden: role {ctx.role} may not use column {protected[n]} in "
-                              f"{type(tree).__name__.upper()}")
-
-
-def _and_row_filter(tree: exp.Expression, target: exp.Table, rel: Relation, grant: TableGrant) -> None:
-    """WHERE (<user predicate>) AND (<row filter qualified with the target's name>)."""
-    assert grant.row_filter is not None
-    flt = grant.row_filter.copy()
-    if not _filter_columns_ok(rel, flt):
-        raise Refused(f"pgwarden: the row filter for {rel.qualified_name} names a column it does not have; refused")
+def _target_qualifier(target: exp.Table) -> exp.Identifier:
     alias = target.args.get("alias")
     qual = alias.this if isinstance(alias, exp.TableAlias) and alias.this else target.this
+    return qual.copy()
+
+
+def _column_name(col: exp.Column) -> str | None:
+    ident = col.this
+    if not isinstance(ident, exp.Identifier):
+        return None
+    return normalise_identifier(ident.this, bool(ident.args.get("quoted")))
+
+
+def _returning_column(item: exp.Expression, target: exp.Table) -> tuple[exp.Column, exp.Identifier | None] | None:
+    """A RETURNING item that is just a column of the target (optionally aliased), else None."""
+    alias = item.args.get("alias") if isinstance(item, exp.Alias) else None
+    col = item.this if isinstance(item, exp.Alias) else item
+    if not isinstance(col, exp.Column) or col.args.get("db") or col.args.get("catalog"):
+        return None
+    if col.table and normalise_identifier(col.table, False) != _target_qualifier(target).name \
+            and col.table != _target_qualifier(target).name:
+        return None
+    return col, alias
+
+
+def _check_dml_columns(tree: exp.Expression, target: exp.Table, rel: Relation, grant: TableGrant,
+                       ctx: _Ctx) -> set[int]:
+    """In DML the target's columns are raw: naming a masked/hidden one (WHERE, SET) is an oracle.
+
+    The exception is a RETURNING item that is nothing but such a column: it comes back masked
+    (:func:`_mask_returning`). Returns the ids of those items.
+    """
+    protected = {c: f"{rel.qualified_name}.{c}" for c, r in grant.columns.items()
+                 if r.treatment != Treatment.CLEAR}
+    returning = tree.args.get("returning")
+    ok: set[int] = set()
+    if returning is not None:
+        for item in returning.expressions:
+            if isinstance(item, exp.Star) or (isinstance(item, exp.Column) and isinstance(item.this, exp.Star)):
+                if protected and (tree.args.get("from_") is not None or tree.args.get("using")):
+                    raise Refused(f"pgwarden: role {ctx.role} may not use RETURNING * with FROM/USING on "
+                                  f"{rel.qualified_name}; name the columns")
+                ok.add(id(item))
+                continue
+            found = _returning_column(item, target)
+            if found is not None:
+                ok.add(id(found[0]))
+    if not protected:
+        return ok
+    for col in tree.find_all(exp.Column):
+        n = _column_name(col)
+        if n in protected and id(col) not in ok and not _inside_subquery(col, tree):
+            raise Refused(f"pgwarden: role {ctx.role} may not use column {protected[n]} in "
+                          f"{type(tree).__name__.upper()}")
+    return ok
+
+
+def _mask_returning(tree: exp.Expression, target: exp.Table, rel: Relation, grant: TableGrant,
+                    items: set[int]) -> None:
+    """RETURNING shows what a SELECT of the row would: masked values, NULL for hidden columns."""
+    returning = tree.args.get("returning")
+    if returning is None or not items:
+        return
+    qual = _target_qualifier(target)
+    out: list[exp.Expression] = []
+    for item in returning.expressions:
+        if id(item) in items and (isinstance(item, exp.Star) or isinstance(item.this, exp.Star)):
+            for c in rel.columns:
+                out.append(_masked_column(rel, grant, c.name, qual, None))
+            continue
+        found = _returning_column(item, target)
+        if found is not None and id(found[0]) in items:
+            col, alias = found
+            name = _column_name(col)
+            if name is not None and rel.column(name) is not None:
+                out.append(_masked_column(rel, grant, name, qual, alias))
+                continue
+        out.append(item)
+    returning.set("expressions", out)
+
+
+def _masked_column(rel: Relation, grant: TableGrant, name: str, qual: exp.Identifier,
+                   alias: exp.Identifier | None) -> exp.Expression:
+    col = rel.column(name)
+    assert col is not None
+    ident = exp.to_identifier(name, quoted=True)
+    ref = exp.Column(this=ident.copy(), table=qual.copy())
+    rule = grant.columns.get(name)
+    treatment = rule.treatment if rule is not None else Treatment.CLEAR
+    if treatment == Treatment.CLEAR:
+        return exp.Alias(this=ref, alias=alias.copy()) if alias is not None else ref
+    value = _mask_expr(rule.mask if rule else None, ref, col.type_name) if treatment == Treatment.MASK \
+        else _null_of(col.type_name, ref)
+    return exp.Alias(this=value, alias=(alias or ident).copy())
+
+
+def _filter_column_names(flt: exp.Expression) -> set[str]:
+    return {n for c in flt.find_all(exp.Column) if not _inside_subquery(c, flt) and (n := _column_name(c))}
+
+
+def _check_set_columns(tree: exp.Update, rel: Relation, grant: TableGrant, ctx: _Ctx) -> None:
+    """An UPDATE may not move a row out of (or into) what the role may see: the filter's columns stay."""
+    assert grant.row_filter is not None
+    decided_by = _filter_column_names(grant.row_filter)
+    for assignment in tree.expressions:
+        lhs = assignment.this if isinstance(assignment, exp.EQ) else None
+        if not isinstance(lhs, exp.Column):
+            raise Refused(f"{NOT_UNDERSTOOD} (UPDATE SET)")
+        n = _column_name(lhs)
+        if n is None or n in decided_by:
+            raise Refused(f"pgwarden: role {ctx.role} may not change column {rel.qualified_name}.{n}: "
+                          "the role's row filter reads it")
+
+
+def _qualified_filter(grant: TableGrant, qual: exp.Identifier) -> exp.Expression:
+    assert grant.row_filter is not None
+    flt = grant.row_filter.copy()
     for col in list(flt.find_all(exp.Column)):
         if not _inside_subquery(col, flt) and not col.table:
             col.set("table", qual.copy())
+    return flt
+
+
+def _guard_where(tree: exp.Update | exp.Delete, target: exp.Table, grant: TableGrant, ctx: _Ctx) -> None:
+    """WHERE <filter> AND CASE WHEN <filter> THEN (<user predicate>) ELSE FALSE END.
+
+    ANDing the filter alone is not a fence: PostgreSQL orders quals by cost, so a user's
+    ``content::int = 1`` could run on rows the filter drops and echo them in an error. CASE
+    evaluates its THEN only where the WHEN held; the plain conjunct lets the filter use an index.
+    """
+    qual = _target_qualifier(target)
     where = tree.args.get("where")
-    cond = exp.and_(exp.Paren(this=where.this), exp.Paren(this=flt)) if where is not None else flt
-    tree.set("where", exp.Where(this=cond))
+    flt = _qualified_filter(grant, qual)
+    ctx.filter_bodies.update(k for sub in flt.find_all(exp.Subquery) if (k := _body_key(sub)))
+    if where is None:
+        tree.set("where", exp.Where(this=flt))
+        return
+    guarded = exp.Case(ifs=[exp.If(this=exp.Paren(this=_qualified_filter(grant, qual)),
+                                   true=exp.Paren(this=where.this))], default=exp.false())
+    tree.set("where", exp.Where(this=exp.and_(exp.Paren(this=flt), guarded)))
+
+
+ROW_CHECK_MARKER = "pgwarden-row-check-failed:"
+# A new row outside the role's row filter makes this cast fail, so PostgreSQL refuses the whole
+# INSERT (nothing is written) and the proxy swaps the error for its own 42501. The argument is
+# not constant (statement_timestamp() is stable), so the planner cannot fold the cast early.
+_CHECK_FAILED = ("CAST(pg_catalog.concat('" + ROW_CHECK_MARKER + "', pg_catalog.statement_timestamp()) "
+                 "AS pg_catalog.int4) IS NULL")
+
+#: Column defaults the check may evaluate itself: they give the same value here as in the row.
+_SAFE_DEFAULTS = (exp.Literal, exp.Boolean, exp.Null, exp.CurrentTimestamp, exp.CurrentDate, exp.Cast,
+                  exp.DataType, exp.Neg, exp.Paren)
+_SAFE_DEFAULT_FUNCS = frozenset({"now", "statement_timestamp", "transaction_timestamp"})
+
+
+def _default_value(col: Column, rel: Relation, ctx: _Ctx) -> exp.Expression:
+    """What PostgreSQL stores in a column the INSERT leaves out, for the check to read."""
+    why = f"pgwarden: role {ctx.role} must give column {rel.qualified_name}.{col.name} in the INSERT " \
+          "(the role's row filter checks it)"
+    if col.computed:
+        raise Refused(why)
+    if col.default is None:
+        return exp.Null()
+    try:
+        value = sqlglot.parse_one(col.default, read=DIALECT)
+    except SqlglotError:
+        raise Refused(why) from None
+    for node in value.walk():
+        if isinstance(node, exp.Anonymous) and node.name.lower() in _SAFE_DEFAULT_FUNCS and not node.expressions:
+            continue
+        if not isinstance(node, _SAFE_DEFAULTS):
+            raise Refused(why)
+    return value
+
+
+def _check_insert(tree: exp.Insert, rel: Relation, grant: TableGrant, ctx: _Ctx) -> None:
+    """INSERT ... <source> becomes INSERT ... SELECT new rows FROM (<source>) WHERE <check>.
+
+    Values are cast to the column types (without typmod, so length checks still happen on
+    assignment) before the check reads them: the check compares what will be stored.
+    """
+    assert grant.row_filter is not None
+    source = tree.args.get("expression")
+    if tree.args.get("default") or source is None:
+        raise Refused(f"pgwarden: role {ctx.role} must name the columns of an INSERT into {rel.qualified_name} "
+                      "(DEFAULT VALUES cannot be checked against the role's row filter)")
+    target = tree.this
+    if isinstance(target, exp.Schema):
+        names = [_column_name(exp.Column(this=i)) if isinstance(i, exp.Identifier) else None
+                 for i in target.expressions]
+    else:
+        if _is_query(source) and not isinstance(source, exp.Values) \
+                and any(isinstance(e, exp.Star) or isinstance(e.this, exp.Star) for e in source.selects):
+            raise Refused(f"pgwarden: role {ctx.role} must name the columns of an INSERT ... SELECT * into "
+                          f"{rel.qualified_name} (its rows are checked against the role's row filter)")
+        width = len(source.expressions[0].expressions) if isinstance(source, exp.Values) and source.expressions \
+            and isinstance(source.expressions[0], exp.Tuple) else len(source.selects) if _is_query(source) else 0
+        names = [c.name for c in rel.columns[:width]]
+    cols: list[Column] = []
+    for n in names:
+        c = rel.column(n) if n is not None else None
+        if c is None:
+            raise Refused(f"{NOT_UNDERSTOOD} (INSERT column list)")
+        cols.append(c)
+    if not cols or len({c.name for c in cols}) != len(cols):
+        raise Refused(f"{NOT_UNDERSTOOD} (INSERT column list)")
+    types = []
+    for c in cols:
+        try:
+            types.append(parse_pg_type(c.type_name).node())
+        except MaskTypeError:
+            raise Refused(f"pgwarden: cannot check an INSERT into {rel.qualified_name}.{c.name} "
+                          f"(type {c.type_name}); refused") from None
+    aliases = [exp.to_identifier(f"pgwarden_c{i}") for i in range(1, len(cols) + 1)]
+    new = exp.to_identifier("pgwarden_new")
+    if isinstance(source, exp.Values):
+        for row in source.expressions:
+            if not isinstance(row, exp.Tuple) or len(row.expressions) != len(cols):
+                raise Refused(f"{NOT_UNDERSTOOD} (INSERT VALUES)")
+            for cell, t in zip(list(row.expressions), types):
+                if isinstance(cell, exp.Var) and cell.name.upper() == "DEFAULT":
+                    raise Refused(f"pgwarden: role {ctx.role} may not use DEFAULT in VALUES of an INSERT into "
+                                  f"{rel.qualified_name}; leave the column out instead")
+                cell.replace(exp.Cast(this=cell.copy(), to=t.copy()))
+        rows: exp.Expression = exp.Subquery(this=source.copy(), alias=exp.TableAlias(
+            this=new.copy(), columns=[a.copy() for a in aliases]))
+    elif _is_query(source):
+        src = exp.to_identifier("pgwarden_src")
+        inner = exp.Select(
+            expressions=[exp.Alias(this=exp.Cast(this=exp.Column(this=a.copy(), table=src.copy()), to=t.copy()),
+                                   alias=a.copy()) for a, t in zip(aliases, types)],
+            from_=exp.From(this=exp.Subquery(this=source.copy(), alias=exp.TableAlias(
+                this=src.copy(), columns=[a.copy() for a in aliases]))))
+        rows = exp.Subquery(this=inner, alias=exp.TableAlias(this=new.copy()))
+    else:
+        raise Refused(f"{NOT_UNDERSTOOD} (INSERT source)")
+    supplied = {c.name: a for c, a in zip(cols, aliases)}
+    check = grant.row_filter.copy()
+    for col in list(check.find_all(exp.Column)):
+        if _inside_subquery(col, check):
+            continue
+        n = _column_name(col)
+        c = rel.column(n) if n is not None else None
+        if c is None:
+            raise Refused(f"pgwarden: the row filter for {rel.qualified_name} names a column it does not have; "
+                          "refused")
+        col.replace(exp.Column(this=supplied[n].copy(), table=new.copy()) if n in supplied
+                    else exp.Paren(this=_default_value(c, rel, ctx)))
+    when = exp.Case(ifs=[exp.If(this=exp.Paren(this=check), true=exp.true())],
+                    default=sqlglot.parse_one(_CHECK_FAILED, read=DIALECT))
+    select = exp.Select(expressions=[exp.Column(this=a.copy(), table=new.copy()) for a in aliases],
+                        from_=exp.From(this=rows), where=exp.Where(this=when))
+    if not isinstance(target, exp.Schema):
+        tree.set("this", exp.Schema(this=target, expressions=[exp.to_identifier(c.name, quoted=True)
+                                                              for c in cols]))
+    tree.set("expression", select)
 
 
 # ---------------------------------------------------------------------------

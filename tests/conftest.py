@@ -66,8 +66,17 @@ class Proxy:
         return out
 
 
+def state_config(cluster: PgCluster, schema: str = "pgwarden") -> dict[str, Any]:
+    """The config's state: section for the test cluster's own state login."""
+    return {"host": cluster.host, "port": cluster.port, "database": cluster.database, "user": cluster.state_user,
+            "password": cluster.state_password, "schema": schema, "sslmode": "disable"}
+
+
 def start_proxy(cluster: PgCluster, tmp_dir: str, **extra: Any) -> Proxy:
+    """pgwarden in this process; with rules, the guards are off unless a ``state=`` section is given."""
     audit_path = os.path.join(tmp_dir, "audit.jsonl")
+    if "rules" in extra and "state" not in extra:
+        extra["state"] = "off"
     cfg = demo_config(upstream_host=cluster.host, upstream_port=cluster.port, service_user=cluster.service_user,
                       service_password=cluster.service_password, audit_path=audit_path, extra=extra or None)
     audit_path = cfg.audit_path

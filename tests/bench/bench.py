@@ -411,6 +411,7 @@ def start_pgwarden(cluster: PgCluster, workdir: Path, name: str = "pgwarden",
     }
     if rules_path is not None:
         cfg["rules"] = str(rules_path.resolve())
+        cfg["state"] = "off"  # the bench rules have no lookup quotas; lockouts are not what is measured
     cfg_path = d / "pgwarden.yaml"
     cfg_path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
     stdout_path, stderr_path = d / "stdout.log", d / "stderr.log"

@@ -334,11 +334,19 @@ def test_cast_error_echoes_only_masked_values(guarded: Proxy, cluster: PgCluster
 
 
 def test_dml_errors_carry_no_detail(guarded: Proxy, cluster: PgCluster) -> None:  # noqa: F811
-    (rid, created), = direct(cluster, "SELECT id, created_at FROM cs_records ORDER BY id LIMIT 1")
+    # A key that exists, in a row the PMS may write (its own, of today): the unique violation's
+    # DETAIL would echo the key. In a transaction that is rolled back: nothing stays written.
     cols = "(id, guest_id, department, category, severity, channel, agent, guest_name, phone, id_number, content, created_at)"
-    err = attempt(guarded, "pms", f"INSERT INTO cs_records {cols} VALUES ({rid}, 1, 'FO', 'request', 'normal', "
-                                  f"'front_desk', 'pms', 'x', '1', '1', 'c', '{created.isoformat()}')")
-    assert isinstance(err, psycopg.Error) and err.sqlstate == "23505"
+    with psycopg.connect(guarded.dsn("pms")) as c:
+        (rid, created), = c.execute("INSERT INTO cs_records (guest_id, department, category, channel, agent, "
+                                    "content) VALUES (1, 'FO', 'request', 'phone', 'pms', 'dup') "
+                                    "RETURNING id, created_at").fetchall()
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute(f"INSERT INTO cs_records {cols} VALUES ({rid}, 1, 'FO', 'request', 'normal', "
+                      f"'front_desk', 'pms', 'x', '1', '1', 'c', '{created.isoformat()}')")
+        c.rollback()
+    err = ei.value
+    assert err.sqlstate == "23505"
     assert err.diag.message_detail is None and "Key (" not in str(err)
     err = attempt(guarded, "pms", "INSERT INTO cs_records (guest_id, department, category, severity, channel, agent, "
                                   "guest_name, phone, id_number, content) VALUES (1, 'FO', 'bogus', 'normal', "
@@ -346,11 +354,21 @@ def test_dml_errors_carry_no_detail(guarded: Proxy, cluster: PgCluster) -> None:
     assert isinstance(err, psycopg.Error) and err.sqlstate == "23514" and err.diag.message_detail is None
 
 
+def test_pms_returning_is_masked(guarded: Proxy) -> None:  # noqa: F811
+    ins = ("INSERT INTO cs_records (guest_id, department, category, channel, agent, guest_name, phone, id_number, "
+           "content) VALUES (1, 'FO', 'request', 'front_desk', 'pms', '张三', '13812345678', '110101199003077777', "
+           "'c') RETURNING ")
+    with psycopg.connect(guarded.dsn("pms")) as c:
+        assert c.execute(ins + "phone, id_number AS n, agent").fetchall() == [
+            ("138****5678", "110***********7777", "pms")]
+        row = c.execute(ins + "*").fetchone()
+        c.rollback()
+    assert row is not None and row[6:10] == ("pms", "张*", "138****5678", "110***********7777")
+
+
 @pytest.mark.parametrize("sql", [
     "INSERT INTO cs_records (guest_id, department, category, channel, agent, guest_name, phone, id_number, content) "
-    "VALUES (1, 'FO', 'request', 'front_desk', 'pms', 'x', '1', '1', 'c') RETURNING *",
-    "INSERT INTO cs_records (guest_id, department, category, channel, agent, guest_name, phone, id_number, content) "
-    "VALUES (1, 'FO', 'request', 'front_desk', 'pms', 'x', '1', '1', 'c') RETURNING phone",
+    "VALUES (1, 'FO', 'request', 'front_desk', 'pms', 'x', '1', '1', 'c') RETURNING phone || ''",
     "INSERT INTO cs_records (guest_id, department, category, channel, agent, guest_name, phone, id_number, content) "
     "VALUES (1, 'FO', 'request', 'front_desk', 'pms', 'x', '1', '1', 'c') ON CONFLICT DO NOTHING",
     "UPDATE cs_records SET content = 'x' WHERE false",

@@ -83,7 +83,7 @@ def _serve_config(cluster: PgCluster, tmp_path: Path, audit: str) -> Path:
         f"upstream: {{host: {cluster.host}, port: {cluster.port}, user: {cluster.service_user}, "
         f"password: '{cluster.service_password}', sslmode: disable}}\n"
         f"audit: {{path: '{audit}', replica: serve-test}}\n"
-        f"rules: {HOTEL}\nusers:\n{users}", encoding="utf-8")
+        f"rules: {HOTEL}\nstate: off\nusers:\n{users}", encoding="utf-8")
     return cfg
 
 

@@ -158,6 +158,35 @@ def test_reload_on_file_change_keeps_connections(cluster: PgCluster, tmp_path: P
         p.thread.stop()
 
 
+def test_a_change_in_an_included_file_reloads_the_rules(cluster: PgCluster, tmp_path: Path) -> None:
+    import time
+
+    head, roles = HOTEL.read_text(encoding="utf-8").split("\nroles:\n", 1)
+    (tmp_path / "hotel.yaml").write_text(head + "\ninclude: roles.yaml\n", encoding="utf-8")
+    part = tmp_path / "roles.yaml"
+    part.write_text("roles:\n" + roles, encoding="utf-8")
+    p = start_proxy(cluster, str(tmp_path), rules=str(tmp_path / "hotel.yaml"))
+    try:
+        with psycopg.connect(p.dsn("carol"), autocommit=True) as c:
+            with pytest.raises(psycopg.Error) as ei:
+                c.execute("SELECT count(*) FROM training_dialogs")
+            assert ei.value.sqlstate == "42501"
+            part.write_text(part.read_text(encoding="utf-8").replace(
+                "      public.fault_logs: {}\n", "      public.fault_logs: {}\n      public.training_dialogs: {}\n", 1),
+                encoding="utf-8")
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    (n,), = c.execute("SELECT count(*) FROM training_dialogs").fetchall()
+                    break
+                except psycopg.Error:
+                    assert time.monotonic() < deadline, "a change in an included file was never applied"
+                    time.sleep(0.3)
+        assert n == direct(cluster, "SELECT count(*) FROM training_dialogs")[0][0]
+    finally:
+        p.thread.stop()
+
+
 def test_sensitive_literals_are_redacted_in_the_audit_log(guarded: Proxy) -> None:
     guarded.take_events(None)
     id_number = "110101199003077777"

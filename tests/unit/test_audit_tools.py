@@ -41,6 +41,9 @@ def test_guests_read_from_statements(sql: str, tables: list[str], want: tuple[st
 
 def test_guests_named_by_the_event_win() -> None:
     assert guests_of({"event": "statement", "statement": "SELECT 1", "guests": [3, 4]}, KEYS) == ("3", "4")
+    counted = {"event": "statement", "statement": "SELECT * FROM cs_records WHERE guest_id = $1",
+               "tables": ["public.cs_records"], "guard": {"lookups": {"17": 2}, "rows_hour": 5}}
+    assert guests_of(counted, KEYS) == ("17",)  # the quota's count names a guest bound as a parameter
 
 
 def test_filters() -> None:

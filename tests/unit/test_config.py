@@ -172,7 +172,7 @@ users:
 class TestErrorLines:
     def test_unknown_top_level_key(self) -> None:
         text = "# comment\n\nupstream:\n  host: h\nlisen: 1\n"
-        assert_error(text, 5, "unknown key 'lisen' (expected one of: audit, auth, limits, listen, rules, secret, tls, upstream, users)")
+        assert_error(text, 5, "unknown key 'lisen' (expected one of: audit, auth, limits, listen, rules, secret, state, tls, upstream, users)")
 
     def test_unknown_upstream_key(self) -> None:
         text = "upstream:\n  host: h\n  # a comment\n  hots: x\n"
@@ -372,3 +372,24 @@ class TestErrorLines:
         p = tmp_path / "absent.yaml"
         with pytest.raises(ConfigError, match=re.escape(f"{p}:1: cannot read: No such file or directory")):
             load_config(p)
+
+
+def test_user_networks_are_parsed_and_checked() -> None:
+    from proxy.guards import device_refusal
+    from proxy.identity import Principal
+
+    text = f"""upstream: {{host: db}}
+users:
+  ann:
+    role: r
+    password: "{SCRAM}"
+    networks: [192.168.7.0/24, '2001:db8::/32']
+"""
+    nets = parse(text).users["ann"].networks
+    assert [str(n) for n in nets] == ["192.168.7.0/24", "2001:db8::/32"]
+    inside = Principal("ann", "r", None, client_addr="192.168.7.20")
+    outside = Principal("ann", "r", None, client_addr="192.168.8.1")
+    assert device_refusal(inside, nets, None) is None
+    assert device_refusal(outside, nets, None) == ("pgwarden: user ann may connect only from designated devices "
+                                                   "(192.168.7.0/24, 2001:db8::/32), not from 192.168.8.1")
+    assert_error(text.replace("2001:db8::/32", "300.1.1.1/8"), 6, "300.1.1.1/8")

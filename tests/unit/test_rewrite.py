@@ -62,7 +62,7 @@ def cat() -> Catalog:
     ]
     builtins = ["row_to_json", "to_json", "lower", "upper", "count", "length", "now", "current_setting",
                 "query_to_xml", "set_config", "pg_read_file", "lo_import", "generate_series", "pg_sleep",
-                "format", "concat"]
+                "format", "concat", "statement_timestamp", "textcat", "left", "right", "repeat"]
     funcs = [fn("pg_catalog", n) for n in builtins] + [fn("public", "leak_guests"), fn("public", "Lower")]
     return Catalog.build(rels, funcs, database="hotel", search_path=("public",))
 
@@ -523,11 +523,104 @@ def _pms() -> StatementGrants:
     })
 
 
-def test_update_gets_row_filter(cat: Catalog) -> None:
-    d = rewrite("UPDATE cs_records SET severity = 1 WHERE id = 5", _pms(), cat)
+def test_update_gets_row_filter_before_the_user_predicate(cat: Catalog) -> None:
+    # The filter as a plain conjunct (index use) and as the CASE guard the user predicate sits under:
+    # PostgreSQL orders quals by cost, so without the CASE `content::int = 1` could see other rows.
+    d = rewrite("UPDATE cs_records SET severity = 1 WHERE content::int = 1", _pms(), cat)
     (tree,) = parse_out(d)
     where = tree.args["where"].this.sql(dialect="postgres")
-    assert where == "(id = 5) AND (cs_records.department = 'FO')"
+    assert where == ("(cs_records.department = 'FO') AND CASE WHEN (cs_records.department = 'FO') "
+                     "THEN (CAST(content AS INT) = 1) ELSE FALSE END")
+
+
+def test_update_may_not_move_rows_out_of_the_filter(cat: Catalog) -> None:
+    refused(rewrite("UPDATE cs_records SET department = 'HK' WHERE id = 1", _pms(), cat),
+            "may not change column public.cs_records.department")
+    refused(rewrite('UPDATE cs_records SET "department" = content', _pms(), cat), "department")
+
+
+def test_insert_values_are_checked_against_the_row_filter(cat: Catalog) -> None:
+    d = rewrite("INSERT INTO cs_records (guest_id, department, content) VALUES (1, 'FO', 'x'), ($1, $2, $3)",
+                _pms(), cat)
+    (tree,) = parse_out(d)
+    assert isinstance(tree, exp.Insert) and [i.name for i in tree.this.expressions] == \
+        ["guest_id", "department", "content"]
+    values = tree.expression.find(exp.Values)
+    assert values is not None and values.sql(dialect="postgres") == (
+        "(VALUES (CAST(1 AS pg_catalog.int8), CAST('FO' AS pg_catalog.text), CAST('x' AS pg_catalog.text)), "
+        "(CAST($1 AS pg_catalog.int8), CAST($2 AS pg_catalog.text), CAST($3 AS pg_catalog.text))) "
+        "AS pgwarden_new(pgwarden_c1, pgwarden_c2, pgwarden_c3)")
+    where = tree.expression.args["where"].this.sql(dialect="postgres")
+    assert where.startswith("CASE WHEN (pgwarden_new.pgwarden_c2 = 'FO') THEN TRUE ELSE CAST(pg_catalog.concat("
+                            "'pgwarden-row-check-failed:'"), where
+
+
+def test_insert_omitting_a_filter_column_checks_its_default(cat: Catalog) -> None:
+    cols = tuple(Column(c, t, 0, False, i, default) for i, (c, t, default) in enumerate(
+        [("id", "bigint", None), ("department", "text", "'FO'::text"), ("content", "text", None)], start=1))
+    computed = (Column("department", "text", 0, False, 2, None, "s"),)
+    for columns, expect in [(cols, "(CAST('FO' AS TEXT)) = 'FO'"), (cols[:1] + (cols[2],), None),
+                            (cols[:1] + computed + cols[2:], "must give column")]:
+        if expect is None:  # no DEFAULT: the column would be NULL, and NULL fails the check
+            columns = (cols[0], Column("department", "text", 0, False, 2), cols[2])
+            expect = "(NULL) = 'FO'"
+        c = Catalog.build([Relation(oid=1, schema="public", name="cs_records", kind="table", columns=columns)],
+                          [fn("pg_catalog", "concat"), fn("pg_catalog", "statement_timestamp")],
+                          database="hotel", search_path=("public",))
+        d = rewrite("INSERT INTO cs_records (id, content) VALUES (1, 'x')", _pms(), c)
+        if expect.startswith("must"):
+            refused(d, expect, "public.cs_records.department")
+            continue
+        (tree,) = parse_out(d)
+        assert f"CASE WHEN ({expect}) THEN TRUE" in tree.expression.args["where"].this.sql(dialect="postgres")
+
+
+def test_insert_default_value_functions_are_limited(cat: Catalog) -> None:
+    cols = (Column("id", "bigint", 0, False, 1), Column("department", "text", 0, False, 2, "current_user_dept()"))
+    c = Catalog.build([Relation(oid=1, schema="public", name="cs_records", kind="table", columns=cols)],
+                      [fn("pg_catalog", "concat"), fn("pg_catalog", "statement_timestamp")],
+                      database="hotel", search_path=("public",))
+    refused(rewrite("INSERT INTO cs_records (id) VALUES (1)", _pms(), c), "must give column")
+
+
+@pytest.mark.parametrize("sql, needle", [
+    ("INSERT INTO cs_records DEFAULT VALUES", "must name the columns"),
+    ("INSERT INTO cs_records (guest_id, department) VALUES (1, DEFAULT)", "DEFAULT"),
+    ("INSERT INTO cs_records SELECT * FROM cs_records", "SELECT *"),
+    ("INSERT INTO cs_records (guest_id, guest_id) VALUES (1, 2)", "column list"),
+    ("INSERT INTO cs_records (guest_id, nope) VALUES (1, 2)", "column list"),
+])
+def test_insert_shapes_that_cannot_be_checked_are_refused(cat: Catalog, sql: str, needle: str) -> None:
+    refused(rewrite(sql, _pms(), cat), needle)
+
+
+def test_insert_select_is_cast_then_checked(cat: Catalog) -> None:
+    d = rewrite("INSERT INTO cs_records (guest_id, department) SELECT id, region FROM guests", _pms(), cat)
+    (tree,) = parse_out(d)
+    inner = tree.expression.args["from_"].this.this
+    assert [e.sql(dialect="postgres") for e in inner.expressions] == [
+        "CAST(pgwarden_src.pgwarden_c1 AS pg_catalog.int8) AS pgwarden_c1",
+        "CAST(pgwarden_src.pgwarden_c2 AS pg_catalog.text) AS pgwarden_c2"]
+    assert len(fences(tree, "guests")) == 1
+
+
+def test_returning_masks_like_a_select(cat: Catalog) -> None:
+    g = _pms()
+    g.tables["public.cs_records"] = TableGrant("public.cs_records", FO, kinds=g.tables["public.cs_records"].kinds,
+                                               columns={"phone": ColumnRule(Treatment.MASK, mask="mobile"),
+                                                        "id_number": ColumnRule(Treatment.HIDDEN)})
+    d = rewrite("UPDATE cs_records c SET content = 'x' WHERE id = 1 RETURNING id, c.phone, id_number AS n", g, cat)
+    (tree,) = parse_out(d)
+    ret = [e.sql(dialect="postgres") for e in tree.args["returning"].expressions]
+    assert ret[0] == 'c."id"' and ret[1].endswith(' AS "phone"') and "c.\"phone\"" in ret[1]
+    assert ret[2] == "CAST(NULL AS TEXT) AS n"
+    d = rewrite("DELETE FROM cs_records WHERE id = 1 RETURNING *", g, cat)
+    (tree,) = parse_out(d)
+    ret = [e.sql(dialect="postgres") for e in tree.args["returning"].expressions]
+    assert len(ret) == len(CS_COLS) and 'CAST(NULL AS TEXT) AS "id_number"' in ret
+    refused(rewrite("DELETE FROM cs_records WHERE id = 1 RETURNING phone || ''", g, cat), "phone")
+    refused(rewrite("UPDATE cs_records SET content = 'x' FROM guests WHERE guests.id = guest_id RETURNING *",
+                    g, cat), "RETURNING *")
 
 
 def test_delete_without_where_gets_row_filter(cat: Catalog) -> None:

@@ -98,11 +98,16 @@ TABLES: dict[str, list[tuple[str, str]]] = {
 BUILTINS = ["count", "max", "min", "sum", "avg", "lower", "upper", "length", "left", "substr", "md5", "concat",
             "format", "now", "current_setting", "row_to_json", "to_json", "generate_series", "pg_sleep",
             "coalesce", "textcat", "timezone", "statement_timestamp", "date_trunc", "query_to_xml", "set_config",
-            "pg_read_file", "lo_import", "nextval", "ts_stat", "pg_stat_get_live_tuples"]
+            "pg_read_file", "lo_import", "nextval", "ts_stat", "pg_stat_get_live_tuples", "right", "repeat",
+            "translate", "regexp_replace", "chr"]
+
+
+#: Column defaults as pg_get_expr() prints them for proxy/sample/schema.sql (INSERT checks read them).
+DEFAULTS = {"created_at": "now()", "legal_hold": "false", "severity": "'normal'::text"}
 
 
 def _relation(oid: int, schema: str, name: str, kind: str, cols: list[tuple[str, str]], **kw: object) -> Relation:
-    columns = tuple(Column(c, t, _TYPE_OIDS[t], False, i) for i, (c, t) in enumerate(cols, start=1))
+    columns = tuple(Column(c, t, _TYPE_OIDS[t], False, i, DEFAULTS.get(c)) for i, (c, t) in enumerate(cols, start=1))
     return Relation(oid=oid, schema=schema, name=name, kind=kind, columns=columns, owner="hotel",
                     **kw)  # type: ignore[arg-type]
 

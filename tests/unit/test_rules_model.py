@@ -92,10 +92,11 @@ def test_missing_department_means_no_rows() -> None:
     assert "FALSE" in grants.tables["public.service_ratings"].row_filter.sql(dialect="postgres").upper()
 
 
-def test_pms_may_insert_into_cs_records_only() -> None:
+def test_pms_may_insert_and_update_cs_records_only() -> None:
     grants, _ = grants_for(load_rules(HOTEL), person("pms", "pms_integration"))
     assert grants is not None
-    assert grants.tables["public.cs_records"].kinds == frozenset({StatementKind.SELECT, StatementKind.INSERT})
+    assert grants.tables["public.cs_records"].kinds == frozenset({StatementKind.SELECT, StatementKind.INSERT,
+                                                                   StatementKind.UPDATE})
     assert StatementKind.INSERT in grants.kinds and StatementKind.DELETE not in grants.kinds
 
 
@@ -124,3 +125,64 @@ def test_errors_carry_file_and_line(text: str, line: int, needle: str) -> None:
     msg = error_of(text)
     assert msg.startswith(f"r.yaml:{line}: "), msg
     assert needle in msg
+
+
+# ---------------------------------------------------------------- include:
+
+
+def _split_hotel(tmp_path: Path) -> tuple[Path, Path]:
+    text = HOTEL.read_text(encoding="utf-8")
+    head, roles = text.split("\nroles:\n", 1)
+    main, part = tmp_path / "hotel.yaml", tmp_path / "parts" / "roles.yaml"
+    part.parent.mkdir()
+    main.write_text(head + "\ninclude: [parts/roles.yaml]\n", encoding="utf-8")
+    part.write_text("# the roles, kept apart\nroles:\n" + roles, encoding="utf-8")
+    return main, part
+
+
+def test_included_files_merge_into_the_same_rules(tmp_path: Path) -> None:
+    main, part = _split_hotel(tmp_path)
+    import re
+
+    whole, split = load_rules(HOTEL), load_rules(main)
+
+    def unplaced(x: object) -> str:  # everything but the file:line positions
+        return re.sub(r"'[^']*\.yaml:\d+'", "''", repr(x))
+
+    assert split.shifts == whole.shifts and unplaced(split.tables) == unplaced(whole.tables)
+    assert unplaced(split.roles) == unplaced(whole.roles) and "front_desk" in split.roles
+    assert split.roles["trainee"].where == f"{part.resolve()}:{next(i for i, ln in enumerate(part.read_text().splitlines(), 1) if ln.startswith('  trainee:'))}"
+    assert split.sources == (str(main), str(part.resolve()))
+
+
+def test_errors_in_an_included_file_name_that_file_and_line(tmp_path: Path) -> None:
+    main, part = _split_hotel(tmp_path)
+    text = part.read_text(encoding="utf-8").replace("    row_cap: 200\n", "    row_cap: -1\n", 1)
+    part.write_text(text, encoding="utf-8")
+    line = text.splitlines().index("    row_cap: -1") + 1
+    with pytest.raises(ConfigError, match=rf"^{part.resolve()}:{line}: row_cap must be a positive"):
+        load_rules(main)
+
+
+@pytest.mark.parametrize("included, needle", [
+    ("roles:\n  trainee: {}\n", r"extra.yaml:2: role 'trainee' is already defined at .*/parts/roles.yaml:\d+"),
+    ("timezone: UTC\n", r"timezone 'UTC' disagrees with 'Asia/Shanghai' at .*hotel.yaml:6"),
+    ("users: {}\n", r"may hold timezone, shifts, tables and roles, not 'users'"),
+    ("include: [../hotel.yaml]\n", r"includes itself"),
+    ("roles: [a]\n", r"roles must be a mapping"),
+])
+def test_include_conflicts_are_errors(tmp_path: Path, included: str, needle: str) -> None:
+    main, part = _split_hotel(tmp_path)
+    extra = tmp_path / "parts" / "extra.yaml"
+    extra.write_text(included, encoding="utf-8")
+    main.write_text(main.read_text(encoding="utf-8").replace("[parts/roles.yaml]", "[parts/roles.yaml, parts/extra.yaml]"),
+                    encoding="utf-8")
+    with pytest.raises(ConfigError, match=needle):
+        load_rules(main)
+
+
+def test_missing_include_is_an_error_at_its_line(tmp_path: Path) -> None:
+    main = tmp_path / "r.yaml"
+    main.write_text("timezone: UTC\ninclude:\n  - nope.yaml\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"^{main}:3: included file 'nope.yaml' does not exist"):
+        load_rules(main)

@@ -1,0 +1,120 @@
+"""`pgwarden migrate` and `pgwarden unlock`: the guard state store from the command line.
+
+Who runs `unlock` is established the way the proxy establishes it: a user of the config
+with their password (PGWARDEN_PASSWORD or a prompt), whose role the rules name under
+``guards.unlock_roles``. A flag anyone can type would make the circuit breaker decorative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+
+
+def add_guard_commands(sub: Any) -> None:
+    m = sub.add_parser("migrate", help="create or update the guard state schema (also done at start)")
+    m.add_argument("--config", required=True)
+    m.set_defaults(fn=_migrate)
+    u = sub.add_parser("unlock", help="lift a lockout (security only; audited)")
+    u.add_argument("user", help="the person to unlock")
+    u.add_argument("--config", required=True)
+    u.add_argument("--as", dest="actor", default=os.environ.get("PGWARDEN_USER") or getpass.getuser(),
+                   help="who you are, a user of the config (default: $PGWARDEN_USER, then your login name)")
+    u.set_defaults(fn=_unlock)
+
+
+def _state_config(args: argparse.Namespace) -> tuple[Config, Any] | int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    if cfg.state is None:
+        print(f"pgwarden: {args.config} has no state: section (the guard state store)", file=sys.stderr)
+        return 2
+    return cfg, cfg.state
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .statestore import apply_migrations, connect, latest_version
+
+    got = _state_config(args)
+    if isinstance(got, int):
+        return got
+    _, state = got
+
+    async def run() -> list[int]:
+        conn = await connect(state)
+        try:
+            return await apply_migrations(conn, state.schema)
+        finally:
+            await conn.close()
+
+    try:
+        applied = asyncio.run(run())
+    except Exception as exc:  # noqa: BLE001 - said plainly
+        print(f"pgwarden: cannot migrate the state store: {exc}", file=sys.stderr)
+        return 1
+    print(f"state schema {state.schema}: " + (f"applied {applied}" if applied else "up to date")
+          + f" (version {latest_version(state.schema)})")
+    return 0
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    from rules.model import effective_role, load_rules
+
+    from .audit import AuditLog
+    from .auth import check_cleartext
+    from .identity import Principal
+    from .statestore import connect, unlock_on
+
+    got = _state_config(args)
+    if isinstance(got, int):
+        return got
+    cfg, state = got
+    entry = cfg.users.get(args.actor)
+    password = os.environ.get("PGWARDEN_PASSWORD")
+    if password is None and entry is not None:
+        password = getpass.getpass(f"password for {args.actor}: ")
+    if entry is None or not check_cleartext(entry, password or ""):
+        print(f"pgwarden: {args.actor!r} is not a user of {args.config}, or the password is wrong", file=sys.stderr)
+        return 3
+    try:
+        rules = load_rules(cfg.rules_path) if cfg.rules_path else None
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    actor = Principal(user=entry.name, role=entry.role, department=entry.department,
+                      attributes=dict(entry.attributes), application="pgwarden unlock")
+    role, _ = effective_role(rules, actor) if rules is not None else (None, "")
+    allowed = rules.guards.unlock_roles if rules is not None else frozenset()
+    if role is None or role.name not in allowed:
+        print(f"pgwarden: role {entry.role} may not unlock users (the rules allow: "
+              f"{', '.join(sorted(allowed)) or 'nobody'})", file=sys.stderr)
+        return 3
+
+    async def run() -> bool:
+        conn = await connect(state)
+        try:
+            return await unlock_on(conn, state.schema, args.user)
+        finally:
+            await conn.close()
+
+    try:
+        lifted = asyncio.run(run())
+    except Exception as exc:  # noqa: BLE001 - said plainly
+        print(f"pgwarden: cannot reach the state store: {exc}", file=sys.stderr)
+        return 1
+    audit = AuditLog(cfg.audit_path)
+    try:
+        audit.emit("unlock", actor, target=args.user, lifted=lifted)
+    finally:
+        audit.close()
+    print(f"{args.user}: " + ("unlocked" if lifted else "was not locked out"))
+    return 0

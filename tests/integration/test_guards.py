@@ -1,0 +1,443 @@
+"""Guards with shared state, through two real pgwarden replicas sharing one state store (R3.4, R3.5, R6.3).
+
+Each test gets its own state schema, so counters and lockouts never leak between tests.
+The replicas are separate servers on separate ports; what one counts, the other sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from proxy.pgcluster import PgCluster
+from tests.conftest import Proxy, start_proxy, state_config
+from tests.integration.test_policy_e2e import HOTEL, direct
+
+LOCKED = "locked out until"
+
+
+@pytest.fixture
+def schema(cluster: PgCluster) -> Iterator[str]:
+    name = f"pgwarden_t{secrets.token_hex(4)}"
+    yield name
+    cluster.psql(f"DROP SCHEMA IF EXISTS {name} CASCADE", user=cluster.superuser)
+
+
+def replicas(cluster: PgCluster, schema: str, tmp_path: Path, rules: Path = HOTEL) -> tuple[Proxy, Proxy]:
+    a = start_proxy(cluster, str(tmp_path / "a"), rules=str(rules), state=state_config(cluster, schema))
+    b = start_proxy(cluster, str(tmp_path / "b"), rules=str(rules), state=state_config(cluster, schema))
+    return a, b
+
+
+def hotel_with(tmp_path: Path, *edits: tuple[str, str]) -> Path:
+    """The hotel rules with some lines changed (each edit must apply exactly once)."""
+    text = HOTEL.read_text(encoding="utf-8")
+    for old, new in edits:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    path = tmp_path / "rules.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def pair(cluster: PgCluster, schema: str, tmp_path: Path) -> Iterator[tuple[Proxy, Proxy]]:
+    a, b = replicas(cluster, schema, tmp_path)
+    try:
+        yield a, b
+    finally:
+        a.thread.stop()
+        b.thread.stop()
+
+
+def attempt(p: Proxy, user: str, sql: str, params: tuple | None = None) -> list[tuple] | psycopg.Error:
+    try:
+        with psycopg.connect(p.dsn(user), autocommit=True) as c:
+            return c.execute(sql, params).fetchall()
+    except psycopg.Error as e:
+        return e
+
+
+def login_error(p: Proxy, user: str) -> tuple[str, str]:
+    """(SQLSTATE, message) of a refused login (asyncpg keeps the SQLSTATE of login errors)."""
+    import asyncpg
+
+    async def go() -> tuple[str, str]:
+        try:
+            conn = await asyncpg.connect(host="127.0.0.1", port=p.port, user=user, password="demo",
+                                         database="hotel", ssl=False)
+        except asyncpg.PostgresError as e:
+            return e.sqlstate, str(e)
+        await conn.close()
+        return "", ""
+
+    return asyncio.run(go())
+
+
+def sqlstate(r: list[tuple] | psycopg.Error) -> str | None:
+    return r.sqlstate if isinstance(r, psycopg.Error) else None
+
+
+def wait_until(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------
+# circuit breaker (R3.5)
+# ---------------------------------------------------------------------------
+
+
+def test_three_refusals_lock_out_on_every_replica_until_security_unlocks(
+        pair: tuple[Proxy, Proxy], cluster: PgCluster, schema: str, tmp_path: Path) -> None:
+    a, b = pair
+    for _ in range(3):
+        assert sqlstate(attempt(a, "gina", "SELECT * FROM guests")) == "42501"
+    # The other replica refuses at once, statements and logins, saying until when and what to do.
+    with psycopg.connect(b.dsn("carol"), autocommit=True):
+        pass  # others are not affected
+    wait_until(lambda: isinstance(attempt(b, "gina", "SELECT 1"), psycopg.Error))
+    state, message = login_error(b, "gina")
+    assert state == "28000" and LOCKED in message and "pgwarden unlock gina" in message
+    with psycopg.connect(a.dsn("frank"), autocommit=True) as sec:
+        assert sec.execute("SELECT 1").fetchall() == [(1,)]
+    assert [e["user"] for e in a.take_events("lockout")] == ["gina"]
+    (row,) = direct(cluster, f"SELECT user_name, locked_until > now() + interval '29 minutes' FROM {schema}.lockouts")
+    assert row == ("gina", True)
+
+    # Security lifts it from the command line, as itself (password checked, role checked).
+    cfg = tmp_path / "pgwarden.yaml"
+    write_config(cfg, cluster, schema)
+    env = dict(os.environ, PGWARDEN_PASSWORD="demo")
+    denied = subprocess.run([sys.executable, "-m", "proxy.cli", "unlock", "gina", "--config", str(cfg),
+                             "--as", "bob"], env=env, capture_output=True, text=True, timeout=60)
+    assert denied.returncode == 3 and "may not unlock" in denied.stderr
+    wrong = subprocess.run([sys.executable, "-m", "proxy.cli", "unlock", "gina", "--config", str(cfg),
+                            "--as", "frank"], env=dict(env, PGWARDEN_PASSWORD="nope"), capture_output=True,
+                           text=True, timeout=60)
+    assert wrong.returncode == 3
+    ok = subprocess.run([sys.executable, "-m", "proxy.cli", "unlock", "gina", "--config", str(cfg), "--as", "frank"],
+                        env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "gina: unlocked" in ok.stdout, ok.stderr
+    wait_until(lambda: attempt(b, "gina", "SELECT 1") == [(1,)])
+    assert attempt(a, "gina", "SELECT 1") == [(1,)]
+    events = [json.loads(line) for line in (tmp_path / "cli-audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["unlock", "audit_closed"]  # the chain ends with a clean stop
+    unlocks = events[:1]
+    assert [(e["event"], e["user"], e["target"], e["lifted"]) for e in unlocks] == [("unlock", "frank", "gina", True)]
+
+
+def test_an_allowed_statement_breaks_the_streak(pair: tuple[Proxy, Proxy]) -> None:
+    a, b = pair
+    for p in (a, b):
+        assert sqlstate(attempt(p, "gina", "SELECT * FROM guests")) == "42501"
+    assert attempt(a, "gina", "SELECT 1") == [(1,)]
+    time.sleep(0.5)  # the reset travels to the store without the client waiting for it
+    for p in (b, a):
+        assert sqlstate(attempt(p, "gina", "SELECT * FROM guests")) == "42501"
+    time.sleep(0.5)
+    assert attempt(b, "gina", "SELECT 1") == [(1,)]
+
+
+# ---------------------------------------------------------------------------
+# guest lookup quota (R3.4)
+# ---------------------------------------------------------------------------
+
+
+def visible_guests(cluster: PgCluster, n: int) -> list[int]:
+    """Guests with FO records in the last 72 hours (bob, an FO supervisor, sees them)."""
+    rows = direct(cluster, "SELECT guest_id FROM cs_records WHERE department = 'FO' AND NOT legal_hold "
+                           "AND created_at >= statement_timestamp() - interval '70 hours' "
+                           f"GROUP BY guest_id ORDER BY guest_id LIMIT {n}")
+    assert len(rows) == n
+    return [g for (g,) in rows]
+
+
+def test_fourth_lookup_of_a_guest_is_refused_whatever_the_replica_or_shape(
+        pair: tuple[Proxy, Proxy], cluster: PgCluster, schema: str) -> None:
+    a, b = pair
+    g, other = visible_guests(cluster, 2)
+    want = direct(cluster, f"SELECT count(*) FROM cs_records WHERE guest_id = {g} AND department = 'FO' "
+                           "AND NOT legal_hold AND created_at >= statement_timestamp() - interval '72 hours'")
+    assert attempt(a, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = {g}") == want          # literal
+    assert attempt(b, "bob", "SELECT count(*) FROM cs_records WHERE guest_id = %s", (g,)) == want      # parameter
+    assert attempt(a, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id IN ({g}, {other})") != []  # IN list
+    err = attempt(b, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = '{g}'")
+    assert isinstance(err, psycopg.Error) and err.sqlstate == "42501", err
+    assert f"looked up guest {g} 3 times this month" in str(err) and "ticket" in str(err)
+    err = attempt(a, "bob", "SELECT count(*) FROM cs_records WHERE guest_id = %s", (g,))
+    assert sqlstate(err) == "42501"
+    # The other guest has had one lookup: two more are fine.
+    assert attempt(a, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = {other}") != []
+    counts = dict(direct(cluster, f"SELECT guest, lookups FROM {schema}.guest_lookups WHERE user_name = 'bob'"))
+    assert counts == {str(g): 3, str(other): 2}
+    ev = [e for e in a.take_events() + b.take_events() if e.get("guard")]
+    assert {e["guard"]["lookups"].get(str(g)) for e in ev} >= {1, 2, 3}
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT count(*) FROM cs_records WHERE guest_id + 0 = {g}",
+    "SELECT count(*) FROM cs_records WHERE guest_id BETWEEN {g} AND {g}",
+    "SELECT count(*) FROM cs_records WHERE guest_id::text = '{g}'",
+])
+def test_disguised_lookups_are_refused(pair: tuple[Proxy, Proxy], cluster: PgCluster, sql: str) -> None:
+    a, _ = pair
+    (g,) = visible_guests(cluster, 1)
+    err = attempt(a, "bob", sql.format(g=g))
+    assert isinstance(err, psycopg.Error) and err.sqlstate == "42501" and "cannot be counted" in str(err)
+
+
+def test_concurrent_lookups_never_overshoot(cluster: PgCluster, schema: str, tmp_path: Path) -> None:
+    # A row budget large enough not to refuse any of the twelve: only the quota decides here.
+    rules = hotel_with(tmp_path, ("    row_budget: {hour: 20000, day: 60000}\n", ""))
+    a, b = replicas(cluster, schema, tmp_path, rules)
+    try:
+        concurrent_lookups(a, b, cluster, schema)
+    finally:
+        a.thread.stop()
+        b.thread.stop()
+
+
+def concurrent_lookups(a: Proxy, b: Proxy, cluster: PgCluster, schema: str) -> None:
+    (g,) = visible_guests(cluster, 1)
+    results: list[str | None] = []
+    lock = threading.Lock()
+    start = threading.Barrier(12)
+
+    def one(i: int) -> None:
+        p = (a, b)[i % 2]
+        with psycopg.connect(p.dsn("bob"), autocommit=True) as c:
+            start.wait()
+            try:
+                c.execute("SELECT count(*) FROM cs_records WHERE guest_id = %s", (g,)).fetchall()
+                r = None
+            except psycopg.Error as e:
+                r = e.sqlstate
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results, key=str) == ["42501"] * 9 + [None] * 3
+    assert direct(cluster, f"SELECT lookups FROM {schema}.guest_lookups WHERE guest = '{g}'") == [(3,)]
+
+
+def test_counts_survive_a_restart(cluster: PgCluster, schema: str, tmp_path: Path) -> None:
+    (g,) = visible_guests(cluster, 1)
+    for n in range(4):
+        p = start_proxy(cluster, str(tmp_path / f"r{n}"), rules=str(HOTEL), state=state_config(cluster, schema))
+        try:
+            r = attempt(p, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = {g}")
+        finally:
+            p.thread.stop()
+        assert sqlstate(r) == (None if n < 3 else "42501"), (n, r)
+
+
+# ---------------------------------------------------------------------------
+# fail closed (state store unreachable) and recovery
+# ---------------------------------------------------------------------------
+
+
+class Relay:
+    """A TCP relay to the cluster that can be cut and restored: the state store 'goes away'."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: asyncio.base_events.Server | None = None
+        self.conns: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    def _call(self, coro):  # noqa: ANN001, ANN202
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            w.close()
+
+    async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.conns |= {w, uw}
+        await asyncio.gather(self._pipe(r, uw), self._pipe(ur, w))
+
+    def up(self) -> None:
+        async def start() -> None:
+            self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+            self.port = self.server.sockets[0].getsockname()[1]
+        self._call(start())
+
+    def down(self) -> None:
+        async def stop() -> None:
+            assert self.server is not None
+            self.server.close()
+            for w in list(self.conns):
+                w.transport.abort()
+            self.conns.clear()
+        self._call(stop())
+
+
+def test_unreachable_store_refuses_restricted_roles_and_recovers(cluster: PgCluster, schema: str,
+                                                                 tmp_path: Path) -> None:
+    relay = Relay(cluster.port)
+    relay.up()
+    state = dict(state_config(cluster, schema), port=relay.port)
+    p = start_proxy(cluster, str(tmp_path), rules=str(HOTEL), state=state)
+    try:
+        (g,) = visible_guests(cluster, 1)
+        assert attempt(p, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = {g}") != []
+        with psycopg.connect(p.dsn("bob"), autocommit=True) as held:
+            relay.down()
+            wait_until(lambda: any(e["event"] == "state_store_down" for e in p.take_events(None)))
+            state, message = login_error(p, "bob")
+            assert state == "28000" and "state store cannot be reached" in message
+            with pytest.raises(psycopg.Error) as ei:
+                held.execute("SELECT count(*) FROM cs_records")
+            assert ei.value.sqlstate == "42501" and "state store cannot be reached" in str(ei.value)
+            relay.up()
+            wait_until(lambda: attempt(p, "bob", "SELECT 1") == [(1,)], timeout=20)
+            assert held.execute(f"SELECT count(*) FROM cs_records WHERE guest_id = {g}").fetchone() is not None
+        assert direct(cluster, f"SELECT lookups FROM {schema}.guest_lookups WHERE guest = '{g}'") == [(2,)]
+    finally:
+        p.thread.stop()
+        relay.down()
+
+
+def test_client_sessions_cannot_reach_the_counters(pair: tuple[Proxy, Proxy], cluster: PgCluster,
+                                                  schema: str) -> None:
+    # The state schema belongs to its own login: the service account every client session runs
+    # as cannot read or reset it, whatever the rules let through.
+    a, _ = pair
+    for user in ("dave", "frank"):
+        assert sqlstate(attempt(a, user, f"DELETE FROM {schema}.lockouts")) == "42501"
+    with psycopg.connect(cluster.dsn(cluster.service_user), autocommit=True) as svc:
+        for sql in (f"SELECT * FROM {schema}.lockouts", f"DELETE FROM {schema}.guest_lookups"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                svc.execute(sql)
+
+
+def write_config(path: Path, cluster: PgCluster, schema: str) -> None:
+    """A config with the demo users (password "demo") for the command line."""
+    from proxy.auth import make_scram_verifier
+    from proxy.demo import DEMO_USERS
+
+    users = {u: {"role": r, "password": make_scram_verifier("demo"), "department": d or "X"}
+             for u, (r, d, _, _) in DEMO_USERS.items()}
+    doc = {
+        "upstream": {"host": cluster.host, "port": cluster.port, "user": cluster.service_user,
+                     "password": cluster.service_password, "sslmode": "disable"},
+        "audit": {"path": str(path.parent / "cli-audit.jsonl")},
+        "rules": str(HOTEL), "state": state_config(cluster, schema), "users": users,
+    }
+    path.write_text(json.dumps(doc))
+
+
+# ---------------------------------------------------------------------------
+# designated devices (R3.6)
+# ---------------------------------------------------------------------------
+
+
+def test_roles_connect_only_from_their_networks(cluster: PgCluster, tmp_path: Path) -> None:
+    text = HOTEL.read_text(encoding="utf-8")
+    text = text.replace("  sales:                           # 销售部: consultations, never complaints\n",
+                        "  sales:\n    networks: [10.99.0.0/16]\n", 1)
+    text = text.replace("  it_ops:                          # IT运维: system parameters and fault logs, never personal data\n",
+                        "  it_ops:\n    networks: [10.0.0.0/8, 127.0.0.0/8]\n", 1)
+    assert text.count("networks:") == 2
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(text, encoding="utf-8")
+    p = start_proxy(cluster, str(tmp_path), rules=str(rules))
+    try:
+        state, message = login_error(p, "gina")
+        assert state == "28000"
+        assert message == ("pgwarden: role sales may connect only from designated devices (10.99.0.0/16), "
+                           "not from 127.0.0.1")
+        assert attempt(p, "carol", "SELECT 1") == [(1,)]
+        assert attempt(p, "bob", "SELECT 1") == [(1,)]  # no networks: anywhere
+        failed = [e for e in p.take_events(None) if e["event"] == "login_failed"]
+        assert [(e["user"], e["sqlstate"]) for e in failed] == [("gina", "28000")]
+    finally:
+        p.thread.stop()
+
+
+# ---------------------------------------------------------------------------
+# row budget (R3.3)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def budget_pair(cluster: PgCluster, schema: str, tmp_path: Path) -> Iterator[tuple[Proxy, Proxy]]:
+    """Sales (gina) with a cap of 10 rows per statement and 25 rows per hour."""
+    rules = hotel_with(tmp_path, ("  sales:                           # 销售部: consultations, never complaints\n",
+                                  "  sales:\n    row_cap: 10\n    row_budget: {hour: 25}\n"))
+    a, b = replicas(cluster, schema, tmp_path, rules)
+    try:
+        yield a, b
+    finally:
+        a.thread.stop()
+        b.thread.stop()
+
+
+def used_rows(cluster: PgCluster, schema: str, user: str) -> int:
+    (n,), = direct(cluster, f"SELECT coalesce(sum(rows), 0)::int FROM {schema}.row_usage WHERE user_name = '{user}'")
+    return n
+
+
+def test_many_small_queries_on_two_replicas_run_into_the_budget(budget_pair: tuple[Proxy, Proxy],
+                                                                cluster: PgCluster, schema: str) -> None:
+    a, b = budget_pair
+    # Each statement reserves the cap (10) and gives back what it did not send.
+    for i, p in enumerate((a, b, a, b)):
+        rows = attempt(p, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 5")
+        assert isinstance(rows, list) and len(rows) == 5, (i, rows)
+        wait_until(lambda: used_rows(cluster, schema, "gina") == 5 * (i + 1))
+    err = attempt(b, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 1")
+    assert isinstance(err, psycopg.Error) and err.sqlstate == "42501"
+    assert "gina has 5 rows left of role sales's row budget this hour, and this statement may return up to 10" in str(err)
+    assert used_rows(cluster, schema, "gina") == 20  # the refused statement reserved nothing
+    # Statements that read nothing protected are not counted.
+    assert attempt(a, "gina", "SELECT 1") == [(1,)]
+    ev = [e for e in a.take_events() if e.get("guard")]
+    assert [e["guard"]["rows_reserved"] for e in ev] == [10, 10]
+
+
+def test_cursor_fetches_are_counted(budget_pair: tuple[Proxy, Proxy], cluster: PgCluster, schema: str) -> None:
+    a, _ = budget_pair
+    with psycopg.connect(a.dsn("gina")) as c:
+        c.execute("DECLARE cur CURSOR FOR SELECT id FROM cs_records ORDER BY id LIMIT 10")
+        assert len(c.execute("FETCH 4 FROM cur").fetchall()) == 4
+        assert len(c.execute("FETCH 4 FROM cur").fetchall()) == 4
+        wait_until(lambda: used_rows(cluster, schema, "gina") == 8)
+        assert len(c.execute("FETCH ALL FROM cur").fetchall()) == 2  # reserves the cap, uses 2
+        wait_until(lambda: used_rows(cluster, schema, "gina") == 10)
+        c.rollback()
+        c.execute("DECLARE cur2 CURSOR FOR SELECT id FROM cs_records ORDER BY id LIMIT 10")
+        assert len(c.execute("FETCH 10 FROM cur2").fetchall()) == 10
+        wait_until(lambda: used_rows(cluster, schema, "gina") == 20)
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("FETCH 6 FROM cur2")
+        assert ei.value.sqlstate == "42501" and "5 rows left" in str(ei.value)
+        c.rollback()
