@@ -1,46 +1,107 @@
-"""The ``pgwarden`` command: serve, passwd, check, explain, demo, migrate, unlock."""
+"""The ``pgwarden`` command: serve, config show, passwd, check, explain, demo, migrate, unlock."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import getpass
+import os
 import signal
 import sys
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
+
+
+def _load(path: str) -> Config | None:
+    """The configuration, or None after saying why not (file:line or the environment variable)."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return None
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .server import Server, new_event_loop
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"pgwarden: {exc}", file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 2
     if args.port is not None:
-        from dataclasses import replace
-
         cfg = replace(cfg, listen_port=args.port)
+    if args.workers < 1:
+        print("pgwarden: --workers must be at least 1", file=sys.stderr)
+        return 2
+    worker = None
+    if args.worker:
+        from .workers import worker_config
+
+        worker = args.worker
+        cfg = worker_config(cfg, worker)
+    elif args.workers > 1:
+        from .workers import supervise
+
+        return supervise(args.config, cfg, args.workers)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(cfg)
+    if worker is not None:
+        from .workers import wire_worker
+
+        wire_worker(server, worker, args.runtime_dir)
     try:
         loop.run_until_complete(server.start())
     except OSError as exc:
         print(f"pgwarden: cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc.strerror}", file=sys.stderr)
         return 1
-    print(f"listening {server.port}", flush=True)
-    stop = loop.create_future()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    loop.add_signal_handler(signal.SIGHUP, server.reload_rules)
+    if worker is None:
+        print(f"listening {server.port}", flush=True)
+    else:
+        print(f"worker {worker[0]} listening {server.port} pid {os.getpid()}", flush=True)
+    if server.http is not None:
+        print(f"metrics {server.http.port}", flush=True)
+    stop: asyncio.Future[float] = loop.create_future()  # its result: how long clients may linger
+    drain: list[asyncio.Task[None]] = []
+
+    def now() -> None:
+        for t in drain:
+            t.cancel()
+        if not stop.done():
+            stop.set_result(0.2)
+
+    def on_sigterm() -> None:
+        # The first SIGTERM drains (running statements may finish); a second one stops at once.
+        if drain:
+            now()
+            return
+        task = loop.create_task(server.drain())
+        task.add_done_callback(lambda _t: stop.done() or stop.set_result(0.2))
+        drain.append(task)
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, now)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    linger = 0.2
     try:
-        loop.run_until_complete(stop)
+        linger = loop.run_until_complete(stop)
     finally:
-        loop.run_until_complete(server.close())
+        loop.run_until_complete(server.close(linger))
         loop.close()
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    """The effective configuration (file + environment) as YAML, with secrets hidden."""
+    import yaml
+
+    from .config import effective_config
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    sys.stdout.write(yaml.safe_dump(effective_config(cfg), sort_keys=False, allow_unicode=True))
     return 0
 
 
@@ -158,6 +219,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, tour=args.tour, records=args.records)
 
 
+def _worker_arg(text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
+        raise argparse.ArgumentTypeError("expected I/N")
+    return int(i), int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pgwarden", description="Access-control proxy for PostgreSQL.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -165,7 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run the proxy")
     s.add_argument("--config", "-c", required=True, help="pgwarden YAML configuration")
     s.add_argument("--port", type=int, help="override listen.port")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the port (SO_REUSEPORT); one per core (default 1)")
+    s.add_argument("--worker", type=_worker_arg, help=argparse.SUPPRESS)  # set by the supervisor: I/N
+    s.add_argument("--runtime-dir", help=argparse.SUPPRESS)  # the supervisor's directory of worker sockets
     s.set_defaults(fn=_serve)
+
+    cs = sub.add_parser("config", help="configuration tools")
+    csub = cs.add_subparsers(dest="config_cmd", required=True)
+    show = csub.add_parser("show", help="print the effective configuration (file + environment), secrets hidden")
+    show.add_argument("--config", "-c", required=True, help="pgwarden YAML configuration")
+    show.set_defaults(fn=_config_show)
 
     p = sub.add_parser("passwd", help="print a password verifier for the users section")
     p.add_argument("user", nargs="?", help="user name (needed for --md5)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,17 @@ class _Located:
     def __init__(self, source: str) -> None:
         self.source = source
         self.lines: dict[tuple[Any, ...], int] = {}
+        self.env: dict[tuple[Any, ...], str] = {}  # key path -> the environment variable that set it
 
     def where(self, *path: Any) -> str:
+        for i in range(len(path), 0, -1):
+            var = self.env.get(path[:i])
+            if var is not None:
+                return f"environment variable {var}"
+        if path and path not in self.lines:  # a section only the environment created
+            made = sorted(v for k, v in self.env.items() if k[: len(path)] == path)
+            if made:
+                return f"environment variable {', '.join(made)}"
         while path and path not in self.lines:
             path = path[:-1]
         return f"{self.source}:{self.lines.get(path, 1)}"
@@ -105,6 +115,8 @@ class UserEntry:
     method: str = "scram-sha-256"  # or md5 / password (cleartext, TLS only)
     #: Designated devices (R3.6): the networks this person may connect from; empty: anywhere.
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: Second factor (R3.6): SHA-256 fingerprints (hex) of client certificates bound to this person.
+    certificates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,7 @@ class UpstreamConfig:
 class TLSConfig:
     cert: str
     key: str
+    client_ca: str | None = None  # CA of client certificates (the second factor of R3.6); None: none asked
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,10 @@ class Config:
     source: str = "<config>"
     state: Any = None  # proxy.statestore.StateConfig: where guard state lives; None: no guards
     guards_off: bool = False  # `state: off`: run rules without lockouts and quotas, knowingly
+    metrics_listen: tuple[str, int] | None = None  # /metrics, /healthz, /readyz; None: no HTTP listener
+    shutdown_grace: float = 30.0  # seconds running statements may finish after SIGTERM
+    env_overrides: tuple[str, ...] = ()  # environment variables that replaced values of the file
+    admin_users: tuple[str, ...] = ()  # may use the admin console (database pgwarden), besides security directors
 
 
 _METHODS = ("scram-sha-256", "md5", "password")
@@ -175,7 +192,8 @@ def _check_keys(d: Any, allowed: set[str], loc: _Located, path: tuple[Any, ...])
 
 def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
     p = ("users", name)
-    d = _check_keys(d, {"password", "md5", "role", "department", "attributes", "method", "networks"}, loc, p)
+    d = _check_keys(d, {"password", "md5", "role", "department", "attributes", "method", "networks",
+                        "certificates"}, loc, p)
     _expect(isinstance(d.get("role"), str) and d["role"], loc, p, f"user {name!r} needs a role")
     scram = md5 = None
     for key in ("password", "md5"):
@@ -213,7 +231,24 @@ def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
         name=name, role=d["role"], department=None if dept is None else str(dept),
         attributes=dict(attrs), scram=scram, md5=md5, method=method,
         networks=parse_networks(d.get("networks"), loc, p + ("networks",)),
+        certificates=_fingerprints(d.get("certificates"), loc, p + ("certificates",)),
     )
+
+
+def _fingerprints(v: Any, loc: _Located, path: tuple[Any, ...]) -> tuple[str, ...]:
+    """SHA-256 certificate fingerprints, as `openssl x509 -fingerprint -sha256` prints them or plain hex."""
+    if v is None:
+        return ()
+    _expect(isinstance(v, list), loc, path, "certificates must be a list of SHA-256 fingerprints")
+    out = []
+    for i, f in enumerate(v):
+        h = str(f).replace(":", "").lower()
+        if h.startswith("sha256="):
+            h = h[7:]
+        _expect(bool(re.fullmatch(r"[0-9a-f]{64}", h)), loc, path + (i,),
+                "a certificate fingerprint is 64 hex digits (SHA-256), e.g. from openssl x509 -fingerprint -sha256")
+        out.append(h)
+    return tuple(out)
 
 
 def parse_networks(v: Any, loc: _Located, path: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -267,7 +302,7 @@ def _parse_state(d: Any, upstream: UpstreamConfig, loc: _Located) -> Any:
 
 def parse_config(data: Any, loc: _Located) -> Config:
     d = _check_keys(data, {"listen", "tls", "upstream", "auth", "audit", "limits", "users", "secret", "rules",
-                           "state"}, loc, ())
+                           "state", "metrics", "shutdown_grace", "admin_users"}, loc, ())
     listen = _check_keys(d.get("listen") or {}, {"host", "port"}, loc, ("listen",))
     up = _check_keys(d.get("upstream") or {}, {"host", "port", "user", "password", "sslmode", "connect_timeout"},
                      loc, ("upstream",))
@@ -282,11 +317,12 @@ def parse_config(data: Any, loc: _Located) -> Config:
     )
     tls = None
     if d.get("tls"):
-        t = _check_keys(d["tls"], {"cert", "key"}, loc, ("tls",))
+        t = _check_keys(d["tls"], {"cert", "key", "client_ca"}, loc, ("tls",))
         _expect("cert" in t and "key" in t, loc, ("tls",), "tls needs both cert and key")
-        for k in ("cert", "key"):
-            _expect(Path(t[k]).is_file(), loc, ("tls", k), f"tls {k} file {t[k]!r} does not exist")
-        tls = TLSConfig(cert=str(t["cert"]), key=str(t["key"]))
+        for k in ("cert", "key", "client_ca"):
+            _expect(k not in t or Path(t[k]).is_file(), loc, ("tls", k), f"tls {k} file {t.get(k)!r} does not exist")
+        tls = TLSConfig(cert=str(t["cert"]), key=str(t["key"]),
+                        client_ca=str(t["client_ca"]) if t.get("client_ca") else None)
     auth = _check_keys(d.get("auth") or {}, {"trust"}, loc, ("auth",))
     nets = []
     trust = auth.get("trust") or []
@@ -322,6 +358,15 @@ def parse_config(data: Any, loc: _Located) -> Config:
     _expect(state is not None or guards_off or not rules_path, loc, ("rules",),
             "rules need a guard state store for lockouts and lookup quotas (R3.4, R3.5): add a state: section "
             "(its own login and database), or `state: off` to run without those guards (not for production)")
+    admins = d.get("admin_users") or []
+    _expect(isinstance(admins, list) and all(isinstance(a, str) for a in admins), loc, ("admin_users",),
+            "admin_users must be a list of user names")
+    for i, a in enumerate(admins):
+        _expect(a in users, loc, ("admin_users", i), f"admin_users: no user {a!r} in users")
+    metrics_listen = None
+    if d.get("metrics"):
+        m = _check_keys(d["metrics"], {"listen"}, loc, ("metrics",))
+        metrics_listen = _host_port(m.get("listen"), loc, ("metrics", "listen"))
     return Config(
         state=state, guards_off=guards_off, upstream=upstream, users=users, listen_host=str(listen.get("host", "127.0.0.1")),
         listen_port=_number(listen, "port", 6432, loc, ("listen",), high=65535), tls=tls, trust_networks=tuple(nets),
@@ -330,9 +375,125 @@ def parse_config(data: Any, loc: _Located) -> Config:
                                  high=1 << 30),
         max_connections=_number(limits, "max_connections", 1000, loc, ("limits",), low=1, high=1_000_000),
         secret=str(secret).encode() if secret else os.urandom(32), rules_path=rules_path, source=loc.source,
+        metrics_listen=metrics_listen,
+        shutdown_grace=_number(d, "shutdown_grace", 30.0, loc, (), integer=False, low=0, high=86400),
+        env_overrides=tuple(sorted(set(loc.env.values()))), admin_users=tuple(admins),
     )
 
 
-def load_config(path: str | Path) -> Config:
+def _host_port(v: Any, loc: _Located, path: tuple[Any, ...]) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or ':port' (all interfaces)."""
+    _expect(isinstance(v, str | int) and str(v), loc, path, "expected host:port, e.g. 0.0.0.0:9187")
+    text = str(v)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "0.0.0.0"
+    _expect(port.isdigit() and 0 <= int(port) <= 65535, loc, path, f"expected host:port, not {text!r}")
+    return host, int(port)
+
+
+# Environment variables that override the file (12-factor): connection settings and secrets.
+# name -> key path in the YAML document.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "PGWARDEN_LISTEN_HOST": ("listen", "host"),
+    "PGWARDEN_LISTEN_PORT": ("listen", "port"),
+    "PGWARDEN_UPSTREAM_HOST": ("upstream", "host"),
+    "PGWARDEN_UPSTREAM_PORT": ("upstream", "port"),
+    "PGWARDEN_UPSTREAM_USER": ("upstream", "user"),
+    "PGWARDEN_UPSTREAM_PASSWORD": ("upstream", "password"),
+    "PGWARDEN_UPSTREAM_SSLMODE": ("upstream", "sslmode"),
+    "PGWARDEN_TLS_CERT": ("tls", "cert"),
+    "PGWARDEN_TLS_KEY": ("tls", "key"),
+    "PGWARDEN_AUDIT_PATH": ("audit", "path"),
+    "PGWARDEN_RULES": ("rules",),
+    "PGWARDEN_SECRET": ("secret",),
+    "PGWARDEN_METRICS_LISTEN": ("metrics", "listen"),
+    "PGWARDEN_SHUTDOWN_GRACE": ("shutdown_grace",),
+    "PGWARDEN_MAX_CONNECTIONS": ("limits", "max_connections"),
+    "PGWARDEN_STATE_HOST": ("state", "host"),
+    "PGWARDEN_STATE_PORT": ("state", "port"),
+    "PGWARDEN_STATE_DATABASE": ("state", "database"),
+    "PGWARDEN_STATE_USER": ("state", "user"),
+    "PGWARDEN_STATE_PASSWORD": ("state", "password"),
+}
+_ENV_PATHS = frozenset({("rules",), ("tls", "cert"), ("tls", "key")})  # relative to the working directory
+
+
+def apply_env(data: Any, loc: _Located, environ: Mapping[str, str]) -> Any:
+    """Replace values of the document with those of set PGWARDEN_* variables (empty ones are ignored)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return data  # parse_config reports it
+    for var, path in ENV_OVERRIDES.items():
+        value = environ.get(var)
+        if not value:
+            continue
+        node = data
+        for key in path[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        if path in _ENV_PATHS:
+            value = str(Path(value).resolve())
+        node[path[-1]] = value
+        loc.env[path] = var
+    return data
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """The file, then the environment on top (``environ`` defaults to the process's)."""
     data, loc = load_yaml(path)
+    data = apply_env(data, loc, os.environ if environ is None else environ)
     return parse_config(data, loc)
+
+
+HIDDEN = "<hidden>"
+
+
+def effective_config(cfg: Config) -> dict[str, Any]:
+    """The configuration as pgwarden runs it, for ``pgwarden config show``: every secret hidden.
+
+    Passwords, password verifiers and the server secret are replaced by ``<hidden>`` (or
+    left out when unset); file paths (TLS key included) are shown, their contents never.
+    """
+    up = cfg.upstream
+    out: dict[str, Any] = {
+        "listen": {"host": cfg.listen_host, "port": cfg.listen_port},
+        "upstream": {"host": up.host, "port": up.port, "user": up.user,
+                     "password": HIDDEN if up.password else None, "sslmode": up.sslmode,
+                     "connect_timeout": up.connect_timeout},
+        "tls": {"cert": cfg.tls.cert, "key": cfg.tls.key} if cfg.tls else None,
+        "auth": {"trust": [str(n) for n in cfg.trust_networks]},
+        "audit": {"path": cfg.audit_path},
+        "limits": {"max_message_size": cfg.max_message_size, "max_connections": cfg.max_connections},
+        "rules": cfg.rules_path,
+        "metrics": {"listen": f"{cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"} if cfg.metrics_listen else None,
+        "shutdown_grace": cfg.shutdown_grace,
+        "admin_users": list(cfg.admin_users),
+        "secret": HIDDEN,
+        "state": "off" if cfg.guards_off else None if cfg.state is None else {
+            "host": cfg.state.host, "port": cfg.state.port, "database": cfg.state.database, "user": cfg.state.user,
+            "password": HIDDEN if cfg.state.password else None, "schema": cfg.state.schema,
+            "sslmode": cfg.state.sslmode},
+        "users": {},
+    }
+    for name, u in cfg.users.items():
+        entry: dict[str, Any] = {"role": u.role}
+        if u.networks:
+            entry["networks"] = [str(n) for n in u.networks]
+        if u.department is not None:
+            entry["department"] = u.department
+        if u.attributes:
+            entry["attributes"] = dict(u.attributes)
+        entry["method"] = u.method
+        if u.scram:
+            entry["password"] = HIDDEN
+        if u.md5:
+            entry["md5"] = HIDDEN
+        out["users"][name] = entry
+    out["from_environment"] = list(cfg.env_overrides)
+    return out

@@ -58,10 +58,11 @@ class Guards:
     """One per server; ``store`` is None when no state store is configured (then nothing is guarded)."""
 
     def __init__(self, store: StateStore | None, rules: Callable[[], Any],
-                 spawn: Callable[[Any], None]) -> None:
+                 spawn: Callable[[Any], None], stats: Any = None) -> None:
         self.store = store
         self._rules = rules  # the current rules (they change on reload)
         self._spawn = spawn
+        self.stats = stats  # proxy.metrics.Stats when metrics are on: lockouts are counted there
 
     def _settings(self) -> Any:
         rules = self._rules()
@@ -212,6 +213,8 @@ class Guards:
                 except Exception:  # noqa: BLE001 - best effort: the refusal itself already happened
                     return
                 if until is not None:
+                    if self.stats is not None:
+                        self.stats.lockouts += 1
                     emit("lockout", {"until": until.isoformat(), "streak": streak, "reason": reason[:200]})
 
             self._spawn(bump())

@@ -9,6 +9,7 @@ import os
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -18,6 +19,7 @@ from . import upstream
 from .audit import AuditLog, default_replica
 from .config import Config
 from .guards import Guards
+from .metrics import Stats
 from .session import ClientSession
 
 
@@ -28,10 +30,14 @@ def _mtime(path: str) -> float:
         return -1.0
 
 
-def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+def make_ssl_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
+    if client_ca:
+        # Asked, not required: people bound to a certificate are refused without one (at login).
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(client_ca)
     return ctx
 
 
@@ -60,18 +66,31 @@ class Server:
             store = StateStore(config.state, replica=f"{config.listen_host}:{config.listen_port}",
                                log=lambda event, fields: self.audit.emit(event, None, **fields))
         self.guards = Guards(store, lambda: self.engine.rules, self.spawn)
-        self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
+        self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key, config.tls.client_ca) \
+            if config.tls else None
         self.sessions: set[ClientSession] = set()
+        self.connected_at: dict[ClientSession, float] = {}  # for the admin console's SHOW CLIENTS
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = config.listen_port
+        # Counters for /metrics; None (and not counted at all) when no metrics listener is configured.
+        self.stats: Stats | None = Stats() if config.metrics_listen else None
+        self.guards.stats = self.stats
+        self._cache_base = {"exact": 0, "template": 0, "misses": 0}  # from engines replaced by reloads
+        self.http: Any = None  # HttpEndpoints when metrics.listen is set
+        self.draining = False
+        self._closing: set[ClientSession] = set()  # sessions told 57P01, waiting for their client to go
+        self.reuse_port = False  # --workers: every worker listens on the same port
+        self.peers: list[str] = []  # --workers: the other workers' unix sockets, for foreign cancel requests
+        self.cancel_socket: str | None = None
+        self._cancel_server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientSession(self), self.config.listen_host, self.config.listen_port, reuse_address=True,
-            backlog=1024,
+            reuse_port=self.reuse_port or None, backlog=1024,
         )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
@@ -81,6 +100,41 @@ class Server:
         if self.guards.store is not None:
             # Restricted roles are refused until the store answers; give it a moment at start.
             await self.guards.store.start(wait=self.config.state.connect_timeout if self.config.state else 5)
+        if self.config.tls:
+            self.spawn(self.watch_tls())
+        if self.cancel_socket:
+            self._cancel_server = await asyncio.start_unix_server(self._on_peer_cancel, self.cancel_socket)
+        if self.config.metrics_listen:
+            from .http_endpoints import HttpEndpoints
+            from .metrics import make_registry
+
+            assert self.stats is not None
+            registry = make_registry(self.stats, lambda: len(self.sessions), self.cache_counts)
+            self.http = HttpEndpoints(registry, self.readiness)
+            host, port = self.config.metrics_listen
+            await self.http.start(host, port)
+
+    def cache_counts(self) -> dict[str, int]:
+        """Decision-cache counters of the current engine plus those of engines replaced by reloads."""
+        e = self.engine
+        b = self._cache_base
+        return {"exact": b["exact"] + e.cache_hits, "template": b["template"] + e.template_hits,
+                "misses": b["misses"] + e.cache_misses}
+
+    async def readiness(self) -> tuple[bool, str]:
+        """Ready: accepting, rules loaded (when configured) and the upstream answering."""
+        from .http_endpoints import probe_postgres
+
+        if self.draining:
+            return False, "shutting down"
+        if self.config.rules_path and not self.engine.enforcing:
+            return False, "rules not loaded"
+        if self.guards.store is not None and not self.guards.store.healthy:
+            return False, "guard state store unreachable"
+        why = await probe_postgres(self.config.upstream.host, self.config.upstream.port)
+        if why is not None:
+            return False, why
+        return True, "ready"
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -104,8 +158,15 @@ class Server:
         except ConfigError as exc:
             self.audit.emit("rules_reload_failed", None, path=path, error=str(exc))
             print(f"pgwarden: rules NOT reloaded, the old rules stay: {exc}", file=sys.stderr, flush=True)
+            if self.stats is not None:
+                self.stats.reloads["failed"] += 1
             return False
+        old = self.engine
+        for k, v in (("exact", old.cache_hits), ("template", old.template_hits), ("misses", old.cache_misses)):
+            self._cache_base[k] += v
         self.engine = Engine(rules)
+        if self.stats is not None:
+            self.stats.reloads["ok"] += 1
         self.forget_catalogs()  # a reload is also how a DBA makes pgwarden see new tables (new sessions)
         self._rules_mtime = self._rules_stamp()
         self.audit.emit("rules_reloaded", None, path=path, roles=len(rules.roles), tables=len(rules.tables))
@@ -129,6 +190,19 @@ class Server:
                 self._rules_mtime = m
                 self.reload_rules()
 
+    async def watch_tls(self, interval: float = 2.0) -> None:
+        """Reload the certificate when its files change (a renewal by cert-manager or certbot)."""
+        tls = self.config.tls
+        if tls is None:
+            return
+        seen = (_mtime(tls.cert), _mtime(tls.key))
+        while True:
+            await asyncio.sleep(interval)
+            now = (_mtime(tls.cert), _mtime(tls.key))
+            if now != seen:
+                seen = now
+                self.reload_tls()
+
     async def catalog_for(self, database: str) -> Any:
         """The catalog snapshot of one database, read once with the service login and shared."""
         cat = self._catalogs.get(database)
@@ -146,14 +220,45 @@ class Server:
         """Read catalogs afresh on next use (after DDL upstream, or a reload)."""
         self._catalogs.clear()
 
+    def reload_tls(self) -> bool:
+        """Read the certificate and key again; new TLS handshakes use them, open ones keep theirs.
+
+        A broken pair (a half-copied renewal) is refused and the old context stays.
+        """
+        tls = self.config.tls
+        if tls is None:
+            return False
+        try:
+            ctx = make_ssl_context(tls.cert, tls.key, tls.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            self.audit.emit("tls_reload_failed", None, cert=tls.cert, error=str(exc))
+            print(f"pgwarden: TLS certificate NOT reloaded, the old one stays: {exc}", file=sys.stderr, flush=True)
+            if self.stats is not None:
+                self.stats.tls_reloads["failed"] += 1
+            return False
+        self.ssl_context = ctx
+        self.audit.emit("tls_reloaded", None, cert=tls.cert)
+        if self.stats is not None:
+            self.stats.tls_reloads["ok"] += 1
+        return True
+
+    def reload(self) -> None:
+        """SIGHUP: rules and TLS material."""
+        self.reload_rules()
+        self.reload_tls()
+
     def admit(self, session: ClientSession) -> bool:
+        if self.stats is not None:
+            self.stats.accepted += 1
         if len(self.sessions) >= self.config.max_connections:
             return False
         self.sessions.add(session)
+        self.connected_at[session] = time.time()
         return True
 
     def release(self, session: ClientSession) -> None:
         self.sessions.discard(session)
+        self.connected_at.pop(session, None)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a background task whose failure must not take the server down."""
@@ -161,27 +266,114 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def cancel(self, pid: int, secret: bytes) -> None:
-        """Route a client's CancelRequest to the upstream backend it belongs to."""
+    async def cancel(self, pid: int, secret: bytes, *, from_peer: bool = False) -> None:
+        """Route a client's CancelRequest to the upstream backend it belongs to.
+
+        With several workers the kernel hands a cancel connection to any of them: a key this
+        worker did not issue is passed to the other workers, and only the one that issued it acts.
+        """
         for (kpid, ksecret), session in list(self.cancel_keys.items()):
             if kpid == pid and hmac.compare_digest(ksecret, secret):
                 if session.up_pid:
                     self.audit.emit("cancel", session.principal)
+                    if self.stats is not None:
+                        self.stats.cancels += 1
                     await upstream.send_cancel(self.config.upstream, session.up_pid, session.up_secret)
                 return
+        if not from_peer and self.peers and len(secret) == 4:
+            self.audit.emit("cancel_forwarded", None, pid=pid, workers=len(self.peers))
+            packet = pid.to_bytes(4, "big") + secret
+            await asyncio.gather(*(self._tell_peer(p, packet) for p in self.peers))
         # Like PostgreSQL, an unknown key is ignored silently.
 
-    async def close(self) -> None:
+    @staticmethod
+    async def _tell_peer(path: str, packet: bytes) -> None:
+        try:
+            async with asyncio.timeout(2):
+                _, writer = await asyncio.open_unix_connection(path)
+                writer.write(packet)
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except (OSError, TimeoutError):
+            pass  # a worker being restarted: its sessions are gone with it anyway
+
+    async def _on_peer_cancel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(2):
+                packet = await reader.readexactly(8)
+            await self.cancel(int.from_bytes(packet[:4], "big"), packet[4:], from_peer=True)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
-        for s in list(self.sessions):
+        self.draining = True
+
+    async def drain(self, grace: float | None = None) -> None:
+        """SIGTERM: stop accepting, let running statements finish within ``grace`` seconds, then
+        close every session with 57P01 as PostgreSQL does; idle sessions are closed at once.
+
+        A session whose statement is still running stops reading its client, so no new statement
+        starts; it is closed as soon as the server has answered everything it was sent.
+        """
+        grace = self.config.shutdown_grace if grace is None else grace
+        self.stop_accepting()
+        self.audit.emit("shutdown", None, sessions=len(self.sessions), grace_s=grace)
+        deadline = time.monotonic() + grace
+        while True:
+            for s in list(self.sessions):
+                if s in self._closing:
+                    continue
+                if not s.relaying or not s.busy():
+                    # Until the drain ends the socket stays half-open, so a client that is slow to
+                    # send its next statement still reads the 57P01 instead of a reset.
+                    self.spawn(self._close_session(s, max(0.1, deadline - time.monotonic())))
+                else:
+                    s.pause_client_reading()
+            if not (self.sessions - self._closing) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        await self.close()
+
+    async def _close_session(self, s: ClientSession, linger: float) -> None:
+        if s in self._closing:
+            return
+        self._closing.add(s)
+        try:
+            await s.shutdown(linger)
+        finally:
+            self._closing.discard(s)
+
+    async def close(self, linger: float = 2.0) -> None:
+        """Stop now: running statements are cancelled upstream, every client hears 57P01.
+
+        ``linger``: how long a closed client may still send before its socket is dropped.
+        """
+        self.stop_accepting()
+        running = [(s.up_pid, s.up_secret) for s in self.sessions if s.relaying and s.busy() and s.up_pid]
+        await asyncio.gather(*(self._close_session(s, linger) for s in list(self.sessions)), return_exceptions=True)
+        if running:  # after the clients heard 57P01: the statements' cancellations are nobody's business
             with contextlib.suppress(Exception):
-                await s.shutdown()
+                await asyncio.wait_for(asyncio.gather(
+                    *(upstream.send_cancel(self.config.upstream, pid, secret) for pid, secret in running),
+                    return_exceptions=True), 3)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
+        if self._cancel_server is not None:
+            self._cancel_server.close()
+        if self.http is not None:
+            await self.http.close()
         for t in list(self._tasks):
             t.cancel()
+        # Sessions closed above write their last events (disconnects) on their way out: wait for them.
+        deadline = time.monotonic() + linger + 0.5
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         if self.guards.store is not None:
             with contextlib.suppress(Exception):
                 await self.guards.store.close()

@@ -19,6 +19,7 @@ server's error is then replaced by pgwarden's own.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import secrets
 import time
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from rules.decision import Decision, refuse
 from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
 
-from . import auth, upstream
+from . import admin_console, auth, upstream
 from .guards import declared_cursor, decode_param, device_refusal, fetch_rows
 from .audit import principal_fields
 from .identity import Principal
@@ -214,6 +215,7 @@ class ClientSession(asyncio.Protocol):
         self.relaying = False
         self.closed = False
         self._over_limit = False
+        self.client_cert: str | None = None  # SHA-256 of a verified client certificate, if one was shown
         # login
         self._rx = bytearray()
         self._waiter: asyncio.Future[None] | None = None
@@ -355,6 +357,7 @@ class ClientSession(asyncio.Protocol):
     async def _login(self) -> None:
         started = time.monotonic()
         user = ""
+        console = False
         try:
             async with asyncio.timeout(LOGIN_TIMEOUT):
                 startup = await self._negotiate()
@@ -368,7 +371,14 @@ class ClientSession(asyncio.Protocol):
                     self.principal, self.server.engine.restricted(self.principal))
                 if blocked is not None:
                     raise LoginError(SqlState.INVALID_AUTHORIZATION, blocked)
-                await self._connect_upstream(startup)
+                console = self.principal.database == admin_console.DATABASE
+                if console:  # pgwarden answers itself; nothing reaches the database server
+                    if not admin_console.may_use(self.server, self.principal):
+                        raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE,
+                                         f"pgwarden: {self.principal.user} may not use the pgwarden console")
+                    self._send(admin_console.greeting())
+                else:
+                    await self._connect_upstream(startup)
         except LoginError as exc:
             self._login_failed(user, exc.sqlstate, exc.message, exc.raw)
             return
@@ -391,9 +401,13 @@ class ClientSession(asyncio.Protocol):
             self._login_failed(user, SqlState.PROTOCOL_VIOLATION, f"pgwarden: connection failed during login: {exc}",
                                None)
             return
+        if self.server.stats is not None:
+            self.server.stats.login(None)
         self.server.audit.emit("login", self.principal, auth_method=self.principal.auth_method,
                                tls=self.tls, database=self.principal.database,
                                login_ms=round((time.monotonic() - started) * 1000, 3))
+        if console:
+            await admin_console.run(self)
 
     async def _negotiate(self) -> StartupMessage | None:
         """SSL/GSS negotiation, cancel requests, then the StartupMessage."""
@@ -416,6 +430,8 @@ class ClientSession(asyncio.Protocol):
                     raise ConnectionResetError("TLS handshake failed")
                 self.transport = new  # type: ignore[assignment]
                 self.tls = True
+                der = new.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                self.client_cert = hashlib.sha256(der).hexdigest() if der else None
                 continue
             if isinstance(pkt, GSSENCRequest):
                 self._send(b"N")
@@ -490,6 +506,9 @@ class ClientSession(asyncio.Protocol):
 
     def _device_refusal(self, p: Principal) -> str | None:
         entry = self.server.config.users.get(p.user)
+        if entry is not None and entry.certificates and self.client_cert not in entry.certificates:
+            return (f"pgwarden: user {p.user} must also present their client certificate (TLS), "
+                    + ("and this one is not theirs" if self.client_cert else "and presented none"))
         rules = self.server.engine.rules
         role = None
         if rules is not None:
@@ -527,6 +546,8 @@ class ClientSession(asyncio.Protocol):
             transport, proto, login = await upstream.connect(self.server.config.upstream, params,
                                                             self.server.config.max_message_size)
         except upstream.UpstreamError as exc:
+            if self.server.stats is not None:
+                self.server.stats.upstream_errors["connect"] += 1
             raise LoginError(exc.sqlstate, str(exc), exc.error) from exc
         if self.closed:
             transport.close()
@@ -568,6 +589,8 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self._close_upstream()
+        if self.server.stats is not None:
+            self.server.stats.login(sqlstate)
         self.server.audit.emit("login_failed", None, user=user, client_addr=self.client_addr,
                                sqlstate=sqlstate, error=message, tls=self.tls)
 
@@ -1149,6 +1172,8 @@ class ClientSession(asyncio.Protocol):
             guards.after(self.principal, outcome == "refused", (d.reason or d.message) if d is not None else "",
                          lambda ev, f: self.server.audit.emit(ev, self.principal, **f))
         self.server.audit.emit_with("statement", self._audit_base, fields)
+        if self.server.stats is not None:  # metrics: counted where the event is written
+            self.server.stats.statement(outcome, d, dur / 1000.0, err.sqlstate if err is not None else None)
         return slip
 
     # --- endings ------------------------------------------------------------------------------
@@ -1174,6 +1199,8 @@ class ClientSession(asyncio.Protocol):
     def on_upstream_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
+        if self.server.stats is not None:
+            self.server.stats.upstream_errors["lost"] += 1
         if not self._upstream_fatal:
             self._send(codec.error_response(
                 SqlState.CONNECTION_FAILURE,
@@ -1192,6 +1219,8 @@ class ClientSession(asyncio.Protocol):
                     self.server.audit.emit("statement", self.principal, statement_type=statement_type(text),
                                            statement=text, outcome=outcome, sqlstate=sqlstate, rows=None,
                                            duration_ms=round((time.perf_counter() - r.start) * 1000.0, 3))
+                    if self.server.stats is not None:
+                        self.server.stats.statement(outcome, r.decision, time.perf_counter() - r.start, sqlstate)
 
     def _teardown(self, client_gone: bool) -> None:
         busy = bool(self._expect)
@@ -1208,8 +1237,36 @@ class ClientSession(asyncio.Protocol):
         if self.principal is not None and self.relaying:
             self.server.audit.emit("disconnect", self.principal, statements=self.statements)
 
-    async def shutdown(self) -> None:
-        """Server is stopping: tell the client, as PostgreSQL does on a fast shutdown."""
+    def busy(self) -> bool:
+        """Is the server still to answer something this client sent (a statement running)?"""
+        return bool(self._expect)
+
+    async def shutdown(self, linger: float = 1.0) -> None:
+        """Server is stopping: tell the client, as PostgreSQL does on a fast shutdown.
+
+        Closing a socket with unread client bytes makes the kernel send a reset, which can
+        destroy the 57P01 before the client reads it: so end our side (FIN), read and drop
+        whatever the client still sends, and close once it has gone (at most ``linger`` s).
+        """
+        t = self.transport
         self._send(codec.error_response(SqlState.ADMIN_SHUTDOWN,
                                         "terminating connection due to administrator command", severity="FATAL"))
+        if t is None or t.is_closing() or self.closed:
+            return
+        self._on_client_data = self._discard  # type: ignore[method-assign]  # nothing more is relayed
+        gone = self.loop.create_future()
+        self._waiter = gone  # connection_lost sets it
+        if t.can_write_eof():
+            t.write_eof()
+        else:
+            linger = min(linger, 0.1)  # TLS: no half-close; a moment to read what is in flight
+        t.resume_reading()
+        self._client_paused = False
+        try:
+            await asyncio.wait_for(gone, linger)
+        except TimeoutError:
+            pass
         self._close_client()
+
+    def _discard(self, data: bytes) -> None:
+        pass

@@ -50,7 +50,6 @@ def _migrations(schema: str) -> list[tuple[int, str, str]]:
     s = schema
     return [
         (1, "guards", f"""
-CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE {s}.refusal_streaks (
     user_name     text PRIMARY KEY,
     streak        integer NOT NULL,
@@ -159,6 +158,7 @@ class StateStore:
         self._closing = False
         #: user -> locked until (UTC), as last pushed or loaded; the lockout check reads only this.
         self.lockouts: dict[str, datetime] = {}
+        self.lock_reasons: dict[str, str] = {}
         #: users whose refusal streak is not zero (so an allowed statement knows to reset it).
         self.streaking: set[str] = set()
         self.healthy = False
@@ -247,8 +247,10 @@ class StateStore:
         """Everything pushed by NOTIFY, read afresh (after a reconnect some may have been missed)."""
         assert self._pool is not None
         s = self.schema
-        rows = await self._pool.fetch(f"SELECT user_name, locked_until FROM {s}.lockouts WHERE locked_until > now()")
+        rows = await self._pool.fetch(
+            f"SELECT user_name, locked_until, reason FROM {s}.lockouts WHERE locked_until > now()")
         self.lockouts = {r["user_name"]: r["locked_until"] for r in rows}
+        self.lock_reasons = {r["user_name"]: r["reason"] for r in rows}
         rows = await self._pool.fetch(f"SELECT user_name FROM {s}.refusal_streaks WHERE streak > 0")
         self.streaking = {r["user_name"] for r in rows}
 
@@ -261,6 +263,7 @@ class StateStore:
             return
         if kind == "lock":
             self.lockouts[user] = datetime.fromtimestamp(float(msg["until"]), timezone.utc)
+            self.lock_reasons[user] = str(msg.get("reason", ""))
             self.streaking.discard(user)
         elif kind == "unlock":
             self.lockouts.pop(user, None)
@@ -277,6 +280,11 @@ class StateStore:
         return self._pool
 
     # --- lockouts (R3.5) -------------------------------------------------------------------
+
+    def current_lockouts(self) -> dict[str, tuple[float, str]]:
+        """user -> (locked until, as a POSIX time; why), for the admin console."""
+        now = datetime.now(timezone.utc)
+        return {u: (t.timestamp(), self.lock_reasons.get(u, "")) for u, t in self.lockouts.items() if t > now}
 
     def locked_until(self, user: str, now: datetime | None = None) -> datetime | None:
         until = self.lockouts.get(user)
@@ -304,7 +312,7 @@ WITH bump AS (
     RETURNING l.locked_until
 ), note AS (
     SELECT pg_notify($5, CASE WHEN (SELECT count(*) FROM lock) > 0
-        THEN json_build_object('kind', 'lock', 'user', $1::text,
+        THEN json_build_object('kind', 'lock', 'user', $1::text, 'reason', $4::text,
                                'until', extract(epoch FROM (SELECT locked_until FROM lock)))::text
         ELSE json_build_object('kind', 'streak', 'user', $1::text, 'streak', (SELECT streak FROM bump))::text END)
 )
@@ -313,6 +321,7 @@ SELECT (SELECT streak FROM bump) AS streak, (SELECT locked_until FROM lock) AS u
         if row["until"] is not None:
             await pool.execute(f"UPDATE {s}.refusal_streaks SET streak = 0 WHERE user_name = $1", user)
             self.lockouts[user] = row["until"]
+            self.lock_reasons[user] = reason
             self.streaking.discard(user)
         else:
             self.streaking.add(user)
@@ -404,7 +413,9 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str) -> list[int]:
     lock_key = f"pgwarden-migrate:{schema}"
     await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key)
     try:
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        # A DBA may have made the schema for us (deploy/sql/state_role.sql): then no CREATE is needed.
+        if not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", schema):
+            await conn.execute(f"CREATE SCHEMA {schema}")
         await conn.execute(f"""CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
             version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
         done = {r["version"] for r in await conn.fetch(f"SELECT version FROM {schema}.schema_migrations")}

@@ -35,6 +35,10 @@ class Engine:
         self._pinned: dict[int, Any] = {}
         self._templates = TemplateCache()
         self._sensitive: dict[str, Any] = {}
+        # Read by /metrics: decisions from the exact-text cache, from a verified template, and full analyses.
+        self.cache_hits = 0
+        self.template_hits = 0
+        self.cache_misses = 0
         if rules is not None:
             from .redact import sensitive_columns
 
@@ -95,10 +99,13 @@ class Engine:
         key = (sql, id(grants), id(catalog), sp)
         hit = self._decisions.get(key)
         if hit is not None:
+            self.cache_hits += 1
             return hit
         self._pinned[id(catalog)] = catalog  # keeps the id from being reused while cached
+        analyses = self.cache_misses
 
         def full(text: str) -> Decision:
+            self.cache_misses += 1
             try:
                 d = rewrite(text, grants, catalog, search_path)
             except Exception as exc:  # noqa: BLE001 - fail closed (R6.4), never pass what was not analysed
@@ -111,6 +118,8 @@ class Engine:
             d = self._redacted(sql, full(sql))  # literals to redact: decided on their own
         else:
             d = self._templates.decide(sql, (id(grants), id(catalog), sp), full)
+            if self.cache_misses == analyses:
+                self.template_hits += 1
         if grants.guest_lookups and d.action == "rewrite":
             d = self._with_lookups(sql, d, grants, catalog, search_path)
         if len(self._decisions) >= DECISION_CACHE:

@@ -456,6 +456,32 @@ def error_response(
     return message(B.NOTICE_RESPONSE if notice else B.ERROR_RESPONSE, b"".join(fields) + b"\x00")
 
 
+def row_description(names: list[str], type_oid: int = 25) -> bytes:
+    """Text columns (type text by default), as pgwarden's own answers (the admin console) use."""
+    fields = b"".join(_cstr(n) + _I32.pack(0) + _I16.pack(0) + _I32.pack(type_oid) + _I16.pack(-1)
+                      + _I32.pack(-1) + _I16.pack(0) for n in names)
+    return message(B.ROW_DESCRIPTION, _I16.pack(len(names)) + fields)
+
+
+def data_row(values: list[str | None]) -> bytes:
+    parts = [_I16.pack(len(values))]
+    for v in values:
+        if v is None:
+            parts.append(_I32.pack(-1))
+        else:
+            b = v.encode("utf-8")
+            parts.append(_I32.pack(len(b)) + b)
+    return message(B.DATA_ROW, b"".join(parts))
+
+
+def command_complete(tag: str) -> bytes:
+    return message(B.COMMAND_COMPLETE, _cstr(tag))
+
+
+def empty_query_response() -> bytes:
+    return message(B.EMPTY_QUERY_RESPONSE)
+
+
 def encode_error_fields(fields: dict[str, str], *, notice: bool = False) -> bytes:
     body = b"".join(k.encode("ascii") + _cstr(v.replace("\x00", "")) for k, v in fields.items()) + b"\x00"
     return message(B.NOTICE_RESPONSE if notice else B.ERROR_RESPONSE, body)

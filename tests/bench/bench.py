@@ -77,11 +77,12 @@ sys.path.insert(0, str(ROOT))
 from proxy.auth import make_scram_verifier  # noqa: E402
 from proxy.pgcluster import PgCluster  # noqa: E402
 
-TARGETS = ("direct", "pgbouncer", "pgwarden", "rules")
+TARGETS = ("direct", "pgbouncer", "pgwarden", "metrics", "pgwarden-w2", "rules", "guards")
 MODES = ("simple", "extended", "prepared")
 #: Same-round ratios; rules/pgwarden is the cost of the access rules alone.
 RATIOS = (("pgbouncer", "direct"), ("pgwarden", "direct"), ("pgwarden", "pgbouncer"),
-          ("rules", "pgwarden"), ("rules", "direct"))
+          ("metrics", "pgwarden"), ("pgwarden-w2", "pgwarden"), ("rules", "pgwarden"), ("rules", "direct"),
+          ("guards", "rules"))
 BENCH_DB = "bench"
 BENCH_USER, BENCH_PASSWORD = "bench", "benchpw"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -136,6 +137,16 @@ def cpu_seconds(pid: int) -> float:
     rest = stat[stat.rindex(")") + 2:].split()
     utime, stime = int(rest[11]), int(rest[12])  # fields 14 and 15 of proc(5)
     return (utime + stime) / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and of its live descendants (``--workers``: the supervisor and its workers)."""
+    total = cpu_seconds(pid)
+    with contextlib.suppress(OSError):
+        for kid in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += tree_cpu_seconds(int(kid))
+    return total
 
 
 def children_cpu_seconds() -> float:
@@ -287,6 +298,7 @@ class Target:
     stderr_path: Path | None = None
     audit_path: Path | None = None
     config_path: Path | None = None  # pgwarden targets: for `pgwarden explain`
+    metrics_port: int | None = None  # target `metrics`: scraped during its runs
 
 
 def setup_database(cluster: PgCluster, scale: int) -> None:
@@ -369,7 +381,7 @@ def pgwarden_exe() -> Path:
     return exe
 
 
-def write_bench_rules(path: Path, scale: int) -> None:
+def write_bench_rules(path: Path, scale: int, *, guards: bool = False) -> None:
     """Rules that cost what real rules cost (parse, check, rewrite with a row filter) but keep every row.
 
     pgbench -S reads pgbench_accounts; pgbench itself also counts pgbench_branches at start,
@@ -387,11 +399,17 @@ def write_bench_rules(path: Path, scale: int) -> None:
             "public.pgbench_history": {},
         }}},
     }
+    if guards:
+        # Target `guards`: every pgbench -S statement (WHERE aid = $1) is a lookup of one "guest",
+        # counted in the state store: the guards' round trip on every statement, the worst case.
+        rules["tables"]["public.pgbench_accounts"] = {"subject_key": "aid"}
+        rules["roles"]["bench"]["guest_lookups"] = 1_000_000_000
     path.write_text(json.dumps(rules, indent=2))  # JSON is YAML
 
 
 def start_pgwarden(cluster: PgCluster, workdir: Path, name: str = "pgwarden",
-                   rules_path: Path | None = None) -> Target:
+                   rules_path: Path | None = None, *, metrics: bool = False, workers: int = 1,
+                   state: dict[str, Any] | None = None) -> Target:
     """The console script in its own process: we measure its CPU, not ours.
 
     ``rules_path`` set: the ``rules`` target, a second, separate pgwarden, so both can be
@@ -411,14 +429,18 @@ def start_pgwarden(cluster: PgCluster, workdir: Path, name: str = "pgwarden",
     }
     if rules_path is not None:
         cfg["rules"] = str(rules_path.resolve())
-        cfg["state"] = "off"  # the bench rules have no lookup quotas; lockouts are not what is measured
+        cfg["state"] = state or "off"  # `rules` measures the rules alone; `guards` adds the state store
+    if metrics:  # target `metrics`: counters on and the HTTP listener up (scraped once a second below)
+        cfg["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
     cfg_path = d / "pgwarden.yaml"
     cfg_path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
     stdout_path, stderr_path = d / "stdout.log", d / "stderr.log"
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-        proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg_path)], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg_path), "--workers", str(workers)],
+                                stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, cwd=str(d), env=clean_env())
-    target = Target(name, port, BENCH_USER, BENCH_PASSWORD, proc, stderr_path, audit, cfg_path)
+    target = Target(name, port, BENCH_USER, BENCH_PASSWORD, proc, stderr_path, audit, cfg_path,
+                    int(cfg["metrics"]["listen"].rsplit(":", 1)[1]) if metrics else None)
     try:
         deadline = time.monotonic() + 60
         while b"listening" not in stdout_path.read_bytes():
@@ -542,8 +564,9 @@ def pgbench_run(target: Target, mode: str, args: argparse.Namespace, rnd: int, s
     if target.proc is not None and target.proc.poll() is not None:
         res.error = f"{target.name} is not running (exit code {target.proc.returncode})"
         return res
-    audit_before = count_lines(target.audit_path)
-    cpu0 = cpu_seconds(target.proc.pid) if target.proc is not None else None
+    audit_before = count_audit(target.audit_path)
+    cpu0 = tree_cpu_seconds(target.proc.pid) if target.proc is not None else None
+    scraper = Scraper(target.metrics_port) if target.metrics_port else None
     child0 = children_cpu_seconds()
     host0 = host_cpu()
     t0 = time.monotonic()
@@ -561,6 +584,8 @@ def pgbench_run(target: Target, mode: str, args: argparse.Namespace, rnd: int, s
             proc.wait(timeout=10)
         raise
     res.wall_s = time.monotonic() - t0
+    if scraper is not None:
+        scraper.stop()
     host1 = host_cpu()
     if host1[1] > host0[1]:
         res.host_busy_pct = 100.0 * (host1[0] - host0[0]) / (host1[1] - host0[1])
@@ -568,7 +593,7 @@ def pgbench_run(target: Target, mode: str, args: argparse.Namespace, rnd: int, s
     pgbench_cpu = children_cpu_seconds() - child0
     if target.proc is not None:
         try:
-            res.proxy_cpu_s = cpu_seconds(target.proc.pid) - (cpu0 or 0.0)
+            res.proxy_cpu_s = tree_cpu_seconds(target.proc.pid) - (cpu0 or 0.0)
         except OSError:
             res.error = (res.error or "") + f" {target.name} process died during the run"
     for key, rx in _RE.items():
@@ -580,7 +605,7 @@ def pgbench_run(target: Target, mode: str, args: argparse.Namespace, rnd: int, s
             res.proxy_cpu_us_per_txn = res.proxy_cpu_s / res.transactions * 1e6
         res.pgbench_cpu_us_per_txn = pgbench_cpu / res.transactions * 1e6
         if target.audit_path is not None:
-            res.audit_lines_per_txn = (count_lines(target.audit_path) - audit_before) / res.transactions
+            res.audit_lines_per_txn = (count_audit(target.audit_path) - audit_before) / res.transactions
     if res.error is None:
         if proc.returncode != 0:
             res.error = f"pgbench exited with code {proc.returncode}"
@@ -602,12 +627,49 @@ def count_lines(path: Path | None) -> int:
     return n
 
 
+def audit_files(path: Path | None) -> list[Path]:
+    """The audit file, or with --workers each worker's (audit-w1.jsonl, ...)."""
+    if path is None:
+        return []
+    return [path, *sorted(path.parent.glob(f"{path.stem}-w*{path.suffix}"))]
+
+
+def count_audit(path: Path | None) -> int:
+    return sum(count_lines(p) for p in audit_files(path))
+
+
 def trim_audit(target: Target) -> None:
     """Keep the audit file small between runs (pgwarden appends with O_APPEND, so truncation is safe)."""
-    if target.audit_path is not None:
+    for p in audit_files(target.audit_path):
         with contextlib.suppress(OSError):
-            if target.audit_path.stat().st_size > 64 << 20:
-                os.truncate(target.audit_path, 0)
+            if p.stat().st_size > 64 << 20:
+                os.truncate(p, 0)
+
+
+class Scraper:
+    """GET /metrics once a second during a run, as Prometheus would: the scrape's cost is measured too."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.port = port
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.wait(1.0):
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+                r.read()
+                self.scrapes += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 # --------------------------------------------------------------------------
@@ -731,7 +793,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="pgbench -j (default 2, capped at --clients)")
     ap.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of simple,extended,prepared")
-    ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,pgbouncer,pgwarden,rules")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + ",".join(TARGETS))
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured seconds per target before round 1 (0: none)")
     ap.add_argument("--json", type=Path, help="write machine, settings, every run and the summary here")
     args = ap.parse_args(argv)
@@ -778,10 +840,20 @@ def main(argv: list[str] | None = None) -> int:
                 targets[name] = Target("direct", cluster.port, cluster.service_user, cluster.service_password)
             elif name == "pgbouncer":
                 targets[name] = start_pgbouncer(cluster, workdir)
+            elif name == "metrics":
+                targets[name] = start_pgwarden(cluster, workdir, "metrics", metrics=True)
+            elif name == "pgwarden-w2":
+                targets[name] = start_pgwarden(cluster, workdir, "pgwarden-w2", workers=2)
             elif name == "rules":
                 rules_path = workdir / "bench-rules.yaml"
                 write_bench_rules(rules_path, args.scale)
                 targets[name] = start_pgwarden(cluster, workdir, "rules", rules_path)
+            elif name == "guards":
+                guards_path = workdir / "bench-guards.yaml"
+                write_bench_rules(guards_path, args.scale, guards=True)
+                targets[name] = start_pgwarden(cluster, workdir, "guards", guards_path, state={
+                    "host": "127.0.0.1", "port": cluster.port, "database": cluster.database,
+                    "user": cluster.state_user, "password": cluster.state_password, "sslmode": "disable"})
             else:
                 targets[name] = start_pgwarden(cluster, workdir)
             log(f"{name}: 127.0.0.1:{targets[name].port}"

@@ -39,3 +39,32 @@ def make_self_signed(directory: str) -> tuple[str, str]:
                                   serialization.NoEncryption()))
     os.chmod(key_path, 0o600)
     return cert_path, key_path
+
+
+def make_client_cert(directory: str, ca_cert: str, ca_key: str, cn: str) -> tuple[str, str, str]:
+    """A client certificate for ``cn`` signed by the given CA; (cert path, key path, SHA-256 hex)."""
+    with open(ca_cert, "rb") as f:
+        ca = x509.load_pem_x509_certificate(f.read())
+    with open(ca_key, "rb") as f:
+        signer = serialization.load_pem_private_key(f.read(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert_path = os.path.join(directory, f"{cn}.crt")
+    key_path = os.path.join(directory, f"{cn}.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    return cert_path, key_path, cert.fingerprint(hashes.SHA256()).hex()

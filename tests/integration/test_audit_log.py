@@ -82,7 +82,7 @@ def _serve_config(cluster: PgCluster, tmp_path: Path, audit: str) -> Path:
         f"listen: {{host: 127.0.0.1, port: 0}}\n"
         f"upstream: {{host: {cluster.host}, port: {cluster.port}, user: {cluster.service_user}, "
         f"password: '{cluster.service_password}', sslmode: disable}}\n"
-        f"audit: {{path: '{audit}', replica: serve-test}}\n"
+        f"audit: {{path: '{audit}', replica: serve-test}}\nshutdown_grace: 1\n"
         f"rules: {HOTEL}\nstate: off\nusers:\n{users}", encoding="utf-8")
     return cfg
 

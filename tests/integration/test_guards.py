@@ -115,6 +115,11 @@ def test_three_refusals_lock_out_on_every_replica_until_security_unlocks(
     with psycopg.connect(a.dsn("frank"), autocommit=True) as sec:
         assert sec.execute("SELECT 1").fetchall() == [(1,)]
     assert [e["user"] for e in a.take_events("lockout")] == ["gina"]
+    # Security sees it in the admin console of either replica (simple protocol, like pgbouncer's).
+    with psycopg.connect(b.dsn("frank", database="pgwarden"), autocommit=True) as console:
+        cur = console.execute("SHOW LOCKOUTS", prepare=False)
+        rows = cur.fetchall()
+    assert [(r[0], r[2]) for r in rows] == [("gina", "pgwarden: role sales may not read table public.guests")]
     (row,) = direct(cluster, f"SELECT user_name, locked_until > now() + interval '29 minutes' FROM {schema}.lockouts")
     assert row == ("gina", True)
 
@@ -441,3 +446,31 @@ def test_cursor_fetches_are_counted(budget_pair: tuple[Proxy, Proxy], cluster: P
             c.execute("FETCH 6 FROM cur2")
         assert ei.value.sqlstate == "42501" and "5 rows left" in str(ei.value)
         c.rollback()
+
+
+def test_a_client_certificate_as_second_factor(cluster: PgCluster, tmp_path: Path) -> None:
+    from proxy.auth import make_scram_verifier
+    from tests.integration.fix_tls import make_client_cert, make_self_signed
+
+    cert, key = make_self_signed(str(tmp_path))
+    mine, mine_key, mine_fp = make_client_cert(str(tmp_path), cert, key, "bob-laptop")
+    other, other_key, _ = make_client_cert(str(tmp_path), cert, key, "someone-else")
+    users = {"bob": {"role": "supervisor", "department": "FO", "password": make_scram_verifier("demo"),
+                     "certificates": [":".join(mine_fp[i:i + 2] for i in range(0, 64, 2)).upper()]},
+             "dave": {"role": "general_manager", "password": make_scram_verifier("demo")}}
+    p = start_proxy(cluster, str(tmp_path), tls={"cert": cert, "key": key, "client_ca": cert}, users=users)
+    try:
+        def connect(user: str, **ssl: str) -> list[tuple] | str:
+            extra = " ".join(f"{k}={v}" for k, v in ssl.items())
+            try:
+                with psycopg.connect(p.dsn(user, sslmode="require") + " " + extra, autocommit=True) as c:
+                    return c.execute("SELECT 1").fetchall()
+            except psycopg.Error as e:
+                return str(e)
+
+        assert connect("bob", sslcert=mine, sslkey=mine_key) == [(1,)]
+        assert "must also present their client certificate (TLS), and presented none" in str(connect("bob"))
+        assert "and this one is not theirs" in str(connect("bob", sslcert=other, sslkey=other_key))
+        assert connect("dave") == [(1,)]  # no certificate bound: the password alone
+    finally:
+        p.thread.stop()

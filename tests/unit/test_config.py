@@ -172,7 +172,7 @@ users:
 class TestErrorLines:
     def test_unknown_top_level_key(self) -> None:
         text = "# comment\n\nupstream:\n  host: h\nlisen: 1\n"
-        assert_error(text, 5, "unknown key 'lisen' (expected one of: audit, auth, limits, listen, rules, secret, state, tls, upstream, users)")
+        assert_error(text, 5, "unknown key 'lisen' (expected one of: admin_users, audit, auth, limits, listen, metrics, rules, secret, shutdown_grace, state, tls, upstream, users)")
 
     def test_unknown_upstream_key(self) -> None:
         text = "upstream:\n  host: h\n  # a comment\n  hots: x\n"
@@ -393,3 +393,16 @@ users:
     assert device_refusal(outside, nets, None) == ("pgwarden: user ann may connect only from designated devices "
                                                    "(192.168.7.0/24, 2001:db8::/32), not from 192.168.8.1")
     assert_error(text.replace("2001:db8::/32", "300.1.1.1/8"), 6, "300.1.1.1/8")
+
+
+def test_certificate_fingerprints_are_normalised_and_checked() -> None:
+    fp = "AB:" * 31 + "CD"
+    text = f"""upstream: {{host: db}}
+users:
+  ann:
+    role: r
+    password: "{SCRAM}"
+    certificates: ["{fp}", "sha256={'0' * 64}"]
+"""
+    assert parse(text).users["ann"].certificates == ("ab" * 31 + "cd", "0" * 64)
+    assert_error(text.replace(fp, "abc"), 6, "64 hex digits")
