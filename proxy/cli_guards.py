@@ -69,7 +69,7 @@ def _migrate(args: argparse.Namespace) -> int:
 def _unlock(args: argparse.Namespace) -> int:
     from rules.model import effective_role, load_rules
 
-    from .audit import AuditLog
+    from .audit import AuditLog, default_replica
     from .auth import check_cleartext
     from .identity import Principal
     from .statestore import connect, unlock_on
@@ -111,7 +111,7 @@ def _unlock(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - said plainly
         print(f"pgwarden: cannot reach the state store: {exc}", file=sys.stderr)
         return 1
-    audit = AuditLog(cfg.audit_path)
+    audit = AuditLog(cfg.audit_path, replica=default_replica() + ":unlock")  # a chain of its own
     try:
         audit.emit("unlock", actor, target=args.user, lifted=lifted)
     finally:

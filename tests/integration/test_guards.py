@@ -141,6 +141,7 @@ def test_three_refusals_lock_out_on_every_replica_until_security_unlocks(
     assert attempt(a, "gina", "SELECT 1") == [(1,)]
     events = [json.loads(line) for line in (tmp_path / "cli-audit.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["unlock", "audit_closed"]  # the chain ends with a clean stop
+    assert events[0]["replica"].endswith(":unlock")  # a chain of its own, apart from the proxy's
     unlocks = events[:1]
     assert [(e["event"], e["user"], e["target"], e["lifted"]) for e in unlocks] == [("unlock", "frank", "gina", True)]
 
