@@ -1,4 +1,4 @@
-"""The ``pgwarden`` command: serve, config show, passwd, check, explain, demo, migrate, unlock."""
+"""The ``pgwarden`` command: serve, config show, passwd, check, explain, demo, migrate, unlock, ticket."""
 
 from __future__ import annotations
 
@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     from .cli_guards import add_guard_commands
 
     add_guard_commands(sub)
+    from .cli_tickets import add_ticket_commands
+
+    add_ticket_commands(sub)
 
     from .audit_cli import add_commands
 

@@ -23,10 +23,8 @@ def add_guard_commands(sub: Any) -> None:
     m.set_defaults(fn=_migrate)
     u = sub.add_parser("unlock", help="lift a lockout (security only; audited)")
     u.add_argument("user", help="the person to unlock")
-    u.add_argument("--config", required=True)
-    u.add_argument("--as", dest="actor", default=os.environ.get("PGWARDEN_USER") or getpass.getuser(),
-                   help="who you are, a user of the config (default: $PGWARDEN_USER, then your login name)")
-    u.set_defaults(fn=_unlock)
+    add_actor_arguments(u)
+    u.set_defaults(fn=_unlock, command="unlock")
 
 
 def _state_config(args: argparse.Namespace) -> tuple[Config, Any] | int:
@@ -66,13 +64,12 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unlock(args: argparse.Namespace) -> int:
+def authenticate_actor(args: argparse.Namespace) -> tuple[Config, Any, Any, Any] | int:
+    """(config, state, rules, principal) of the person running the command, password checked; else an exit code."""
     from rules.model import effective_role, load_rules
 
-    from .audit import AuditLog, default_replica
     from .auth import check_cleartext
     from .identity import Principal
-    from .statestore import connect, unlock_on
 
     got = _state_config(args)
     if isinstance(got, int):
@@ -90,12 +87,36 @@ def _unlock(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)
         return 2
+    if rules is None:
+        print(f"pgwarden: {args.config} names no rules", file=sys.stderr)
+        return 2
     actor = Principal(user=entry.name, role=entry.role, department=entry.department,
-                      attributes=dict(entry.attributes), application="pgwarden unlock")
-    role, _ = effective_role(rules, actor) if rules is not None else (None, "")
-    allowed = rules.guards.unlock_roles if rules is not None else frozenset()
-    if role is None or role.name not in allowed:
-        print(f"pgwarden: role {entry.role} may not unlock users (the rules allow: "
+                      attributes=dict(entry.attributes), application=f"pgwarden {args.command}")
+    role, _ = effective_role(rules, actor)
+    if role is not None and role.name != actor.role:
+        actor = Principal(user=actor.user, role=role.name, department=actor.department,
+                          attributes=actor.attributes, application=actor.application)
+    return cfg, state, rules, actor
+
+
+def add_actor_arguments(p: Any) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--as", dest="actor", default=os.environ.get("PGWARDEN_USER") or getpass.getuser(),
+                   help="who you are, a user of the config (default: $PGWARDEN_USER, then your login name); "
+                        "the password comes from PGWARDEN_PASSWORD or a prompt")
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    from .audit import AuditLog, default_replica
+    from .statestore import connect, unlock_on
+
+    got = authenticate_actor(args)
+    if isinstance(got, int):
+        return got
+    cfg, state, rules, actor = got
+    allowed = rules.guards.unlock_roles
+    if actor.role not in allowed:
+        print(f"pgwarden: role {actor.role} may not unlock users (the rules allow: "
               f"{', '.join(sorted(allowed)) or 'nobody'})", file=sys.stderr)
         return 3
 

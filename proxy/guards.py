@@ -105,13 +105,15 @@ class Guards:
     def wants_lookup_check(self, decision: Decision | None) -> bool:
         return self.store is not None and decision is not None and bool(decision.lookups)
 
-    async def check(self, principal: Principal, grants: Any, guests: Sequence[str], want: int) -> Verdict:
+    async def check(self, principal: Principal, grants: Any, guests: Sequence[str], want: int,
+                    exempt: Sequence[str] = ()) -> Verdict:
         """Lookups and the row budget for one statement, asked at the same time (one round trip)."""
         role = getattr(grants, "role", "")
         budget = getattr(grants, "row_budget", None)
         jobs: list[Any] = []
         if guests:
-            jobs.append(self.check_lookups(principal, role, getattr(grants, "guest_lookups", None) or 0, guests))
+            jobs.append(self.check_lookups(principal, role, getattr(grants, "guest_lookups", None) or 0, guests,
+                                           exempt))
         if want and budget:
             jobs.append(self.check_budget(principal, role, want, budget))
         if not jobs:

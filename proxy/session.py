@@ -76,6 +76,12 @@ POISON_SQL = b"pgwarden refused this statement\x00"
 AUDIT_FAILING = ("pgwarden: the audit log cannot be written, so statements of restricted roles are refused "
                  "until it can; tell the pgwarden administrator")
 # SET application_name = 'x' would hide the person from the DBA (or name another one): keep the prefix.
+#: SET/RESET of pgwarden's own settings: answered by pgwarden, never forwarded with their value.
+_OWN_SET = re.compile(
+    r"\s*(?:(SET)\s+(?:SESSION\s+)?|(RESET)\s+)pgwarden\.(ticket|emergency)"
+    r"(?:\s*(?:=|\s+TO\s+|\s+TO$)\s*(?:'((?:[^']|'')*)'|(DEFAULT)))?\s*;?\s*", re.IGNORECASE)
+_SET_OR_RESET = re.compile(r"\s*(?:SET|RESET)\b", re.IGNORECASE)
+_MENTIONS_OWN = re.compile(r"pgwarden\.", re.IGNORECASE).search
 _SET_APPNAME = re.compile(
     r"\s*SET\s+(?:SESSION\s+|LOCAL\s+)?application_name\s*(?:=|\bTO\b)\s*"
     r"(?:'((?:[^']|'')*)'|(DEFAULT)\b|([A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*", re.IGNORECASE)  # a syntax error: the server aborts and skips to Sync
@@ -145,6 +151,16 @@ class _Suspend(Exception):
 
     def __init__(self, check: Any) -> None:
         self.check = check
+
+
+class _ScopeVerdict:
+    """The state store's answer to SET pgwarden.ticket / emergency: a scope, or why not."""
+
+    __slots__ = ("scope", "message")
+
+    def __init__(self, scope: Any, message: str) -> None:
+        self.scope = scope
+        self.message = message
 
 
 class LoginError(Exception):
@@ -253,6 +269,8 @@ class ClientSession(asyncio.Protocol):
         self._last_guard: dict[str, Any] | None = None  # counters for the next audit event
         self._last_reserved: Any = None  # the row budget reservation the last verdict made
         self._cursors: set[str] = set()  # cursors declared over protected tables (their FETCHes count)
+        self._scope: Any = None  # rules.tickets.Scope of the ticket or break-glass in use, if any
+        self._scope_source = ""  # the statement that activated it (re-run after a guard wait: not again)
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -371,6 +389,10 @@ class ClientSession(asyncio.Protocol):
                     self.principal, self.server.engine.restricted(self.principal))
                 if blocked is not None:
                     raise LoginError(SqlState.INVALID_AUTHORIZATION, blocked)
+                for name, value in self._own_settings.items():  # options=-c pgwarden.ticket=T-... (BI tools)
+                    why = await self._startup_scope(name.split(".", 1)[1], value)
+                    if why is not None:
+                        raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE, why)
                 console = self.principal.database == admin_console.DATABASE
                 if console:  # pgwarden answers itself; nothing reaches the database server
                     if not admin_console.may_use(self.server, self.principal):
@@ -729,7 +751,16 @@ class ClientSession(asyncio.Protocol):
                     parts[i] = part = pinned
                     rewritten = True
         for i, part in enumerate(parts):
-            d = self._decide(part)
+            mentions = _MENTIONS_OWN(part) is not None
+            own = _OWN_SET.fullmatch(part) if mentions else None
+            if own is not None or (mentions and _SET_OR_RESET.match(part) is not None):
+                d = self._own_setting(own, part)
+                if d.action == "allow":
+                    parts[i] = "RESET pgwarden.noop" if own is not None and own.group(2) else \
+                        "SET pgwarden.noop TO DEFAULT"
+                    rewritten = True
+            else:
+                d = self._decide(part)
             if d.action == "refuse":
                 # One refused statement refuses the whole Query (nothing of it runs).
                 err = codec.error_response(d.sqlstate, d.message)
@@ -770,6 +801,8 @@ class ClientSession(asyncio.Protocol):
     def _decide(self, text: str) -> Decision:
         engine = self.server.engine
         guards = self.server.guards
+        if self._scope is not None:
+            self._check_scope()
         if guards.store is not None and self.principal is not None:
             blocked = guards.block(self.principal, engine.restricted(self.principal))
             if blocked is not None:
@@ -815,7 +848,14 @@ class ClientSession(asyncio.Protocol):
             msg_sql = pinned.encode(self.encoding, "replace")
             rest = payload[len(msg.name) + 1 + len(msg.sql) + 1:]
             payload = msg.name + b"\x00" + msg_sql + b"\x00" + rest
-        d = self._decide(text)
+        mentions = _MENTIONS_OWN(text) is not None
+        own = _OWN_SET.fullmatch(text) if mentions else None
+        if own is not None or (mentions and _SET_OR_RESET.match(text) is not None):
+            d = self._own_setting(own, text)
+            if d.action == "allow" and own is not None:
+                d = Decision("rewrite", sql="RESET pgwarden.noop" if own.group(2) else "SET pgwarden.noop TO DEFAULT")
+        else:
+            d = self._decide(text)
         if d.action == "rewrite" and d.sql:
             rest = payload[len(msg.name) + 1 + len(msg.sql) + 1:] if pinned is None else rest
             payload = msg.name + b"\x00" + d.sql.encode(self.encoding, "replace") + b"\x00" + rest
@@ -838,6 +878,108 @@ class ClientSession(asyncio.Protocol):
         run.start = now
         self._expect.append(Expect(kind, [run], refusal=error))
         return codec.query_message(POISON_SQL[:-1])
+
+    # --- tickets and break-glass (R4) ---------------------------------------------------------
+
+    def _own_setting(self, m: re.Match[str] | None, text: str) -> Decision:
+        """SET pgwarden.ticket / pgwarden.emergency: checked with the state store, never forwarded."""
+        if m is None:
+            return refuse("pgwarden: write SET pgwarden.ticket = 'T-...', SET pgwarden.emergency = 'why', or "
+                          "RESET pgwarden.ticket")
+        if self.server.guards.store is None:
+            return refuse("pgwarden: tickets and break-glass need the guard state store, and none is configured")
+        name, value = m.group(3).lower(), m.group(4)
+        if m.group(2) or m.group(5) or value is None:  # RESET / TO DEFAULT: back to the role's own grants
+            self._set_scope(None, "")
+            return Decision("allow")
+        value = value.replace("''", "'")
+        if self._scope is not None and text == self._scope_source:
+            return Decision("allow")  # the same statement again, after a guard wait: already applied
+        verdict, self._verdict = self._verdict, None
+        if verdict is None:
+            raise _Suspend(self._scope_check(name, value))
+        if verdict.scope is None:
+            return refuse(verdict.message, reason="ticket refused")
+        self._set_scope(verdict.scope, text)
+        return Decision("allow")
+
+    async def _scope_check(self, name: str, value: str) -> Any:
+        from .ticketstore import TicketError
+
+        try:
+            return _ScopeVerdict(await self._open_scope(name, value), "")
+        except TicketError as exc:
+            return _ScopeVerdict(None, f"pgwarden: {exc}")
+        except Exception as exc:  # noqa: BLE001 - fail closed
+            return _ScopeVerdict(None, f"pgwarden: the ticket cannot be checked ({type(exc).__name__}); refused")
+
+    async def _open_scope(self, name: str, value: str) -> Any:
+        from rules.model import effective_role
+
+        from .ticketstore import TicketError, scope_of, start_emergency
+
+        store = self.server.guards.store
+        assert store is not None and self.principal is not None
+        if not store.healthy:
+            raise TicketError(f"the guard state store cannot be reached ({store.problem})")
+        pool = store._require()
+        if name == "ticket":
+            return await scope_of(pool, store.schema, value.strip(), self.principal.user)
+        rules = self.server.engine.rules
+        role, _ = effective_role(rules, self.principal) if rules is not None else (None, "")
+        if role is None or not role.emergency_tables:
+            raise TicketError(f"role {self.principal.role} has no break-glass scope in the rules")
+        return await start_emergency(pool, store.schema, self.principal.user, role.name, value, role.emergency_hours,
+                                     role.emergency_tables)
+
+    async def _startup_scope(self, name: str, value: str) -> str | None:
+        """A ticket given in the connection string (options=-c pgwarden.ticket=T-...)."""
+        from .ticketstore import TicketError
+
+        if self.server.guards.store is None:
+            return "pgwarden: tickets and break-glass need the guard state store, and none is configured"
+        try:
+            scope = await self._open_scope(name, value)
+        except TicketError as exc:
+            return f"pgwarden: {exc}"
+        self._set_scope(scope, f"startup {name}")
+        return None
+
+    def _set_scope(self, scope: Any, source: str) -> None:
+        """Use a ticket's (or break-glass) scope from the next statement on, or stop using one."""
+        import dataclasses
+
+        from rules.model import SCOPE_ATTRIBUTE
+
+        p = self.principal
+        assert p is not None
+        old = self._scope
+        self._scope, self._scope_source = scope, source
+        attrs = {k: v for k, v in p.attributes.items() if k != SCOPE_ATTRIBUTE}
+        if scope is not None:
+            attrs[SCOPE_ATTRIBUTE] = scope
+        self.principal = dataclasses.replace(p, attributes=attrs)
+        for key in ("ticket", "emergency"):
+            self._audit_base.pop(key, None)
+        if scope is not None:
+            self._audit_base["emergency" if scope.emergency else "ticket"] = scope.ticket
+            self.server.audit.emit("emergency_started" if scope.emergency else "ticket_used", p,
+                                   ticket=scope.ticket, expires_at=str(scope.expires_at), tables=list(scope.tables))
+        elif old is not None:
+            self.server.audit.emit("ticket_released", p, ticket=old.ticket)
+
+    def _check_scope(self) -> None:
+        """A ticket ends for the session when it expires or is closed (on any replica)."""
+        from datetime import datetime, timezone
+
+        scope = self._scope
+        store = self.server.guards.store
+        ended = scope.expires_at is not None and scope.expires_at <= datetime.now(timezone.utc)
+        if ended or (store is not None and scope.ticket in store.closed_tickets):
+            self._set_scope(None, "")
+
+    def _lookup_exempt(self) -> tuple[str, ...]:
+        return tuple(self._scope.guests) if self._scope is not None else ()
 
     # --- guards that wait for the state store (R3.4) ------------------------------------------
 
@@ -877,7 +1019,7 @@ class ClientSession(asyncio.Protocol):
                 return refuse("pgwarden: a guest lookup could not be read; refused", reason="unreadable lookup")
             assert self.principal is not None
             raise _Suspend(self.server.guards.check(self.principal, grants, [g for g in guests if g is not None],
-                                                    want))
+                                                    want, exempt=self._lookup_exempt()))
         self._last_guard = verdict.audit()
         self._last_reserved = verdict.reserved
         if verdict.allowed:

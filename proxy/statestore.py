@@ -133,6 +133,53 @@ BEGIN
 END
 $fn$;
 """),
+        (3, "tickets", f"""
+-- Apply -> approve (two people, never the requester) -> use -> close (R4). Scope is structured.
+CREATE SEQUENCE {s}.ticket_numbers;
+CREATE TABLE {s}.emergencies (
+    id          bigserial PRIMARY KEY,
+    user_name   text NOT NULL,
+    role        text NOT NULL,
+    reason      text NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL,
+    ticket      text
+);
+CREATE TABLE {s}.tickets (
+    id                    text PRIMARY KEY,
+    requester             text NOT NULL,
+    requester_role        text NOT NULL,
+    requester_department  text,
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    tables                text[] NOT NULL,
+    guests                text[] NOT NULL DEFAULT '{{}}',
+    departments           text[] NOT NULL DEFAULT '{{}}',
+    regions               text[] NOT NULL DEFAULT '{{}}',
+    time_from             timestamptz,
+    time_to               timestamptz,
+    legal                 boolean NOT NULL DEFAULT false,
+    cross_region          boolean NOT NULL DEFAULT false,
+    reason                text NOT NULL,
+    hours                 integer NOT NULL CHECK (hours > 0),
+    status                text NOT NULL DEFAULT 'pending'
+                          CHECK (status IN ('pending', 'approved', 'rejected', 'closed')),
+    approved_at           timestamptz,
+    expires_at            timestamptz,
+    closed_at             timestamptz,
+    closed_by             text,
+    summary               jsonb,
+    emergency             bigint REFERENCES {s}.emergencies
+);
+CREATE TABLE {s}.ticket_decisions (
+    ticket         text NOT NULL REFERENCES {s}.tickets ON DELETE CASCADE,
+    approver       text NOT NULL,
+    approver_role  text NOT NULL,
+    approve        boolean NOT NULL,
+    comment        text NOT NULL DEFAULT '',
+    at             timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (ticket, approver)
+);
+"""),
     ]
 
 
@@ -159,6 +206,8 @@ class StateStore:
         #: user -> locked until (UTC), as last pushed or loaded; the lockout check reads only this.
         self.lockouts: dict[str, datetime] = {}
         self.lock_reasons: dict[str, str] = {}
+        #: tickets closed since start (pushed): sessions using one stop at their next statement.
+        self.closed_tickets: set[str] = set()
         #: users whose refusal streak is not zero (so an allowed statement knows to reset it).
         self.streaking: set[str] = set()
         self.healthy = False
@@ -172,7 +221,10 @@ class StateStore:
         ssl: Any = {"disable": False, "prefer": "prefer", "require": "require"}.get(c.sslmode, "prefer")
         return {"host": c.host, "port": c.port, "user": c.user, "password": c.password, "database": c.database,
                 "ssl": ssl, "timeout": c.connect_timeout,
-                "server_settings": {"application_name": f"pgwarden-state/{self.replica}"}}
+                # A counter update waits for no disk flush: a crash of PostgreSQL itself may forget the
+                # last few hundred milliseconds of counts, which is far cheaper than an fsync per statement.
+                "server_settings": {"application_name": f"pgwarden-state/{self.replica}",
+                                    "synchronous_commit": "off"}}
 
     async def start(self, *, migrate: bool = True, wait: float | None = None) -> None:
         """Begin (re)connecting in the background; with ``wait``, wait that long for the first success."""
@@ -236,7 +288,9 @@ class StateStore:
             if migrate:
                 await apply_migrations(listener, self.schema)
             await listener.add_listener(channel(self.schema), self._on_notify)
-            pool = await asyncpg.create_pool(min_size=1, max_size=4, **kw)
+            # No reset on release: these connections never change session state, and asyncpg's
+            # default reset is one more round trip per counter update.
+            pool = await asyncpg.create_pool(min_size=2, max_size=4, reset=_no_reset, **kw)
         except BaseException:
             await listener.close()
             raise
@@ -265,6 +319,8 @@ class StateStore:
             self.lockouts[user] = datetime.fromtimestamp(float(msg["until"]), timezone.utc)
             self.lock_reasons[user] = str(msg.get("reason", ""))
             self.streaking.discard(user)
+        elif kind == "ticket_closed":
+            self.closed_tickets.add(str(msg.get("ticket", "")))
         elif kind == "unlock":
             self.lockouts.pop(user, None)
             self.streaking.discard(user)
@@ -383,6 +439,10 @@ SELECT pg_notify($2, json_build_object('kind', 'streak', 'user', $1::text, 'stre
         rows = await pool.fetch(f"SELECT guest, lookups, allowed FROM {self.schema}.take_lookups($1, $2, $3, $4, $5)",
                                 user, sorted(set(guests)), m, limit, list(exempt))
         return [(r["guest"], int(r["lookups"]), bool(r["allowed"])) for r in rows]
+
+
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    return None
 
 
 async def _unused(pool: asyncpg.Pool, schema: str, user: str, minute: datetime, unused: int) -> None:

@@ -57,9 +57,9 @@ class Engine:
                tuple(sorted((k, repr(v)) for k, v in principal.attributes.items())))
         hit = self._grants.get(key)
         if hit is None:
-            from .model import grants_for
+            from .model import grants_with_scope
 
-            hit = grants_for(self.rules, principal)
+            hit = grants_with_scope(self.rules, principal)
             if len(self._grants) > 10_000:
                 # Decisions are keyed by the id of a grants object: they go together.
                 self._grants.clear()

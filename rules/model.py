@@ -31,6 +31,10 @@ from proxy.config import ConfigError, _Located, load_yaml, parse_networks
 from proxy.identity import Principal
 
 from .grants import ColumnRule, StatementGrants, StatementKind, TableGrant, Treatment
+from .tickets import Scope, TicketPolicy, widen
+
+#: The principal attribute under which a session's active ticket (or break-glass) scope travels.
+SCOPE_ATTRIBUTE = "pgwarden.scope"
 
 DEFAULT_KINDS = frozenset({StatementKind.SELECT, StatementKind.SHOW, StatementKind.SET,
                            StatementKind.TRANSACTION, StatementKind.EXPLAIN})
@@ -72,6 +76,8 @@ class TableRules:
     department_column: str | None = None
     sensitive: Mapping[str, Any] = field(default_factory=dict)  # column -> mask as written (kind or mapping)
     line: str = ""
+    legal_hold_column: str | None = None  # rows under legal hold (R2.5): a ticket opens them only if legal
+    region_column: str | None = None  # for region-scoped (cross-region) tickets (R1.5)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,9 @@ class Role:
     networks: tuple[Any, ...] = ()
     #: Rows per person per rolling hour and day (R3.3): (hour, day), either may be None.
     row_budget: tuple[int | None, int | None] | None = None
+    #: Break-glass (R4.5): tables opened at once by SET pgwarden.emergency, and for how long.
+    emergency_tables: tuple[str, ...] = ()
+    emergency_hours: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,7 @@ class Rules:
     #: Every file the rules were read from (the main file and its includes): reload watches them all.
     sources: tuple[str, ...] = ()
     guards: Guards = field(default_factory=Guards)
+    tickets: TicketPolicy = field(default_factory=TicketPolicy)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -255,7 +265,7 @@ def _grant(table: str, v: Any, loc: _Located, path: tuple[Any, ...]) -> TableGra
 
 def parse_rules(data: Any, loc: _Located) -> Rules:
     d = _mapping(data, loc, (), "the rules file")
-    _keys(d, {"timezone", "shifts", "tables", "roles", "guards", "retention"}, loc, ())
+    _keys(d, {"timezone", "shifts", "tables", "roles", "guards", "tickets", "retention"}, loc, ())
     from .retention import parse_retention  # retention rules: checked with the rest (check, reload)
 
     parse_retention(d.get("retention"), loc, d.get("tables") or {})
@@ -275,10 +285,12 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
     tables = {}
     for name, v in _mapping(d.get("tables"), loc, ("tables",), "tables").items():
         t = _mapping(v, loc, ("tables", name), f"table {name}")
-        _keys(t, {"subject_key", "time_column", "department_column", "sensitive"}, loc, ("tables", name))
+        _keys(t, {"subject_key", "time_column", "department_column", "sensitive", "legal_hold_column",
+                  "region_column"}, loc, ("tables", name))
         tables[name] = TableRules(
             name=name, subject_key=t.get("subject_key"), time_column=t.get("time_column"),
-            department_column=t.get("department_column"),
+            department_column=t.get("department_column"), legal_hold_column=t.get("legal_hold_column"),
+            region_column=t.get("region_column"),
             sensitive={c: _mask(k, loc, ("tables", name, "sensitive", c)) for c, k in
                        _mapping(t.get("sensitive"), loc, ("tables", name, "sensitive"), "sensitive").items()},
             line=loc.where("tables", name))
@@ -287,7 +299,7 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
         p = ("roles", name)
         r = _mapping(v, loc, p, f"role {name}")
         _keys(r, {"grants", "statements", "requires", "otherwise", "row_cap", "export", "unrestricted", "flags",
-                  "functions", "guest_lookups", "networks", "row_budget"}, loc, p)
+                  "functions", "guest_lookups", "networks", "row_budget", "emergency"}, loc, p)
         grants = {}
         for table, g in _mapping(r.get("grants"), loc, p + ("grants",), "grants").items():
             if table not in tables:
@@ -306,14 +318,16 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
             functions=frozenset(str(f) for f in r.get("functions") or []), where=loc.where(*p),
             guest_lookups=_positive(r, "guest_lookups", loc, p),
             networks=parse_networks(r.get("networks"), loc, p + ("networks",)),
-            row_budget=_budget(r, cap, loc, p))
+            row_budget=_budget(r, cap, loc, p), **_emergency(r.get("emergency"), tables, loc, p))
     guards = _guards(d.get("guards"), loc, roles)
+    ticket_policy = _tickets(d.get("tickets"), loc, roles)
     for name, role in roles.items():
         if role.otherwise is not None and role.otherwise not in roles:
             raise _err(loc, ("roles", name, "otherwise"), f"unknown role {role.otherwise!r}")
         for t, g in role.grants.items():
             _check_grant_columns(g, tables[t], loc, ("roles", name, "grants", t))
-    return Rules(timezone=tz, shifts=tuple(shifts), tables=tables, roles=roles, source=loc.source, guards=guards)
+    return Rules(timezone=tz, shifts=tuple(shifts), tables=tables, roles=roles, source=loc.source, guards=guards,
+                 tickets=ticket_policy)
 
 
 def _positive(d: dict[str, Any], key: str, loc: _Located, path: tuple[Any, ...]) -> int | None:
@@ -342,6 +356,41 @@ def _budget(r: dict[str, Any], cap: int | None, loc: _Located,
             raise _err(loc, path + ("row_budget", k), f"row_budget {k} ({v}) is smaller than row_cap ({cap}): "
                        "no statement could ever run")
     return hour, day
+
+
+def _emergency(v: Any, tables: Mapping[str, TableRules], loc: _Located, path: tuple[Any, ...]) -> dict[str, Any]:
+    if v is None:
+        return {}
+    p = path + ("emergency",)
+    e = _mapping(v, loc, p, "emergency")
+    _keys(e, {"tables", "hours"}, loc, p)
+    names = e.get("tables") or []
+    if not isinstance(names, list) or not names:
+        raise _err(loc, p + ("tables",), "emergency needs the list of tables it opens")
+    for i, t in enumerate(names):
+        if t not in tables:
+            raise _err(loc, p + ("tables", i), f"table {t!r} is not classified under tables:")
+    hours = _positive(e, "hours", loc, p) or 2
+    return {"emergency_tables": tuple(map(str, names)), "emergency_hours": hours}
+
+
+def _tickets(v: Any, loc: _Located, roles: Mapping[str, Role]) -> TicketPolicy:
+    p = ("tickets",)
+    d = _mapping(v, loc, p, "tickets")
+    _keys(d, {"approvers", "legal_approvers", "hq_approvers", "approvals_needed", "default_hours", "max_hours",
+              "keep_closed_days", "emergency_backing_hours"}, loc, p)
+    sets = {}
+    for key in ("approvers", "legal_approvers", "hq_approvers"):
+        names = d.get(key) or []
+        if not isinstance(names, list):
+            raise _err(loc, p + (key,), f"{key} is a list of role names")
+        for i, r in enumerate(names):
+            if r not in roles:
+                raise _err(loc, p + (key, i), f"unknown role {r!r}")
+        sets[key] = frozenset(map(str, names))
+    nums = {k: _positive(d, k, loc, p) for k in ("approvals_needed", "default_hours", "max_hours", "keep_closed_days",
+                                                "emergency_backing_hours")}
+    return TicketPolicy(**sets, **{k: v for k, v in nums.items() if v is not None})
 
 
 def _seconds(v: Any, loc: _Located, path: tuple[Any, ...]) -> int:
@@ -655,6 +704,15 @@ def grants_for(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]
                            row_cap=role.row_cap, export=role.export, allowed_functions=role.functions,
                            unrestricted=role.unrestricted, role=role.name, flags=role.flags,
                            guest_lookups=role.guest_lookups, row_budget=role.row_budget), why
+
+
+def grants_with_scope(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]:
+    """grants_for, widened by the ticket or break-glass scope the session carries (if any)."""
+    grants, why = grants_for(rules, p)
+    scope = p.attributes.get(SCOPE_ATTRIBUTE)
+    if grants is None or not isinstance(scope, Scope) or grants.unrestricted:
+        return grants, why
+    return widen(grants, rules.tables, scope, _canonical), why
 
 
 def _canonical(name: str) -> str:

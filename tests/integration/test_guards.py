@@ -345,7 +345,7 @@ def test_client_sessions_cannot_reach_the_counters(pair: tuple[Proxy, Proxy], cl
                 svc.execute(sql)
 
 
-def write_config(path: Path, cluster: PgCluster, schema: str) -> None:
+def write_config(path: Path, cluster: PgCluster, schema: str, audit: Path | None = None) -> None:
     """A config with the demo users (password "demo") for the command line."""
     from proxy.auth import make_scram_verifier
     from proxy.demo import DEMO_USERS
@@ -355,7 +355,7 @@ def write_config(path: Path, cluster: PgCluster, schema: str) -> None:
     doc = {
         "upstream": {"host": cluster.host, "port": cluster.port, "user": cluster.service_user,
                      "password": cluster.service_password, "sslmode": "disable"},
-        "audit": {"path": str(path.parent / "cli-audit.jsonl")},
+        "audit": {"path": str(audit or path.parent / "cli-audit.jsonl")},
         "rules": str(HOTEL), "state": state_config(cluster, schema), "users": users,
     }
     path.write_text(json.dumps(doc))

@@ -1,0 +1,212 @@
+"""Apply -> approve x2 -> use -> close, and break-glass (R4), through the CLI and real clients.
+
+Two replicas share one state store (a schema of this test's own). The people are the demo
+users (password "demo"): bob (supervisor, FO), judy (department_head), frank
+(security_director), ivy (legal), gina (sales).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from proxy.pgcluster import PgCluster
+from tests.conftest import Proxy
+from tests.integration.test_guards import replicas, schema, write_config  # noqa: F401 - fixture
+from tests.integration.test_policy_e2e import direct
+
+BOB_SEES = ("department = 'FO' AND NOT legal_hold AND created_at >= statement_timestamp() - interval '72 hours'")
+
+
+@pytest.fixture
+def env(cluster: PgCluster, schema: str, tmp_path: Path) -> Iterator[tuple[Proxy, Proxy, Path]]:  # noqa: F811
+    a, b = replicas(cluster, schema, tmp_path)
+    cfg = tmp_path / "pgwarden.yaml"
+    write_config(cfg, cluster, schema, audit=tmp_path / "a" / "audit.jsonl")  # the CLI reads replica a's log
+    try:
+        yield a, b, cfg
+    finally:
+        a.thread.stop()
+        b.thread.stop()
+
+
+def cli(cfg: Path, who: str, *args: str, password: str = "demo") -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PGWARDEN_PASSWORD=password)
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "ticket", *args, "--config", str(cfg), "--as", who],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def ok(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    return r.stdout.strip()
+
+
+def refused_with(r: subprocess.CompletedProcess[str], text: str) -> None:
+    assert r.returncode != 0 and text in r.stderr, (r.returncode, r.stdout, r.stderr)
+
+
+def old_guest(cluster: PgCluster, *, legal: bool = False) -> int:
+    """An FO guest with records older than 72 hours (outside bob's window), some under legal hold if asked."""
+    hold = "bool_or(legal_hold)" if legal else "NOT bool_or(legal_hold)"
+    (g,), = direct(cluster, "SELECT guest_id FROM cs_records WHERE department = 'FO' GROUP BY guest_id "
+                            "HAVING min(created_at) < now() - interval '10 days' AND " + hold + " ORDER BY guest_id LIMIT 1")
+    return g
+
+
+def rows(p: Proxy, sql: str, *setup: str, user: str = "bob", **dsn: str) -> list[tuple] | psycopg.Error:
+    extra = "".join(f" {k}={v}" for k, v in dsn.items())
+    try:
+        with psycopg.connect(p.dsn(user) + extra, autocommit=True) as c:
+            for s in setup:
+                c.execute(s)
+            return c.execute(sql).fetchall()
+    except psycopg.Error as e:
+        return e
+
+
+def request(cfg: Path, guest: int, *extra: str, who: str = "bob") -> str:
+    tid = ok(cli(cfg, who, "request", "--table", "cs_records", "--scope", f"guest {guest}", "--from", "2020-01-01",
+                 "--reason", "VIP complaint #123", *extra))
+    assert tid.startswith("T-") and len(tid) == len("T-2026-000001"), tid
+    return tid
+
+
+def test_lifecycle_two_approvers_then_use_on_either_replica_then_close(env: tuple[Proxy, Proxy, Path],
+                                                                       cluster: PgCluster) -> None:
+    a, b, cfg = env
+    g = old_guest(cluster)
+    q = f"SELECT id FROM cs_records WHERE guest_id = {g} ORDER BY id"
+    before = rows(a, q)  # one of bob's three lookups of this guest this month (the ticket's are exempt)
+    assert before == direct(cluster, f"SELECT id FROM cs_records WHERE guest_id = {g} AND {BOB_SEES} ORDER BY id")
+    tid = request(cfg, g)
+    use = f"SET pgwarden.ticket = '{tid}'"
+
+    # Pending: not usable; the requester cannot approve; a role that does not approve cannot either.
+    err = rows(a, q, use)
+    assert isinstance(err, psycopg.Error) and err.sqlstate == "42501" and "pending, not approved" in str(err)
+    refused_with(cli(cfg, "bob", "approve", tid), "never approve or reject their own ticket")
+    refused_with(cli(cfg, "gina", "approve", tid), "role sales does not approve tickets")
+    assert ok(cli(cfg, "judy", "approve", tid, "--comment", "ok")) == \
+        f"{tid}: pending (still needs 1 more approval(s) from department_head, security_director)"
+    refused_with(cli(cfg, "judy", "approve", tid), "already decided")
+    assert ok(cli(cfg, "frank", "approve", tid)) == f"{tid}: approved"
+
+    # Approved: the scope's rows are added to what bob sees, on either replica; masks stay.
+    want = direct(cluster, f"SELECT id FROM cs_records WHERE guest_id = {g} AND ({BOB_SEES} OR "
+                           "(created_at >= '2020-01-01' AND NOT legal_hold)) ORDER BY id")
+    assert len(want) > len(before), "the guest must have records outside bob's window"
+    for p in (a, b):
+        assert rows(p, q, use) == want
+    # ... only that guest's: everything else stays as before
+    every = "SELECT count(*) FROM cs_records"
+    assert rows(a, every, use)[0][0] == rows(a, every)[0][0] + len(want) - len(before)  # type: ignore[index]
+    # ... and phones stay masked
+    phones = rows(a, f"SELECT phone FROM cs_records WHERE guest_id = {g}", use)
+    assert isinstance(phones, list) and phones and all("****" in p for (p,) in phones)
+    # ... and in the connection string, for BI tools
+    assert rows(b, q, options=f"-cpgwarden.ticket={tid}") == want
+    err = rows(b, q, options="-cpgwarden.ticket=T-1999-000009")
+    assert isinstance(err, psycopg.Error) and "there is no ticket T-1999-000009" in str(err)
+    # ... every statement under it names it in the audit log
+    ev = [e for e in a.take_events() if e.get("ticket") == tid]
+    assert ev and all(e["ticket"] == tid for e in ev)
+
+    # Someone else cannot use it.
+    err = rows(a, q, use, user="alice")
+    assert isinstance(err, psycopg.Error) and "is not yours" in str(err)
+
+    # Close (on the command line) ends it for a session using it on another replica.
+    wide, narrow = rows(a, every, use), rows(a, every)
+    with psycopg.connect(b.dsn("bob"), autocommit=True) as c:
+        c.execute(use)
+        assert c.execute(every).fetchall() == wide != narrow
+        out = ok(cli(cfg, "bob", "close", tid))
+        assert out.startswith(f"{tid}: closed;") and "statements" in out
+        import time
+        deadline = time.monotonic() + 10
+        while c.execute(every).fetchall() != narrow:
+            assert time.monotonic() < deadline, "a closed ticket still widened a session"
+            time.sleep(0.2)
+    shown = json.loads(ok(cli(cfg, "frank", "show", tid)))
+    assert shown["status"] == "closed" and shown["summary"]["statements"] >= 1
+    assert [(d["approver"], d["approve"]) for d in shown["decisions"]] == [("judy", True), ("frank", True)]
+    err = rows(a, q, use)
+    assert isinstance(err, psycopg.Error) and "closed, not approved" in str(err)
+
+
+def test_legal_hold_needs_a_legal_coapprover(env: tuple[Proxy, Proxy, Path], cluster: PgCluster) -> None:
+    a, _, cfg = env
+    g = old_guest(cluster, legal=True)
+    q = f"SELECT count(*) FROM cs_records WHERE guest_id = {g} AND legal_hold"
+    tid = request(cfg, g, "--legal")
+    ok(cli(cfg, "judy", "approve", tid))
+    assert "still needs a legal approval (legal)" in ok(cli(cfg, "frank", "approve", tid))
+    assert ok(cli(cfg, "ivy", "approve", tid)) == f"{tid}: approved"
+    assert rows(a, q, f"SET pgwarden.ticket = '{tid}'") == \
+        direct(cluster, f"SELECT count(*) FROM cs_records WHERE guest_id = {g} AND legal_hold")
+    # a ticket without --legal opens no legal-hold record
+    plain = request(cfg, g)
+    ok(cli(cfg, "judy", "approve", plain))
+    ok(cli(cfg, "frank", "approve", plain))
+    assert rows(a, q, f"SET pgwarden.ticket = '{plain}'") == [(0,)]
+
+
+def test_a_rejection_ends_it_and_expired_tickets_are_refused(env: tuple[Proxy, Proxy, Path], cluster: PgCluster,
+                                                              schema: str) -> None:  # noqa: F811
+    a, _, cfg = env
+    g = old_guest(cluster)
+    tid = request(cfg, g)
+    assert ok(cli(cfg, "judy", "reject", tid, "--comment", "no reason given")) == f"{tid}: rejected"
+    refused_with(cli(cfg, "frank", "approve", tid), "is rejected")
+    t2 = request(cfg, g)
+    ok(cli(cfg, "judy", "approve", t2))
+    ok(cli(cfg, "frank", "approve", t2))
+    cluster.psql(f"UPDATE {schema}.tickets SET expires_at = now() - interval '1 minute' WHERE id = '{t2}'")
+    err = rows(a, "SELECT 1", f"SET pgwarden.ticket = '{t2}'")
+    assert isinstance(err, psycopg.Error) and "expired" in str(err)
+    refused_with(cli(cfg, "bob", "show", "T-1999-000001"), "no ticket")
+
+
+def test_named_guests_past_the_monthly_quota(env: tuple[Proxy, Proxy, Path], cluster: PgCluster) -> None:
+    a, b, cfg = env
+    (g,), = direct(cluster, f"SELECT guest_id FROM cs_records WHERE {BOB_SEES} GROUP BY guest_id ORDER BY guest_id "
+                            "LIMIT 1")
+    q = f"SELECT count(*) FROM cs_records WHERE guest_id = {g}"
+    for _ in range(3):
+        assert isinstance(rows(a, q), list)
+    assert isinstance(rows(b, q), psycopg.Error)  # the 4th lookup
+    tid = request(cfg, g)
+    ok(cli(cfg, "judy", "approve", tid))
+    ok(cli(cfg, "frank", "approve", tid))
+    assert isinstance(rows(b, q, f"SET pgwarden.ticket = '{tid}'"), list)
+
+
+def test_break_glass_at_once_flagged_and_overdue_without_a_ticket(env: tuple[Proxy, Proxy, Path],
+                                                                   cluster: PgCluster, schema: str) -> None:  # noqa: F811
+    a, _, cfg = env
+    every = "SELECT count(*) FROM cs_records"
+    assert rows(a, every) == direct(cluster, f"SELECT count(*) FROM cs_records WHERE {BOB_SEES}")
+    glass = "SET pgwarden.emergency = 'guest collapsed in the lobby'"
+    assert rows(a, every, glass) == direct(cluster, "SELECT count(*) FROM cs_records WHERE NOT legal_hold")
+    ev = [e for e in a.take_events() if e.get("emergency")]
+    assert ev and all("emergency" in e.get("flags", []) for e in ev if e.get("tables"))
+    err = rows(a, every, glass, user="gina")  # sales has no break-glass scope
+    assert isinstance(err, psycopg.Error) and "no break-glass scope" in str(err)
+    # Not backed by a ticket within a day: overdue (the start is moved back instead of waiting).
+    assert ok(cli(cfg, "frank", "overdue")) == ""
+    cluster.psql(f"UPDATE {schema}.emergencies SET started_at = now() - interval '25 hours'")
+    (eid,), = direct(cluster, f"SELECT id FROM {schema}.emergencies")
+    lines = ok(cli(cfg, "frank", "overdue")).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"E-{eid}  bob") and "lobby" in lines[0]
+    refused_with(cli(cfg, "judy", "request", "--table", "cs_records", "--reason", "x", "--emergency", str(eid)),
+                 "is not yours")
+    ok(cli(cfg, "bob", "request", "--table", "cs_records", "--reason", "backing the lobby emergency",
+           "--emergency", str(eid)))
+    assert ok(cli(cfg, "frank", "overdue")) == ""
