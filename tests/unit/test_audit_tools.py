@@ -74,3 +74,21 @@ def test_off_shift_by_the_persons_shift_or_off_hours() -> None:
                   user_shifts={"alice": "early"}, off_hours=night)
     assert [(e["user"], e["time"][11:13]) for e in s.off_shift] == [("alice", "08"), ("bob", "16")]
     assert (s.users["alice"].off_shift, s.users["bob"].off_shift) == (1, 1)
+
+
+def test_ticket_summary_reads_monthly_and_gzipped_audit_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from proxy.audit import AuditLog
+    from proxy.cli_tickets import read_summary
+
+    t = [datetime(2026, 10, 31, 23, 59, tzinfo=timezone.utc).timestamp()]
+    template = str(tmp_path / "audit-%Y-%m.jsonl")
+    log = AuditLog(template, replica="r", clock=lambda: t[0])
+    who = {"user": "bob", "role": "supervisor"}
+    log.emit_with("statement", who, {"ticket": "T-7", "rows": 3, "tables": ["public.cs_records"]})
+    t[0] = datetime(2026, 11, 1, 0, 1, tzinfo=timezone.utc).timestamp()
+    log.emit_with("statement", who, {"ticket": "T-7", "rows": 4, "tables": ["public.guests"]})
+    log.emit_with("statement", who, {"ticket": "T-8", "rows": 50})
+    log.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit-2026-10.jsonl.gz", "audit-2026-11.jsonl"]
+    assert read_summary(template, "T-7") == {"statements": 2, "rows": 7, "guests": [],
+                                             "tables": ["public.cs_records", "public.guests"]}
