@@ -14,8 +14,10 @@ Sections and the event fields they are keyed on:
   off-hours window (default 23:00-07:00, the hotel's night shift), in the
   rules' time zone;
 * most-looked-up guests: ``audit_search.guests_of`` (subject keys from the rules);
-* emergency access (``emergency: true``) and overdue tickets: emergency
-  events with no ``ticket`` more than 24 hours before the end of the period;
+* emergency access: break-glass uses (``emergency_started``, and statements
+  whose ``emergency`` names the use, ``E-N``) and the overdue ones: started
+  more than 24 hours before the end of the period with no ``ticket_requested``
+  event backing them (``backs_emergency: E-N``);
 * general-manager accesses: role ``general_manager`` or flag ``internal_audit``.
 
 A section with nothing to show says "none recorded".
@@ -52,6 +54,19 @@ class Window:
 
 
 @dataclass
+class Emergency:
+    """One break-glass use: who, when it started (first seen), what was run under it."""
+
+    id: str
+    user: str
+    role: str
+    started: datetime
+    reason: str = ""
+    statements: int = 0
+    rows: int = 0
+
+
+@dataclass
 class UserRow:
     user: str
     role: str = ""
@@ -82,8 +97,8 @@ class Summary:
     off_shift_rule: str = ""
     guests: Counter[str] = field(default_factory=Counter)
     guest_users: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    emergency: list[dict[str, Any]] = field(default_factory=list)
-    overdue: list[dict[str, Any]] = field(default_factory=list)
+    emergencies: dict[str, Emergency] = field(default_factory=dict)
+    backed: set[str] = field(default_factory=set)  # break-glass uses a ticket request names
     general_manager: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -104,10 +119,18 @@ def summarise(events: Iterable[Mapping[str, Any]], *, since: datetime, until: da
             s.lockouts.append(dict(ev))
         elif kind == "login_failed":
             s.login_failures[f"{ev.get('user') or '?'} from {ev.get('client_addr') or '?'}"] += 1
-        if ev.get("emergency"):
-            s.emergency.append(dict(ev))
-            if not ev.get("ticket") and t < until - EMERGENCY_GRACE:
-                s.overdue.append(dict(ev))
+        use = ev.get("ticket") if kind == "emergency_started" else ev.get("emergency")
+        if isinstance(use, str) and use:
+            em = s.emergencies.get(use)
+            if em is None:
+                em = s.emergencies[use] = Emergency(use, str(ev.get("user") or "?"), str(ev.get("role") or ""), t)
+            if kind == "emergency_started":
+                em.started, em.reason = min(em.started, t), str(ev.get("reason") or em.reason)
+            elif kind == "statement":
+                em.statements += 1
+                em.rows += ev["rows"] if isinstance(ev.get("rows"), int) else 0
+        if kind == "ticket_requested" and isinstance(ev.get("backs_emergency"), str):
+            s.backed.add(ev["backs_emergency"])
         if kind != "statement":
             continue
         s.statements += 1
@@ -141,6 +164,11 @@ def summarise(events: Iterable[Mapping[str, Any]], *, since: datetime, until: da
         if ev.get("role") == "general_manager" or "internal_audit" in (ev.get("flags") or ()):
             s.general_manager.append(dict(ev))
     return s
+
+
+def overdue(s: Summary) -> list[Emergency]:
+    """Break-glass uses with no ticket requested for them within EMERGENCY_GRACE (R4.5)."""
+    return [e for e in s.emergencies.values() if e.id not in s.backed and e.started < s.until - EMERGENCY_GRACE]
 
 
 # --- drawing ------------------------------------------------------------------------------------
@@ -225,6 +253,14 @@ def _event_rows(evs: list[dict[str, Any]], tz: tzinfo, limit: int = 200) -> list
     return rows
 
 
+EMERGENCY_COLUMNS = ["use", "started (local time)", "user", "role", "reason", "statements", "rows", "ticket"]
+
+
+def _emergency_rows(uses: list[Emergency], s: Summary) -> list[list[Any]]:
+    return [[e.id, e.started.astimezone(s.tz).strftime("%Y-%m-%d %H:%M:%S"), e.user, e.role, e.reason, e.statements,
+             e.rows, "requested" if e.id in s.backed else "none"] for e in sorted(uses, key=lambda e: e.started)]
+
+
 def render_html(s: Summary, *, title: str = "pgwarden audit report") -> str:
     users = sorted(s.users.values(), key=lambda r: (-r.statements, r.user))
     refused = sum(r.refused for r in users)
@@ -272,11 +308,9 @@ def render_html(s: Summary, *, title: str = "pgwarden audit report") -> str:
                [[g, n, ", ".join(sorted(s.guest_users[g]))] for g, n in s.guests.most_common(30)], {1}, "top-guests"),
         "</section>",
         '<section id="emergency"><h2>Emergency access and overdue tickets</h2><h3>Emergency access</h3>',
-        _table(EVENT_COLUMNS, _event_rows(s.emergency, s.tz),
-               css_id="emergency-events"),
+        _table(EMERGENCY_COLUMNS, _emergency_rows(list(s.emergencies.values()), s), {5, 6}, "emergency-uses"),
         "<h3>Overdue: no ticket within 24 hours</h3>",
-        _table(EVENT_COLUMNS, _event_rows(s.overdue, s.tz),
-               css_id="overdue"), "</section>",
+        _table(EMERGENCY_COLUMNS, _emergency_rows(overdue(s), s), {5, 6}, "overdue"), "</section>",
         '<section id="general-manager"><h2>General-manager accesses (internal audit)</h2>',
         f'<p class="muted">{len(s.general_manager)} statements flagged for internal-audit filing.</p>',
         _table(EVENT_COLUMNS, _event_rows(s.general_manager, s.tz, 500),

@@ -62,7 +62,7 @@ def select(guest: int) -> dict[str, Any]:
 
 def write_month(path: str) -> None:
     """30 days: alice 5 lookups a day at 10:00 Shanghai, bob 3 at 16:00, dave at 23:30 every 5th day,
-    carol refused once a day; an emergency read on day 3 with no ticket, one on day 10 with one."""
+    carol refused once a day; break-glass reads on day 3 (never backed) and day 10 (a ticket requested)."""
     clock = DayClock()
     log = AuditLog(path, replica="gen", clock=clock)
     for d in range(30):
@@ -81,10 +81,14 @@ def write_month(path: str) -> None:
         if d % 5 == 0:
             clock.t = (day + timedelta(hours=15, minutes=30)).timestamp()  # 23:30 in Shanghai: off hours
             log.emit_with("statement", PEOPLE["dave"], {**select(9), "masked": [], "flags": ["internal_audit"]})
-        if d in (3, 10):
+        if d in (3, 10):  # break-glass, as the session logs it (SET pgwarden.emergency = 'why')
+            use = "E-1" if d == 3 else "E-2"
             clock.t = (day + timedelta(hours=3)).timestamp()
-            extra = {"ticket": "T-42"} if d == 10 else {}
-            log.emit_with("statement", PEOPLE["bob"], {**select(11), "emergency": True, **extra})
+            log.emit_with("emergency_started", PEOPLE["bob"], {"ticket": use, "tables": ["public.cs_records"]})
+            log.emit_with("statement", {**PEOPLE["bob"], "emergency": use}, select(11))
+            if d == 10:  # backed within the day by a ticket request (pgwarden ticket request --emergency 2)
+                clock.t = (day + timedelta(hours=5)).timestamp()
+                log.emit_with("ticket_requested", PEOPLE["bob"], {"ticket": "T-9", "backs_emergency": "E-2"})
     log.close()
 
 
@@ -116,7 +120,7 @@ def test_month_verifies(month: tuple[Path, list[dict]]) -> None:
     d, _ = month
     r = cli("verify", str(d))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert re.search(r"replica gen: intact, 279 events, seq 1\.\.279", r.stdout), r.stdout
+    assert re.search(r"replica gen: intact, 282 events, seq 1\.\.282", r.stdout), r.stdout
     assert "replica test: intact" in r.stdout
 
 
@@ -189,8 +193,14 @@ def test_report_renders_in_headless_chromium(month: tuple[Path, list[dict]], tmp
     first_late = (START + timedelta(hours=15, minutes=30)).astimezone(shanghai)
     assert first_late.strftime("%H:%M") == "23:30"  # tables show local time
     assert f'<tr><td>{first_late:%Y-%m-%d %H:%M:%S}</td><td>dave</td><td>general_manager</td>' in html
+    uses = re.search(r'<table id="emergency-uses">.*?</table>', html, re.S)
+    assert uses is not None and uses.group(0).count("<tr>") == 3  # header, E-1, E-2
+    day3 = (START + timedelta(days=3, hours=3)).astimezone(shanghai)
+    assert (f'<tr><td>E-1</td><td>{day3:%Y-%m-%d %H:%M:%S}</td><td>bob</td><td>supervisor</td><td></td>'
+            '<td class="n">1</td><td class="n">2</td><td>none</td></tr>') in uses.group(0)
+    assert '<td>E-2</td>' in uses.group(0) and "<td>requested</td>" in uses.group(0)
     overdue = re.search(r'<table id="overdue">.*?</table>', html, re.S)
-    assert overdue is not None and overdue.group(0).count("<tr>") == 2  # header + day 3
+    assert overdue is not None and overdue.group(0).count("<tr>") == 2 and "<td>E-1</td>" in overdue.group(0)
     assert '<tr><td>carol from 127.0.0.1</td><td class="n">2</td></tr>' in html  # failed logins
     lockouts = re.search(r"<h3>Lockouts</h3>\s*<p class=\"none\">none recorded</p>", html)
     assert lockouts is not None
