@@ -1,33 +1,59 @@
-"""One structured audit event per statement (R5.1), as JSON lines through structlog.
+"""One structured audit event per statement (R5.1), as hash-chained JSON lines (R5.2).
 
 Events pass through a structlog processor chain (plain functions: time stamp,
-event id, render) and reach the file through a logger that writes once per
-few milliseconds: under load many statements finish close together, and one
-write system call for all of them is what keeps auditing
-every statement affordable on the relay's hot path (events wait at most
-FLUSH_DELAY; a clean shutdown writes them all). Outside the server's loop
-thread every event is written at once. The logger is built per
-server, not configured globally, so several servers never share one.
+event id, listeners) and reach the file through a writer that chains and
+writes them. Chaining happens under the writer's lock, in the order the lines
+reach the file, so the file order is the chain order even when several
+threads write (see ``audit_chain`` for the canonical form).
+
+Writes are batched: under load many statements finish close together, and
+one ``write`` for all of them is what keeps auditing every statement
+affordable on the relay's hot path. Events wait at most FLUSH_DELAY on the
+loop thread; other threads write at once; ``close()`` (SIGTERM) writes all.
+
+When the file cannot be written (disk full, file system gone) the events
+stay in memory and are retried every RETRY_DELAY (reopening the path), so
+the chain in the file stays whole once the problem is fixed; ``healthy`` is
+False meanwhile, and with ``on_failure: refuse`` (the default) the session
+refuses restricted roles' statements rather than run them unlogged. Past
+MAX_UNWRITTEN bytes the oldest events go to stderr instead, and ``pgwarden
+audit verify`` will report them as missing from the file.
+
+A path containing ``%Y`` and ``%m`` rotates monthly (UTC); each finished
+month is gzipped in a background thread. The chain continues across months
+and across restarts: on start the last event of this replica is read back
+from the newest file; a torn or corrupt last line is closed off with a
+newline and an explicit ``chain_restart`` event that says why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import orjson
 import structlog
 
+from . import audit_files
+from .audit_chain import GENESIS, hash_of, parse_line, seal
 from .identity import Principal
 
 Listener = Callable[[dict[str, Any]], None]
+Clock = Callable[[], float]
+
+FLUSH_DELAY = 0.002  # seconds an event may wait to be written together with others
+RETRY_DELAY = 0.5  # seconds between attempts while the file cannot be written
+MAX_UNWRITTEN = 64 << 20  # bytes kept in memory while the file cannot be written
+ON_FAILURE = ("refuse", "continue")
 
 
 def principal_fields(p: Principal | None) -> dict[str, Any]:
@@ -38,48 +64,163 @@ def principal_fields(p: Principal | None) -> dict[str, Any]:
             "client_addr": p.client_addr, "application": p.application}
 
 
+def default_replica(port: int | None = None) -> str:
+    """Host name and listen port: stable across restarts, distinct for replicas on one host."""
+    host = socket.gethostname()
+    return f"{host}:{port}" if port is not None else host
+
+
 class _Stamp:
     """Adds the time and a unique, ordered event id (process prefix + counter: cheaper than uuid4)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
         self._prefix = os.urandom(4).hex()
         self._seq = itertools.count(1)
+        self._clock = clock
 
     def __call__(self, _logger: Any, _name: str, ev: dict[str, Any]) -> dict[str, Any]:
-        ev["time"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        ev["time"] = datetime.fromtimestamp(self._clock(), timezone.utc).isoformat(timespec="microseconds")
         ev["event_id"] = f"{self._prefix}-{next(self._seq)}"
         return ev
 
 
-def _render(_logger: Any, _name: str, ev: dict[str, Any]) -> bytes:
-    return orjson.dumps(ev, default=str)
+def _hand_over(_logger: Any, _name: str, ev: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Last structlog processor: the writer gets the dict itself (it chains under its lock)."""
+    return (ev,), {}
 
 
-FLUSH_DELAY = 0.002  # seconds an event may wait to be written together with others
-
-
-class _LoopBatchedWriter:
-    """A structlog logger whose lines are written together, at most FLUSH_DELAY after the first.
+class _ChainedWriter:
+    """Chains events, batches their lines and writes them to the current file.
 
     Only the thread running the bound event loop batches; any other thread writes at once.
     (``asyncio.get_running_loop()`` is not used to find out: it costs a getpid() system call.)
     """
 
-    def __init__(self, file: IO[bytes]) -> None:
-        self._file = file
-        self._pending: list[bytes] = []
-        self._scheduled = False
+    def __init__(self, path: str, replica: str, clock: Clock) -> None:
+        self.path = path  # "-" (stdout), a file, or a monthly template
+        self.replica = replica
+        self._clock = clock
         self._lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._unwritten = b""  # bytes a failed write left over, written first next time
+        self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        self._fd = -1
+        self._current = ""
+        self._rotate_at = 0.0
+        self._compressors: list[threading.Thread] = []
+        self.seq = 0
+        self.prev_hash = GENESIS
+        self.healthy = True
+        self.failure = ""  # why the last write failed
+        self.on_state: Callable[[bool], None] | None = None
+        self.closed = False
+
+    # --- opening ----------------------------------------------------------------------------
+
+    def open(self) -> dict[str, Any] | None:
+        """Open the file for now and find where this replica's chain continues.
+
+        Returns the fields of a ``chain_restart`` event to write first, if the chain cannot continue.
+        """
+        if self.path == "-":
+            self._fd = sys.stdout.fileno()
+            return None
+        now = self._clock()
+        self._current = audit_files.expand(self.path, now)
+        if audit_files.is_template(self.path):
+            self._rotate_at = audit_files.next_month_start(now)
+        Path(self._current).parent.mkdir(parents=True, exist_ok=True)
+        restart = self._resume()
+        self._fd = os.open(self._current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if audit_files.is_template(self.path):
+            self._compress_finished()
+        return restart
+
+    def _candidates(self) -> list[str]:
+        """Files that may hold this replica's last event, newest first."""
+        if not audit_files.is_template(self.path):
+            return [self._current] if os.path.isfile(self._current) else []
+        files = [f for f in audit_files.template_files(self.path)
+                 if f.removesuffix(".gz") <= self._current]
+        return list(reversed(files))
+
+    def _resume(self) -> dict[str, Any] | None:
+        for f in self._candidates():
+            torn: str | None = None
+            if not f.endswith(".gz") and not audit_files.ends_with_newline(f):
+                with open(f, "ab") as fix:  # close the torn line off: the next event starts a line of its own
+                    fix.write(b"\n")
+                torn = "is torn (no newline at its end)"
+            first = True
+            for line in audit_files.lines_backwards(f):
+                if not line.strip():
+                    continue
+                ev = parse_line(line)
+                if first and (ev is None or hash_of(ev) != ev["hash"]):
+                    # The last line is torn or altered: say so and link to the last good event, if any.
+                    why = torn or ("is not a complete event" if ev is None else "does not match its hash")
+                    found = self._last_good(f)
+                    restart: dict[str, Any] = {
+                        "reason": f"the last line of {f} ({len(line)} bytes) {why}",
+                        "file": f,
+                    }
+                    if found is not None:
+                        self.seq, self.prev_hash = found
+                    else:
+                        restart["reason"] += "; no earlier event of this replica was found: a new chain starts"
+                    return restart
+                first = False
+                if ev is not None and ev["replica"] == self.replica:
+                    if hash_of(ev) != ev["hash"]:
+                        return {"reason": f"the last event of replica {self.replica} in {f} does not match "
+                                          "its hash: a new chain starts", "file": f}
+                    self.seq, self.prev_hash = ev["seq"], ev["hash"]
+                    return None
+        return None
+
+    def _last_good(self, path: str) -> tuple[int, str] | None:
+        for line in audit_files.lines_backwards(path):
+            ev = parse_line(line)
+            if ev is not None and ev["replica"] == self.replica and hash_of(ev) == ev["hash"]:
+                return ev["seq"], ev["hash"]
+        return None
+
+    def _compress_finished(self) -> None:
+        """gzip earlier months of this template left uncompressed (by a stop during a rotation)."""
+        for f in audit_files.template_files(self.path):
+            if not f.endswith(".gz") and f < self._current:
+                self._compress_later(f)
+
+    def _compress_later(self, path: str) -> None:
+        def run() -> None:
+            try:
+                audit_files.compress(path)
+            except OSError as exc:
+                sys.stderr.write(f"pgwarden: cannot compress finished audit file {path}: {exc}\n")
+
+        t = threading.Thread(target=run, name="pgwarden-audit-gzip", daemon=True)
+        self._compressors.append(t)
+        t.start()
+
+    # --- writing ----------------------------------------------------------------------------
 
     def bind(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.flush()
         self._loop = loop
         self._loop_thread = threading.get_ident() if loop is not None else 0
 
-    def msg(self, line: bytes) -> None:
+    def msg(self, ev: dict[str, Any]) -> None:
         with self._lock:
+            if self._rotate_at and self._clock() >= self._rotate_at:
+                self._flush_locked()
+                self._rotate()
+            self.seq += 1
+            ev["replica"] = self.replica
+            ev["seq"] = self.seq
+            ev["prev_hash"] = self.prev_hash
+            line, self.prev_hash = seal(ev)
             self._pending.append(line)
             if self._loop is None or threading.get_ident() != self._loop_thread or self._loop.is_closed():
                 self._flush_locked()
@@ -93,42 +234,160 @@ class _LoopBatchedWriter:
         with self._lock:
             self._flush_locked()
 
+    def _rotate(self) -> None:
+        """A new month: finish the old file (fsync, close, gzip in the background), open the new one."""
+        old = self._current
+        now = self._clock()
+        self._current = audit_files.expand(self.path, now)
+        self._rotate_at = audit_files.next_month_start(now)
+        if self._current == old:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            pass
+        self._close_fd()
+        try:
+            self._fd = os.open(self._current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            self._failed(exc)
+        self._compress_later(old)
+
     def _flush_locked(self) -> None:
         self._scheduled = False
-        if not self._pending:
+        if not self._pending and not self._unwritten:
             return
-        data = b"\n".join(self._pending) + b"\n"
-        self._pending.clear()
+        data = self._unwritten
+        if self._pending:
+            data += b"\n".join(self._pending) + b"\n"
+            self._pending.clear()
+        self._unwritten = b""
+        if self._fd < 0 and not self._reopen():
+            self._keep(data)
+            return
+        view = memoryview(data)
         try:
-            self._file.write(data)
-            self._file.flush()
-        except (OSError, ValueError) as exc:
-            # The audit file is gone or full: say so loudly rather than lose the events silently.
-            sys.stderr.write(f"pgwarden: AUDIT WRITE FAILED ({exc}); events follow\n")
-            sys.stderr.write(data.decode("utf-8", "replace"))
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self._failed(exc)
+            self._keep(bytes(view))
+            self._close_fd()  # reopened on the next attempt: the path may point somewhere healthy by then
+            return
+        if self.closed:
+            self._close_fd()  # a late event after close(): written, and the file closed again
+        if not self.healthy:
+            self.healthy = True
+            self.failure = ""
+            sys.stderr.write("pgwarden: audit log writable again; the events held back are written\n")
+            if self.on_state is not None:
+                self.on_state(True)
+
+    def _reopen(self) -> bool:
+        if self.path == "-":
+            self._fd = sys.stdout.fileno()
+            return True
+        try:
+            self._fd = os.open(self._current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            return True
+        except OSError as exc:
+            self._failed(exc)
+            return False
+
+    def _failed(self, exc: OSError) -> None:
+        why = f"{os.strerror(exc.errno) if exc.errno else exc} ({errno.errorcode.get(exc.errno or 0, '?')})"
+        if self.healthy:
+            sys.stderr.write(f"pgwarden: AUDIT LOG {self._current or 'stdout'} CANNOT BE WRITTEN: {why}; "
+                             "events are held back and retried\n")
+            self.healthy = False
+            self.failure = why
+            if self.on_state is not None:
+                self.on_state(False)
+
+    def _keep(self, data: bytes) -> None:
+        """Hold unwritten bytes for the next attempt; beyond MAX_UNWRITTEN, the oldest go to stderr."""
+        if len(data) > MAX_UNWRITTEN:
+            cut = data.rfind(b"\n", 0, len(data) - MAX_UNWRITTEN) + 1
+            sys.stderr.write("pgwarden: AUDIT EVENTS NOT IN THE FILE (held back too long); they follow\n")
+            sys.stderr.write(data[:cut].decode("utf-8", "replace"))
             sys.stderr.flush()
+            data = data[cut:]
+        self._unwritten = data
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and not self._scheduled:
+            self._scheduled = True
+            if threading.get_ident() == self._loop_thread:
+                loop.call_later(RETRY_DELAY, self.flush)
+            else:
+                loop.call_soon_threadsafe(loop.call_later, RETRY_DELAY, self.flush)
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0 and self.path != "-":
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = -1
+
+    def close(self) -> None:
+        with self._lock:
+            self._flush_locked()
+            if self._fd >= 0 and self.path != "-":
+                try:
+                    os.fsync(self._fd)
+                except OSError:
+                    pass
+            self._close_fd()
+            self.closed = True
+            if self._unwritten:
+                sys.stderr.write("pgwarden: AUDIT EVENTS NOT IN THE FILE at close; they follow\n")
+                sys.stderr.write(self._unwritten.decode("utf-8", "replace"))
+                sys.stderr.flush()
+                self._unwritten = b""
+        for t in self._compressors:
+            t.join(60)
 
 
 class AuditLog:
-    """Writes audit events to a file (or stdout); listeners see each event as a dict (tests, demo)."""
+    """Writes chained audit events to a file (or stdout); listeners see each event as a dict (tests, demo)."""
 
-    def __init__(self, path: str = "-") -> None:
+    def __init__(self, path: str = "-", *, replica: str | None = None, on_failure: str = "refuse",
+                 clock: Clock = time.time) -> None:
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}")
         self.path = path
-        self._file: IO[bytes]
-        if path == "-":
-            self._file = sys.stdout.buffer
-            self._owned = False
-        else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
-            self._owned = True
-        self._writer = _LoopBatchedWriter(self._file)
+        self.on_failure = on_failure
+        self._writer = _ChainedWriter(path, replica or default_replica(), clock)
+        self._writer.on_state = self._state_changed
+        # Read by the session for every statement: a plain attribute, not a property.
+        self.refusing = False
         self._listeners: list[Listener] = []
-        self._processors = [_Stamp(), self._notify, _render]
+        self._processors = [_Stamp(clock), self._notify]
         self._log = structlog.wrap_logger(
-            self._writer, processors=self._processors,
+            self._writer, processors=[*self._processors, _hand_over],
             wrapper_class=structlog.BoundLogger, cache_logger_on_first_use=True,
         )
+        self._closed = False
+        restart = self._writer.open()
+        if restart is not None:
+            self.emit("chain_restart", None, **restart)
+
+    @property
+    def replica(self) -> str:
+        return self._writer.replica
+
+    @property
+    def healthy(self) -> bool:
+        """False while events cannot be written to the file (they are held back and retried)."""
+        return self._writer.healthy
+
+    @property
+    def failure(self) -> str:
+        return self._writer.failure
+
+    def _state_changed(self, healthy: bool) -> None:
+        self.refusing = not healthy and self.on_failure == "refuse"
 
     def subscribe(self, fn: Listener) -> None:
         """Call fn(event_dict) for every event (tests, demo tour)."""
@@ -148,7 +407,7 @@ class AuditLog:
     def emit_with(self, event: str, base: dict[str, Any], fields: dict[str, Any]) -> None:
         """The hot path: ``base`` is a session's precomputed identity fields.
 
-        Runs the same structlog processor chain as ``emit`` but calls it directly:
+        Runs the same structlog processors as ``emit`` but calls them directly:
         the bound-logger machinery costs more than the whole relay of a short query.
         """
         ev: Any = {**base, **fields, "event": event}
@@ -164,6 +423,11 @@ class AuditLog:
         self._writer.flush()
 
     def close(self) -> None:
+        """Write everything, end the chain segment with ``audit_closed`` (a clean stop), fsync, close."""
+        if self._closed:
+            return
         self._writer.bind(None)
-        if self._owned:
-            self._file.close()
+        if self.path != "-":
+            self.emit("audit_closed", None)
+        self._closed = True
+        self._writer.close()

@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
     add_ticket_commands(sub)
 
+    from .audit_cli import add_commands
+
+    add_commands(sub)  # audit verify|search|report, retention plan|apply
     args = ap.parse_args(argv)
     return int(args.fn(args))
 

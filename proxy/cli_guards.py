@@ -114,7 +114,7 @@ def add_actor_arguments(p: Any) -> None:
 
 
 def _unlock(args: argparse.Namespace) -> int:
-    from .audit import AuditLog
+    from .audit import AuditLog, default_replica
     from .statestore import unlock_on
 
     got = authenticate_actor(args)
@@ -132,7 +132,7 @@ def _unlock(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - said plainly
         print(f"pgwarden: cannot reach the state store: {exc}", file=sys.stderr)
         return 1
-    audit = AuditLog(cfg.audit_path)
+    audit = AuditLog(cfg.audit_path, replica=default_replica() + ":unlock")  # a chain of its own
     try:
         audit.emit("unlock", actor, target=args.user, lifted=lifted)
     finally:

@@ -69,9 +69,9 @@ class Ctx:
         self.args, self.cfg, self.schema, self.rules, self.actor, self.conn = args, cfg, schema, rules, actor, conn
 
     def audit(self, event: str, **fields: Any) -> None:
-        from .audit import AuditLog
+        from .audit import AuditLog, default_replica
 
-        log = AuditLog(self.cfg.audit_path)
+        log = AuditLog(self.cfg.audit_path, replica=default_replica() + ":tickets")  # a chain of its own
         try:
             log.emit(event, self.actor, **fields)
         finally:
@@ -100,8 +100,9 @@ async def _request(c: Ctx) -> int:
                 reason=a.reason, hours=a.hours or c.rules.tickets.default_hours, legal=a.legal, cross_region=cross,
                 time_from=when(a.time_from), time_to=when(a.time_to), emergency=a.emergency, **scope)
     tid = await request(c.conn, c.schema, r, c.rules.tickets)
+    backs = {"backs_emergency": f"E-{a.emergency}"} if a.emergency is not None else {}  # for audit report
     c.audit("ticket_requested", ticket=tid, tables=list(tables), scope={k: list(v) for k, v in scope.items()},
-            time_from=a.time_from, time_to=a.time_to, legal=a.legal, cross_region=cross, reason=a.reason)
+            time_from=a.time_from, time_to=a.time_to, legal=a.legal, cross_region=cross, reason=a.reason, **backs)
     print(tid)
     return 0
 
@@ -166,10 +167,15 @@ def read_summary(audit_path: str, ticket: str) -> dict[str, Any]:
     statements = rows = 0
     guests: set[str] = set()
     tables: set[str] = set()
+    from .audit_files import read_lines
+
     base = Path(audit_path)
-    files = sorted(base.parent.glob(base.stem + "*" + base.suffix)) if audit_path != "-" else []
+    # Worker files (audit-w1.jsonl) and monthly ones (audit-%Y-%m.jsonl, finished months gzipped).
+    pattern = base.stem.replace("%Y", "[0-9]" * 4).replace("%m", "[0-9]" * 2) + "*" + base.suffix
+    files = sorted([*base.parent.glob(pattern), *base.parent.glob(pattern + ".gz")]) if audit_path != "-" else []
     for f in files:
-        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+        for raw in read_lines(str(f)):
+            line = raw.decode("utf-8", "replace")
             if ticket not in line:
                 continue
             try:

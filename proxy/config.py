@@ -144,7 +144,9 @@ class Config:
     listen_port: int = 6432
     tls: TLSConfig | None = None
     trust_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    audit_path: str = "-"  # "-" is stdout
+    audit_path: str = "-"  # "-" is stdout; %Y and %m make it a monthly template
+    audit_replica: str | None = None  # this replica's chain name; default host:listen-port
+    audit_on_failure: str = "refuse"  # refuse | continue: restricted roles while the log cannot be written
     max_message_size: int = DEFAULT_MAX_MESSAGE
     max_connections: int = 1000
     secret: bytes = b""  # keys the fake SCRAM salts of unknown users; random per start if unset
@@ -330,7 +332,14 @@ def parse_config(data: Any, loc: _Located) -> Config:
             nets.append(ipaddress.ip_network(str(n), strict=False))
         except ValueError as exc:
             raise ConfigError(f"{loc.where('auth', 'trust', i)}: {exc}") from exc
-    audit = _check_keys(d.get("audit") or {}, {"path"}, loc, ("audit",))
+    audit = _check_keys(d.get("audit") or {}, {"path", "replica", "on_failure"}, loc, ("audit",))
+    on_failure = audit.get("on_failure", "refuse")
+    _expect(on_failure in ("refuse", "continue"), loc, ("audit", "on_failure"),
+            "on_failure must be refuse (restricted roles' statements are refused while the audit log "
+            "cannot be written) or continue")
+    replica = audit.get("replica")
+    _expect(replica is None or (isinstance(replica, str) and replica.strip() != ""), loc, ("audit", "replica"),
+            "replica must be a non-empty name")
     limits = _check_keys(d.get("limits") or {}, {"max_message_size", "max_connections"}, loc, ("limits",))
     users_raw = d.get("users") or {}
     _expect(isinstance(users_raw, dict), loc, ("users",), "users must be a mapping of name -> entry")
@@ -361,7 +370,7 @@ def parse_config(data: Any, loc: _Located) -> Config:
     return Config(
         state=state, guards_off=guards_off, upstream=upstream, users=users, listen_host=str(listen.get("host", "127.0.0.1")),
         listen_port=_number(listen, "port", 6432, loc, ("listen",), high=65535), tls=tls, trust_networks=tuple(nets),
-        audit_path=str(audit.get("path", "-")),
+        audit_path=str(audit.get("path", "-")), audit_replica=replica, audit_on_failure=on_failure,
         max_message_size=_number(limits, "max_message_size", DEFAULT_MAX_MESSAGE, loc, ("limits",), low=1024,
                                  high=1 << 30),
         max_connections=_number(limits, "max_connections", 1000, loc, ("limits",), low=1, high=1_000_000),

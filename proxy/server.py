@@ -16,7 +16,7 @@ from typing import Any
 from rules.engine import Engine
 
 from . import upstream
-from .audit import AuditLog
+from .audit import AuditLog, default_replica
 from .config import Config
 from .guards import Guards
 from .metrics import Stats
@@ -57,7 +57,8 @@ class Server:
         self._catalogs: dict[str, Any] = {}
         self._rules_mtime: tuple[float, ...] = ()
         self._catalog_locks: dict[str, asyncio.Lock] = {}
-        self.audit = audit or AuditLog(config.audit_path)
+        self.audit = audit or AuditLog(config.audit_path, on_failure=config.audit_on_failure,
+                                       replica=config.audit_replica or default_replica(config.listen_port))
         store = None
         if config.state is not None:
             from .statestore import StateStore

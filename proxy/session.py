@@ -33,6 +33,7 @@ from . import admin_console, auth, upstream
 from .guards import declared_cursor, decode_param, device_refusal, fetch_rows, skip_comments
 from .audit import principal_fields
 from .identity import Principal
+from .receipts import new_receipt, protected_by, receipt_notice, receipt_text
 from .sqltext import split_statements, statement_type, type_from_tag
 from .wire import codec
 from .wire.codes import B, F, SqlState
@@ -72,6 +73,8 @@ SAFE_ENCODINGS = frozenset({
     "WIN1250", "WIN1251", "WIN1252", "KOI8R",
 })
 POISON_SQL = b"pgwarden refused this statement\x00"
+AUDIT_FAILING = ("pgwarden: the audit log cannot be written, so statements of restricted roles are refused "
+                 "until it can; tell the pgwarden administrator")
 # SET application_name = 'x' would hide the person from the DBA (or name another one): keep the prefix.
 #: SET/RESET of pgwarden's own settings: answered by pgwarden, never forwarded with their value.
 _OWN_SET = re.compile(
@@ -657,7 +660,10 @@ class ClientSession(asyncio.Protocol):
                 elif t == _F_EXECUTE:
                     end = payload.find(b"\x00")
                     st = self._portals.get(payload[:end] if end >= 0 else payload)
-                    if self.server.guards.store is not None and self.principal is not None:
+                    if self.server.audit.refusing and self.server.engine.restricted(self.principal):
+                        # audit log failing (issue 6): a statement prepared earlier does not run unlogged either
+                        replacement = self._refuse_execute(st[0] if st else "", self._audit_refusal(), now)
+                    elif self.server.guards.store is not None and self.principal is not None:
                         replacement = self._guard_execute(st, int.from_bytes(payload[end + 1:end + 5], "big"), now)
                     if replacement is None:
                         run = Run(st[0], st[1]) if st else Run()
@@ -812,6 +818,9 @@ class ClientSession(asyncio.Protocol):
             if self._undecodable else None)
         if problem is not None and engine.restricted(self.principal):
             return refuse(f"pgwarden: {problem}; statement refused")
+        # --- audit log failing (issue 6): restricted roles never run unlogged statements ---
+        if self.server.audit.refusing and engine.restricted(self.principal):
+            return self._audit_refusal()
         d = engine.decide(self.principal, text, self.catalog, self._context)
         if guards.store is not None and d.action == "rewrite" and d.sql is not None and d.tables \
                 and d.sql[:7].upper() == "PREPARE":
@@ -822,6 +831,9 @@ class ClientSession(asyncio.Protocol):
                               "protected tables is refused; prepare through the protocol (Parse/Bind) instead",
                               reason="uncounted PREPARE")
         return d
+
+    def _audit_refusal(self) -> Decision:
+        return refuse(AUDIT_FAILING, reason=f"audit log cannot be written: {self.server.audit.failure}")
 
     def _pin_application_name(self, stmt: str) -> str | None:
         """SET application_name = 'x' -> SET application_name = 'person/x' (None: not such a SET)."""
@@ -1081,11 +1093,14 @@ class ClientSession(asyncio.Protocol):
                 refusal = self._guard_verdict(guests, want)
         if refusal is None:
             return None
-        text = st[0] if st is not None else ""
+        return self._refuse_execute(st[0] if st is not None else "", refusal, now, self._take_guard())
+
+    def _refuse_execute(self, text: str, refusal: Decision, now: float, guard: dict[str, Any] | None = None) -> bytes:
+        """A refused Execute: a Parse that fails stands in for it, so the server skips to Sync as for any error."""
         err = codec.error_response(refusal.sqlstate, refusal.message)
         run = Run(text, refusal)
         run.start = now
-        run.guard = self._take_guard()
+        run.guard = guard
         self._expect.append(Expect(_P, [run], refusal=err, sql=text))
         return codec.message(F.PARSE, b"pgwarden_refused\x00" + POISON_SQL + b"\x00\x00")
 
@@ -1163,15 +1178,17 @@ class ClientSession(asyncio.Protocol):
                     runs[-1].start = runs[0].start
                 run = runs[head.index]
                 head.index += 1
-                self._finish(run, "ok", _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
+                slip = self._finish(run, "ok", _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
                 head.rows0 = rows
                 if head.index < len(runs):
                     runs[head.index].start = time.perf_counter()
             elif head.kind == _E:
                 expect.popleft()
-                self._finish(head.runs[0], "suspended" if t == _M_SUSPENDED else "ok",  # type: ignore[index]
-                             _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
-            return None
+                slip = self._finish(head.runs[0], "suspended" if t == _M_SUSPENDED else "ok",  # type: ignore[index]
+                                    _tag_facts(payload) if t == _M_COMPLETE else None, rows - head.rows0)
+            else:
+                return None
+            return None if slip is None else slip + codec.message(t, payload)  # the receipt, then this message
         if t == _M_READY:
             self.tx_status = chr(payload[0]) if payload else "I"
             if expect and expect[0].kind in (_S, _Q, _F):
@@ -1287,10 +1304,13 @@ class ClientSession(asyncio.Protocol):
                 "standard_conforming_strings is off, so backslashes in strings would be read differently")
 
     def _finish(self, run: Run, outcome: str, tag: tuple[str, int | None] | None, rows: int,
-                err: Any = None) -> None:
-        """Write the statement's audit event. ``tag``: (type, rows) from its CommandComplete, if any."""
+                err: Any = None) -> bytes | None:
+        """Write the statement's audit event. ``tag``: (type, rows) from its CommandComplete, if any.
+
+        Returns the receipt notice to send the client before the CommandComplete, if the statement gets one.
+        """
         if run.done:
-            return
+            return None
         run.done = True
         self.statements += 1
         dur = (time.perf_counter() - run.start) * 1000.0 if run.start else 0.0
@@ -1309,6 +1329,7 @@ class ClientSession(asyncio.Protocol):
             fields["sqlstate"] = err.sqlstate
             fields["error"] = err.message
         d = run.decision
+        slip: bytes | None = None
         if d is not None and d.action == "rewrite":
             fields["decision"] = "rewrite"
             fields["rewritten"] = d.redacted_sql if d.redacted else d.sql
@@ -1318,6 +1339,11 @@ class ClientSession(asyncio.Protocol):
                 fields["masked"] = list(d.masked)
             if d.hidden:
                 fields["hidden"] = list(d.hidden)
+            # --- receipt for a read of personal data (issue 6, R5.4) ---
+            if stype == "SELECT" and (outcome == "ok" or outcome == "suspended") and (
+                    d.masked or d.hidden or not protected_by(self.server.engine.rules).isdisjoint(d.tables)):
+                fields["receipt"] = rid = new_receipt()
+                slip = receipt_notice(receipt_text(rid, rows, d.tables, d.masked, d.hidden))
         if d is not None and d.flags:
             fields["flags"] = list(d.flags)
         if outcome == "refused" and d is not None:
@@ -1336,6 +1362,7 @@ class ClientSession(asyncio.Protocol):
         self.server.audit.emit_with("statement", self._audit_base, fields)
         if self.server.stats is not None:  # metrics: counted where the event is written
             self.server.stats.statement(outcome, d, dur / 1000.0, err.sqlstate if err is not None else None)
+        return slip
 
     # --- endings ------------------------------------------------------------------------------
 

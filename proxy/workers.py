@@ -31,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .audit import default_replica
 from .config import Config
 
 RESTART_BACKOFF_MAX = 10.0
@@ -53,7 +54,10 @@ def worker_config(cfg: Config, worker: tuple[int, int]) -> Config:
     metrics = cfg.metrics_listen
     if metrics is not None and metrics[1]:
         metrics = (metrics[0], metrics[1] + index - 1)
-    return replace(cfg, audit_path=audit_path_for(cfg.audit_path, index), metrics_listen=metrics)
+    # Its own hash chain too: a replica name per worker (audit verify checks each chain on its own).
+    replica = f"{cfg.audit_replica or default_replica(cfg.listen_port)}/w{index}"
+    return replace(cfg, audit_path=audit_path_for(cfg.audit_path, index), audit_replica=replica,
+                   metrics_listen=metrics)
 
 
 def socket_path(runtime_dir: str, index: int) -> str:

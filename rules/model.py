@@ -265,7 +265,10 @@ def _grant(table: str, v: Any, loc: _Located, path: tuple[Any, ...]) -> TableGra
 
 def parse_rules(data: Any, loc: _Located) -> Rules:
     d = _mapping(data, loc, (), "the rules file")
-    _keys(d, {"timezone", "shifts", "tables", "roles", "guards", "tickets"}, loc, ())
+    _keys(d, {"timezone", "shifts", "tables", "roles", "guards", "tickets", "retention"}, loc, ())
+    from .retention import parse_retention  # retention rules: checked with the rest (check, reload)
+
+    parse_retention(d.get("retention"), loc, d.get("tables") or {})
     tz = str(d.get("timezone", "UTC"))
     try:
         ZoneInfo(tz)

@@ -139,7 +139,10 @@ def test_three_refusals_lock_out_on_every_replica_until_security_unlocks(
     assert ok.returncode == 0 and "gina: unlocked" in ok.stdout, ok.stderr
     wait_until(lambda: attempt(b, "gina", "SELECT 1") == [(1,)])
     assert attempt(a, "gina", "SELECT 1") == [(1,)]
-    unlocks = [json.loads(line) for line in (tmp_path / "cli-audit.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (tmp_path / "cli-audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["unlock", "audit_closed"]  # the chain ends with a clean stop
+    assert events[0]["replica"].endswith(":unlock")  # a chain of its own, apart from the proxy's
+    unlocks = events[:1]
     assert [(e["event"], e["user"], e["target"], e["lifted"]) for e in unlocks] == [("unlock", "frank", "gina", True)]
 
 

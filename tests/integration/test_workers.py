@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -102,3 +105,8 @@ def test_sighup_and_sigterm_reach_every_worker_and_a_dead_worker_is_restarted(cl
         shutdowns = [sum(1 for e in audit_events(tmp_path / f"audit-w{w}.jsonl") if e["event"] == "shutdown")
                      for w in (1, 2)]
         assert shutdowns == [1, 1]
+    # Each worker is a hash chain of its own (replica .../w1, .../w2), continued across worker 1's restart.
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "audit", "verify", "--from-start", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.findall(r"^replica \S+/w(\d): intact", r.stdout, re.M) == ["1", "2"], r.stdout

@@ -1,0 +1,220 @@
+"""``pgwarden audit verify|search|report`` and ``pgwarden retention plan|apply``: the security side's tools.
+
+Kept apart from ``proxy.cli`` (which only calls ``add_commands``): each
+command reads files or the database and hands the work to an I/O-free core
+(``audit_verify``, ``audit_search``, ``audit_report``, ``rules.retention``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+
+
+def _config_and_rules(args: argparse.Namespace) -> tuple[Config, str]:
+    """The configuration and the rules file: --rules, else rules: in the configuration."""
+    cfg = load_config(args.config)
+    rules_path = args.rules or cfg.rules_path
+    if not rules_path:
+        raise ConfigError("no rules: give --rules or set rules: in the config")
+    return cfg, rules_path
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from .audit_files import numbered_lines
+    from .audit_verify import render, verify
+
+    try:
+        result = verify(numbered_lines(args.files), from_start=args.from_start)
+    except OSError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    if not result.chains and not result.broken:
+        print("pgwarden: no audit events in the files given", file=sys.stderr)
+        return 1
+    for line in render(result):
+        print(line)
+    return 0 if result.ok else 1
+
+
+def _subject_keys(rules_path: str | None) -> dict[str, str]:
+    """Which column names the guest in each table (from the rules), for guest searches."""
+    if not rules_path:
+        return {}
+    from rules.model import load_rules
+
+    rules = load_rules(rules_path)
+    return {name: t.subject_key for name, t in rules.tables.items() if t.subject_key}
+
+
+def _audit_search(args: argparse.Namespace) -> int:
+    import orjson
+
+    from .audit_files import events
+    from .audit_search import Filters, parse_when, search, table_header, table_row
+
+    try:
+        keys = _subject_keys(args.rules)
+        f = Filters(user=args.user, role=args.role, guest=args.guest, table=args.table, decision=args.decision,
+                    ticket=args.ticket, receipt=args.receipt, event=args.event,
+                    since=parse_when(args.since) if args.since else None,
+                    until=parse_when(args.until) if args.until else None)
+    except (ConfigError, ValueError) as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    if args.guest and not keys:
+        print("pgwarden: --guest needs --rules (the rules say which column identifies the guest in each table)",
+              file=sys.stderr)
+        return 2
+    n = 0
+    out = sys.stdout
+    if not args.json:
+        print(table_header())
+    for ev in search(events(args.files), f, keys):
+        n += 1
+        if args.json:
+            out.buffer.write(orjson.dumps(ev) + b"\n")
+        else:
+            print(table_row(ev))
+    out.flush()
+    if not args.json:
+        print(f"({n} event{'' if n == 1 else 's'})", file=sys.stderr)
+    return 0
+
+
+def _audit_report(args: argparse.Namespace) -> int:
+    from datetime import datetime, time, timezone
+    from zoneinfo import ZoneInfo
+
+    from .audit_files import events
+    from .audit_report import Window, render_html, summarise
+    from .audit_search import parse_when
+
+    try:
+        now = datetime.now(timezone.utc)
+        since = parse_when(args.since, now)
+        until = parse_when(args.until, now) if args.until else now
+        start, _, end = args.off_hours.partition("-")
+        off = Window(time.fromisoformat(start), time.fromisoformat(end))
+        keys: dict[str, str] = {}
+        shifts: dict[str, Window] = {}
+        tz, tz_name = timezone.utc, "UTC"
+        if args.rules:
+            from rules.model import load_rules
+
+            rules = load_rules(args.rules)
+            keys = {n: t.subject_key for n, t in rules.tables.items() if t.subject_key}
+            shifts = {sh.name: Window(sh.start, sh.end) for sh in rules.shifts}
+            tz, tz_name = ZoneInfo(rules.timezone), rules.timezone
+        user_shifts: dict[str, str] = {}
+        if args.config:
+            cfg = load_config(args.config)
+            user_shifts = {u.name: str(u.attributes["shift"]) for u in cfg.users.values() if "shift" in u.attributes}
+    except (ConfigError, ValueError) as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    summary = summarise(events(args.files), since=since, until=until, tz=tz, tz_name=tz_name, keys=keys,
+                        shifts=shifts, user_shifts=user_shifts, off_hours=off)
+    page = render_html(summary)
+    with open(args.html, "w", encoding="utf-8") as f:
+        f.write(page)
+    print(f"{args.html}: {summary.statements} statements by {len(summary.users)} people, "
+          f"{len(summary.refusals)} refused, {len(summary.off_shift)} off shift, "
+          f"{len(summary.general_manager)} general-manager accesses")
+    return 0
+
+
+def _retention(args: argparse.Namespace) -> int:
+    """Plan (dry run, the default) or apply the retention rules; every rule is audited either way."""
+    import getpass
+
+    from rules.retention import load_retention
+
+    from .audit import AuditLog, default_replica
+    from .retention import render, run
+
+    try:
+        cfg, rules_path = _config_and_rules(args)
+        retention = load_retention(rules_path)
+    except ConfigError as exc:
+        print(f"pgwarden: {exc}", file=sys.stderr)
+        return 2
+    if not retention:
+        print(f"pgwarden: {rules_path} has no retention: section", file=sys.stderr)
+        return 2
+    apply = args.action == "apply"
+
+    async def go() -> list[Any]:
+        import asyncpg
+
+        up = cfg.upstream
+        if args.dsn:
+            conn = await asyncpg.connect(args.dsn)
+        else:
+            conn = await asyncpg.connect(host=up.host, port=up.port, user=up.user, password=up.password,
+                                         database=args.database, ssl=False if up.sslmode == "disable" else "prefer")
+        audit = AuditLog(cfg.audit_path, replica=default_replica() + ":retention")
+        try:
+            return await run(conn, retention, apply=apply, audit=audit, batch=args.batch, actor=getpass.getuser())
+        finally:
+            audit.close()
+            await conn.close()
+
+    try:
+        results = asyncio.run(go())
+    except Exception as exc:  # noqa: BLE001 - a database problem, said plainly; each rule is its own transaction
+        print(f"pgwarden: retention {args.action} failed: {exc}", file=sys.stderr)
+        return 1
+    for line in render(results, apply=apply):
+        print(line)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``audit`` and ``retention`` to the ``pgwarden`` subcommands."""
+    a = sub.add_parser("audit", help="verify, search and report on audit files")
+    asub = a.add_subparsers(dest="audit_cmd", required=True)
+    v = asub.add_parser("verify", help="check the hash chains: first edited, missing or reordered event per replica")
+    v.add_argument("files", nargs="+", help="audit files (.jsonl, .jsonl.gz) or directories holding them")
+    v.add_argument("--from-start", action="store_true",
+                   help="fail unless every replica's chain starts at its first event (seq 1)")
+    v.set_defaults(fn=_audit_verify)
+    se = asub.add_parser("search", help="events by user, role, guest, table, decision, ticket, time or receipt")
+    se.add_argument("files", nargs="+", help="audit files (.jsonl, .jsonl.gz) or directories holding them")
+    se.add_argument("--user")
+    se.add_argument("--role")
+    se.add_argument("--guest", help="a guest id (subject key value); needs --rules")
+    se.add_argument("--table", help="e.g. cs_records or public.cs_records")
+    se.add_argument("--decision", choices=("allow", "rewrite", "refuse", "error"))
+    se.add_argument("--ticket")
+    se.add_argument("--receipt", help="e.g. R-7f3a9c2e1b4d5e6f")
+    se.add_argument("--event", help="event kind: statement, login, login_failed, ... (default: all)")
+    se.add_argument("--since", help="30d, 12h or an ISO date/time")
+    se.add_argument("--until", help="30d, 12h or an ISO date/time (exclusive)")
+    se.add_argument("--rules", help="rules YAML: subject keys for --guest")
+    se.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    se.set_defaults(fn=_audit_search)
+    rp = asub.add_parser("report", help="a self-contained HTML report for security review")
+    rp.add_argument("files", nargs="+", help="audit files (.jsonl, .jsonl.gz) or directories holding them")
+    rp.add_argument("--since", default="30d", help="30d (default), 12h or an ISO date/time")
+    rp.add_argument("--until", help="end of the period (default: now)")
+    rp.add_argument("--html", required=True, help="the page to write")
+    rp.add_argument("--rules", help="rules YAML: time zone, shifts, subject keys (guests)")
+    rp.add_argument("--config", "-c", help="pgwarden configuration: users' shift attributes")
+    rp.add_argument("--off-hours", default="23:00-07:00",
+                    help="local window counted as off shift for people without a shift (default 23:00-07:00)")
+    rp.set_defaults(fn=_audit_report)
+
+    r = sub.add_parser("retention", help="delete rows past their retention period (plan: dry run)")
+    r.add_argument("action", nargs="?", choices=("plan", "apply"), default="plan")
+    r.add_argument("--config", "-c", required=True, help="pgwarden configuration (upstream, audit log)")
+    r.add_argument("--rules", help="rules YAML with a retention: section (default: rules: in the config)")
+    r.add_argument("--database", default="hotel")
+    r.add_argument("--dsn", help="connect with this DSN instead (a role allowed to DELETE)")
+    r.add_argument("--batch", type=int, default=5000, help="rows per DELETE (default 5000)")
+    r.set_defaults(fn=_retention)
+

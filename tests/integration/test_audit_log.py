@@ -1,0 +1,250 @@
+"""The audit log under real conditions: a full disk, SIGTERM with busy sessions, receipts (R5.1, R5.2, R5.4)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+
+from proxy.auth import make_scram_verifier
+from proxy.pgcluster import PgCluster
+from tests.conftest import Proxy, start_proxy
+
+ROOT = Path(__file__).resolve().parents[2]
+HOTEL = ROOT / "deploy" / "rules" / "hotel.yaml"
+PGWARDEN = [sys.executable, "-m", "proxy.cli"]
+
+
+def events(path: Path) -> list[dict]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
+
+
+def wait_for(cond, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture()
+def full_disk_proxy(cluster: PgCluster, tmp_path: Path) -> Iterator[tuple[Proxy, Path]]:
+    """pgwarden with the hotel rules whose audit file is /dev/full (every write: ENOSPC)."""
+    link = tmp_path / "audit.jsonl"
+    link.symlink_to("/dev/full")
+    p = start_proxy(cluster, str(tmp_path), rules=str(HOTEL), audit={"path": str(link)})
+    try:
+        yield p, link
+    finally:
+        p.thread.stop()
+
+
+def test_restricted_statements_are_refused_while_the_log_cannot_be_written(
+        full_disk_proxy: tuple[Proxy, Path]) -> None:
+    proxy, link = full_disk_proxy
+    audit = proxy.thread.server.audit  # type: ignore[union-attr]
+    with psycopg.connect(proxy.dsn("bob"), autocommit=True) as c:
+        wait_for(lambda: not audit.healthy, "the login event's write to fail")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+            c.execute("SELECT count(*) FROM cs_records").fetchall()
+        assert str(ei.value) == ("pgwarden: the audit log cannot be written, so statements of restricted roles "
+                                 "are refused until it can; tell the pgwarden administrator")
+        link.unlink()  # space is freed: the path names a writable file again
+        wait_for(lambda: audit.healthy, "the held-back events to be written", timeout=5)
+        assert c.execute("SELECT 1 + 1").fetchone() == (2,)
+    wait_for(lambda: any(e.get("event") == "disconnect" for e in events(link)), "the disconnect event")
+    evs = events(link)
+    assert [e["event"] for e in evs] == ["login", "statement", "statement", "disconnect"]
+    assert [e["seq"] for e in evs] == [1, 2, 3, 4]
+    refused = evs[1]
+    assert (refused["outcome"], refused["sqlstate"], refused["reason"]) == (
+        "refused", "42501", "audit log cannot be written: No space left on device (ENOSPC)")
+    assert (evs[2]["outcome"], evs[2]["statement"]) == ("ok", "SELECT 1 + 1")
+    r = subprocess.run([*PGWARDEN, "audit", "verify", str(link)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "replica test: intact, 4 events, seq 1..4" in r.stdout
+
+
+def _serve_config(cluster: PgCluster, tmp_path: Path, audit: str) -> Path:
+    verifier = make_scram_verifier("demo")
+    cfg = tmp_path / "pgwarden.yaml"
+    users = "".join(f"  {u}: {{role: {r}, department: FO, password: '{verifier}'}}\n"
+                    for u, r in (("bob", "supervisor"), ("dave", "general_manager")))
+    cfg.write_text(
+        f"listen: {{host: 127.0.0.1, port: 0}}\n"
+        f"upstream: {{host: {cluster.host}, port: {cluster.port}, user: {cluster.service_user}, "
+        f"password: '{cluster.service_password}', sslmode: disable}}\n"
+        f"audit: {{path: '{audit}', replica: serve-test}}\nshutdown_grace: 1\n"
+        f"rules: {HOTEL}\nstate: off\nusers:\n{users}", encoding="utf-8")
+    return cfg
+
+
+def test_sigterm_writes_every_event_of_busy_sessions(cluster: PgCluster, tmp_path: Path) -> None:
+    cfg = _serve_config(cluster, tmp_path, str(tmp_path / "audit-%Y-%m.jsonl"))
+    proc = subprocess.Popen([*PGWARDEN, "serve", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening "), line + (proc.stderr.read() if proc.stderr else "")
+        port = int(line.split()[1])
+        dsn = f"host=127.0.0.1 port={port} dbname=hotel user=%s password=demo"
+        errors: list[BaseException] = []
+
+        def client(k: int) -> None:
+            try:
+                with psycopg.connect(dsn % ("dave" if k % 2 else "bob"), autocommit=True) as c:
+                    for i in range(50):
+                        c.execute("SELECT %s::int + 0", (i,)).fetchone()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        sleeper = psycopg.connect(dsn % "dave", autocommit=True)
+        stuck: list[BaseException] = []
+        t = threading.Thread(target=lambda: stuck.append(_run_quietly(sleeper, "SELECT pg_sleep(60)")))
+        t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        t.join(30)
+        sleeper.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    files = sorted(tmp_path.glob("audit-*.jsonl"))
+    assert len(files) == 1
+    evs = events(files[0])
+    stmts = [e for e in evs if e["event"] == "statement" and e.get("outcome") == "ok"]
+    assert len(stmts) == 8 * 50
+    assert sorted(e["statement"] for e in evs if e.get("outcome") == "client_disconnected") == [
+        "SELECT pg_sleep(60)"]
+    assert sum(1 for e in evs if e["event"] == "disconnect") == 9
+    assert evs[-1]["event"] == "audit_closed"
+    r = subprocess.run([*PGWARDEN, "audit", "verify", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout
+    assert f"replica serve-test: intact, {len(evs)} events, seq 1..{len(evs)}" in r.stdout
+    assert "ends with a clean stop (audit_closed)" in r.stdout
+
+
+def _run_quietly(conn: psycopg.Connection, sql: str) -> BaseException | None:
+    try:
+        conn.execute(sql)
+    except psycopg.Error as exc:
+        return exc
+    return None
+
+
+@pytest.fixture(scope="module")
+def guarded(cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    p = start_proxy(cluster, str(tmp_path_factory.mktemp("receipts")), rules=str(HOTEL))
+    try:
+        yield p
+    finally:
+        p.thread.stop()
+
+
+BOB_MASKED = "masked: bank_card, content, id_number, phone"  # a supervisor sees guest names
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])
+def test_receipt_notice_through_psycopg_matches_the_audit_event(guarded: Proxy, prepare: bool) -> None:
+    guarded.take_events()
+    notices: list[tuple[str | None, ...]] = []
+    with psycopg.connect(guarded.dsn("bob"), autocommit=True) as c:
+        # A Diagnostic is only valid inside the handler: copy its fields.
+        c.add_notice_handler(lambda d: notices.append((d.severity, d.sqlstate, d.message_primary)))
+        rows = c.execute("SELECT id, phone FROM cs_records ORDER BY id LIMIT 7", prepare=prepare).fetchall()
+        c.execute("SELECT 1", prepare=prepare).fetchall()  # reads no protected table: no receipt
+    n = len(rows)  # bob sees his department's last 72 hours: how many depends on the clock
+    assert n > 1
+    assert len(notices) == 1
+    severity, sqlstate, message = notices[0]
+    assert (severity, sqlstate) == ("NOTICE", "00000")
+    evs = [e for e in guarded.take_events() if e["statement"].startswith("SELECT id, phone")]
+    assert len(evs) == 1 and evs[0]["rows"] == n
+    rid = evs[0]["receipt"]
+    assert rid.startswith("R-") and len(rid) == 18
+    assert message == f"pgwarden receipt {rid}: {n} rows from cs_records, {BOB_MASKED}"
+
+
+def test_receipt_counts_rows_and_tables_of_a_join_for_the_general_manager(guarded: Proxy) -> None:
+    guarded.take_events()
+    notices: list[str] = []
+    with psycopg.connect(guarded.dsn("dave"), autocommit=True) as c:
+        c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        got = c.execute("SELECT r.id, g.name FROM cs_records r JOIN guests g ON g.id = r.guest_id "
+                        "ORDER BY r.id LIMIT 3").fetchall()
+        assert len(got) == 3
+    (ev,) = guarded.take_events()
+    assert ev["flags"] == ["internal_audit"]
+    assert notices == [f"pgwarden receipt {ev['receipt']}: 3 rows from cs_records, guests, masked: "
+                       "guests.bank_card, guests.email, guests.id_number, guests.name, guests.phone"]
+
+
+def test_receipt_in_psql_for_each_statement_of_a_query(guarded: Proxy) -> None:
+    guarded.take_events()
+    r = subprocess.run(["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(guarded.port), "-U", "bob", "-d", "hotel",
+                        "-c", "SELECT count(*) FROM cs_records; SELECT 2"],
+                       env={"PGPASSWORD": "demo", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    evs = guarded.take_events()
+    assert [e.get("receipt") is not None for e in evs] == [True, False]
+    assert r.stderr == (f"NOTICE:  pgwarden receipt {evs[0]['receipt']}: 1 row from cs_records, "
+                        "masked: bank_card, content, id_number, phone\n")
+    assert r.stdout.splitlines()[1] == "2"
+
+
+def test_prepared_statements_are_refused_too_once_the_file_stops_growing(cluster: PgCluster, tmp_path: Path) -> None:
+    """RLIMIT_FSIZE stops pgwarden's audit file at 16 KiB (writes fail with EFBIG, as on a full disk):
+    a statement prepared while the log worked is refused at its next Execute, not run unlogged."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    cfg = _serve_config(cluster, tmp_path, str(tmp_path / "audit.jsonl"))
+    proc = subprocess.Popen([*PGWARDEN, "serve", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=limit)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split()[1])
+        sql = "SELECT count(*) FROM cs_records WHERE department = %s"
+        refused_at = None
+        with psycopg.connect(f"host=127.0.0.1 port={port} dbname=hotel user=bob password=demo",
+                             autocommit=True) as c:
+            for i in range(400):
+                try:
+                    c.execute(sql, ("FO",), prepare=True).fetchone()  # Parse once, then Bind/Execute only
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    assert str(exc).startswith("pgwarden: the audit log cannot be written")
+                    refused_at = i
+                    break
+                time.sleep(0.005)  # let each event's write happen (and fail) before the next Execute
+            assert refused_at is not None and refused_at > 3, refused_at
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT 1").fetchone()  # new statements are refused too
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "CANNOT BE WRITTEN: File too large (EFBIG)" in err
+    assert (tmp_path / "audit.jsonl").stat().st_size <= 16 << 10
