@@ -210,3 +210,19 @@ def test_break_glass_at_once_flagged_and_overdue_without_a_ticket(env: tuple[Pro
     ok(cli(cfg, "bob", "request", "--table", "cs_records", "--reason", "backing the lobby emergency",
            "--emergency", str(eid)))
     assert ok(cli(cfg, "frank", "overdue")) == ""
+
+
+def test_cross_region_needs_a_headquarters_approver_and_opens_only_that_region(env: tuple[Proxy, Proxy, Path],
+                                                                               cluster: PgCluster) -> None:
+    a, _, cfg = env
+    err = rows(a, "SELECT count(*) FROM guests")
+    assert isinstance(err, psycopg.Error) and err.sqlstate == "42501"  # supervisors have no guests grant
+    tid = ok(cli(cfg, "bob", "request", "--table", "guests", "--scope", "region north", "--reason", "regional audit"))
+    assert ok(cli(cfg, "judy", "approve", tid)) == (
+        f"{tid}: pending (still needs 1 more approval(s) from department_head, security_director; "
+        "a headquarters approval (security_director))")
+    assert ok(cli(cfg, "frank", "approve", tid)) == f"{tid}: approved"
+    got = rows(a, "SELECT region, count(*) FROM guests GROUP BY region", f"SET pgwarden.ticket = '{tid}'")
+    assert got == direct(cluster, "SELECT region, count(*) FROM guests WHERE region = 'north' GROUP BY region")
+    names = rows(a, "SELECT name, phone FROM guests LIMIT 5", f"SET pgwarden.ticket = '{tid}'")
+    assert isinstance(names, list) and all(n.endswith("*") and "****" in p for n, p in names)  # masks stay
