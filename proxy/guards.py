@@ -118,7 +118,7 @@ class Guards:
             jobs.append(self.check_budget(principal, role, want, budget))
         if not jobs:
             return Verdict(True)
-        results = await asyncio.gather(*jobs)
+        results = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)  # no task for one job
         lookups = results[0] if guests else None
         rows = results[-1] if want and budget else None
         store = self.store

@@ -444,8 +444,22 @@ SELECT pg_notify($2, json_build_object('kind', 'streak', 'user', $1::text, 'stre
         """Count one lookup of each guest, all or none; returns (guest, lookups, allowed) per guest."""
         pool = self._require()
         m = month or datetime.now(timezone.utc).date().replace(day=1)
+        distinct = sorted(set(guests))
+        if len(distinct) == 1 and not exempt:
+            # The common case, one guest: one upsert that counts only while under the limit.
+            s = self.schema
+            row = await pool.fetchrow(f"""
+                INSERT INTO {s}.guest_lookups AS g (user_name, guest, month, lookups) VALUES ($1, $2, $3, 1)
+                ON CONFLICT (user_name, guest, month) DO UPDATE SET lookups = g.lookups + 1
+                    WHERE g.lookups < $4
+                RETURNING g.lookups""", user, distinct[0], m, limit)
+            if row is not None and row["lookups"] <= limit:
+                return [(distinct[0], int(row["lookups"]), True)]
+            if row is not None:  # a first lookup with a limit below 1 (not allowed by the rules)
+                return [(distinct[0], int(row["lookups"]), False)]
+            return [(distinct[0], limit, False)]
         rows = await pool.fetch(f"SELECT guest, lookups, allowed FROM {self.schema}.take_lookups($1, $2, $3, $4, $5)",
-                                user, sorted(set(guests)), m, limit, list(exempt))
+                                user, distinct, m, limit, list(exempt))
         return [(r["guest"], int(r["lookups"]), bool(r["allowed"])) for r in rows]
 
 
