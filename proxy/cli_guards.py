@@ -122,6 +122,9 @@ def _unlock(args: argparse.Namespace) -> int:
         return got
     cfg, state, rules, actor = got
     allowed = rules.guards.unlock_roles
+    if actor.user == args.user:
+        print("pgwarden: nobody unlocks themselves; ask another person with the right", file=sys.stderr)
+        return 3
     if actor.role not in allowed:
         print(f"pgwarden: role {actor.role} may not unlock users (the rules allow: "
               f"{', '.join(sorted(allowed)) or 'nobody'})", file=sys.stderr)

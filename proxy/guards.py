@@ -113,7 +113,7 @@ class Guards:
         jobs: list[Any] = []
         if guests:
             jobs.append(self.check_lookups(principal, role, getattr(grants, "guest_lookups", None) or 0, guests,
-                                           exempt))
+                                           exempt, month=self._month()))
         if want and budget:
             jobs.append(self.check_budget(principal, role, want, budget))
         if not jobs:
@@ -127,7 +127,7 @@ class Guards:
             # All or nothing: undo the half that went through.
             try:
                 if lookups.allowed:
-                    await store.untake_lookups(principal.user, guests)
+                    await store.untake_lookups(principal.user, guests, self._month())
                 elif rows.reserved is not None:
                     await store.give_back(principal.user, rows.reserved[0], rows.reserved[1])
             except Exception:  # noqa: BLE001 - the statement is refused either way
@@ -176,12 +176,19 @@ class Guards:
 
         self._spawn(run())
 
+    def _month(self) -> Any:
+        """The calendar month of the quota, in the rules' time zone (a hotel's month, not UTC's)."""
+        from zoneinfo import ZoneInfo
+
+        tz = getattr(self._rules(), "timezone", "UTC") or "UTC"
+        return datetime.now(ZoneInfo(tz)).date().replace(day=1)
+
     async def check_lookups(self, principal: Principal, role: str, limit: int, guests: Sequence[str],
-                            exempt: Sequence[str] = ()) -> Verdict:
+                            exempt: Sequence[str] = (), month: Any = None) -> Verdict:
         store = self.store
         assert store is not None
         try:
-            rows = await store.take_lookups(principal.user, guests, limit, exempt=exempt)
+            rows = await store.take_lookups(principal.user, guests, limit, exempt=exempt, month=month)
         except StateUnavailable as exc:
             return LookupVerdict(False, f"pgwarden: the guard state store cannot be reached ({exc}); "
                                         "guest lookups are refused until it is back")
@@ -240,6 +247,8 @@ def device_refusal(principal: Principal, user_networks: Sequence[Any], role: Any
         addr = ipaddress.ip_address(principal.client_addr.split("%")[0]) if principal.client_addr else None
     except ValueError:
         addr = None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # a dual-stack listener shows IPv4 clients as ::ffff:a.b.c.d
     for nets, whose in ((user_networks, f"user {principal.user}"),
                         (getattr(role, "networks", ()), f"role {getattr(role, 'name', '')}")):
         if nets and (addr is None or not any(addr in n for n in nets)):

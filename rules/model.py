@@ -500,7 +500,7 @@ def _load_with_includes(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, 
     if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
         raise _err(loc, ("include",), "include is a file name or a list of them, relative to this file")
     for i, name in enumerate(includes):
-        sub_path = (path.parent / name).resolve() if not Path(name).is_absolute() else Path(name)
+        sub_path = (path.parent / name).resolve()  # absolute names too: a symlink loop is a cycle
         if sub_path in chain or sub_path == path.resolve():
             raise _err(loc, ("include", i), f"{name} includes itself (through {' -> '.join(map(str, chain))})")
         if not sub_path.is_file():

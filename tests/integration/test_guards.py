@@ -134,6 +134,9 @@ def test_three_refusals_lock_out_on_every_replica_until_security_unlocks(
                             "--as", "frank"], env=dict(env, PGWARDEN_PASSWORD="nope"), capture_output=True,
                            text=True, timeout=60)
     assert wrong.returncode == 3
+    itself = subprocess.run([sys.executable, "-m", "proxy.cli", "unlock", "frank", "--config", str(cfg), "--as", "frank"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert itself.returncode == 3 and "nobody unlocks themselves" in itself.stderr
     ok = subprocess.run([sys.executable, "-m", "proxy.cli", "unlock", "gina", "--config", str(cfg), "--as", "frank"],
                         env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "gina: unlocked" in ok.stdout, ok.stderr

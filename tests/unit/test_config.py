@@ -390,6 +390,8 @@ users:
     inside = Principal("ann", "r", None, client_addr="192.168.7.20")
     outside = Principal("ann", "r", None, client_addr="192.168.8.1")
     assert device_refusal(inside, nets, None) is None
+    mapped = Principal("ann", "r", None, client_addr="::ffff:192.168.7.20")  # a dual-stack listener's view
+    assert device_refusal(mapped, nets, None) is None
     assert device_refusal(outside, nets, None) == ("pgwarden: user ann may connect only from designated devices "
                                                    "(192.168.7.0/24, 2001:db8::/32), not from 192.168.8.1")
     assert_error(text.replace("2001:db8::/32", "300.1.1.1/8"), 6, "300.1.1.1/8")
