@@ -47,6 +47,12 @@ def hash_of(event: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(rest)).hexdigest()
 
 
+def exact(line: bytes, event: dict[str, Any]) -> bool:
+    """Is ``line`` exactly the bytes pgwarden writes for ``event``?"""
+    body, _ = seal({k: v for k, v in event.items() if k != "hash"})
+    return line.rstrip(b"\r\n") == body
+
+
 def parse_line(line: bytes) -> dict[str, Any] | None:
     """An event from one line, or None when the line is not a complete chained event."""
     try:

@@ -54,28 +54,36 @@ def _ticket(args: argparse.Namespace) -> int:
         "request": _request, "approve": _decide, "reject": _decide, "close": _close, "list": _list,
         "show": _show, "overdue": _overdue}[args.ticket_command]
 
+    from .audit import AuditLog, default_replica
+
+    # A change that cannot be audited is not made: the log must take an event before the store is touched.
+    log = AuditLog(cfg.audit_path, replica=default_replica() + ":tickets")  # a chain of its own
     try:
-        return int(with_state(state, lambda conn: action(Ctx(args, cfg, state.schema, rules, actor, conn))))
+        log.emit("ticket_command", actor, command=args.ticket_command, id=getattr(args, "id", None))
+        log.flush()
+        if not log.healthy:
+            print(f"pgwarden: the audit log {cfg.audit_path} cannot be written; nothing was changed",
+                  file=sys.stderr)
+            return 5
+        return int(with_state(state, lambda conn: action(Ctx(args, cfg, state.schema, rules, actor, conn, log))))
     except TicketError as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)
         return 4
     except OSError as exc:
-        print(f"pgwarden: cannot reach the state store: {exc}", file=sys.stderr)
+        print(f"pgwarden: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    finally:
+        log.close()
 
 
 class Ctx:
-    def __init__(self, args: argparse.Namespace, cfg: Any, schema: str, rules: Any, actor: Any, conn: Any) -> None:
+    def __init__(self, args: argparse.Namespace, cfg: Any, schema: str, rules: Any, actor: Any, conn: Any,
+                 log: Any) -> None:
         self.args, self.cfg, self.schema, self.rules, self.actor, self.conn = args, cfg, schema, rules, actor, conn
+        self.log = log
 
     def audit(self, event: str, **fields: Any) -> None:
-        from .audit import AuditLog, default_replica
-
-        log = AuditLog(self.cfg.audit_path, replica=default_replica() + ":tickets")  # a chain of its own
-        try:
-            log.emit(event, self.actor, **fields)
-        finally:
-            log.close()
+        self.log.emit(event, self.actor, **fields)
 
 
 def _qualified(rules: Any, name: str) -> str:
@@ -94,8 +102,9 @@ async def _request(c: Ctx) -> int:
     a = c.args
     scope = parse_scope(a.scope)
     tables = tuple(dict.fromkeys(_qualified(c.rules, t) for t in a.table))
-    own_region = c.actor.attributes.get("region")
-    cross = bool(scope["regions"]) and any(r != own_region for r in scope["regions"])
+    from rules.tickets import cross_region
+
+    cross = cross_region(tables, scope["regions"], c.actor.attributes.get("region"), c.rules.tables)
     r = Request(requester=c.actor.user, role=c.actor.role, department=c.actor.department, tables=tables,
                 reason=a.reason, hours=a.hours or c.rules.tickets.default_hours, legal=a.legal, cross_region=cross,
                 time_from=when(a.time_from), time_to=when(a.time_to), emergency=a.emergency, **scope)

@@ -276,6 +276,9 @@ class ClientSession(asyncio.Protocol):
         self._last_reserved: Any = None  # the row budget reservation the last verdict made
         self._cursors: set[str] = set()  # cursors declared over protected tables (their FETCHes count)
         self._scope: Any = None  # rules.tickets.Scope of the ticket or break-glass in use, if any
+        self._scope_epoch = 0  # changes whenever the scope does
+        self._stmt_epoch: dict[bytes, int] = {}  # prepared under a scope -> the epoch it was prepared in
+        self._portal_epoch: dict[bytes, int] = {}
         self._scope_source = ""  # the statement that activated it (re-run after a guard wait: not again)
 
     # --- asyncio callbacks -------------------------------------------------------------------
@@ -656,6 +659,12 @@ class ClientSession(asyncio.Protocol):
                     if st is not None and st[1] is not None and st[1].lookups:
                         st = self._with_params(st, payload)
                     self._portals[payload[:a]] = st
+                    if self._stmt_epoch:
+                        ep = self._stmt_epoch.get(payload[a + 1 : b])
+                        if ep is None:
+                            self._portal_epoch.pop(payload[:a], None)
+                        else:
+                            self._portal_epoch[payload[:a]] = ep
                     expect.append(_EXPECT_BIND)
                 elif t == _F_EXECUTE:
                     end = payload.find(b"\x00")
@@ -663,6 +672,10 @@ class ClientSession(asyncio.Protocol):
                     if self.server.audit.refusing and self.server.engine.restricted(self.principal):
                         # audit log failing (issue 6): a statement prepared earlier does not run unlogged either
                         replacement = self._refuse_execute(st[0] if st else "", self._audit_refusal(), now)
+                    elif self._portal_epoch and self._stale_portal(payload[:end] if end >= 0 else payload):
+                        replacement = self._refuse_execute(st[0] if st else "", refuse(
+                            "pgwarden: this statement was prepared under a ticket (or break-glass) that is no longer "
+                            "in force; prepare it again", reason="ticket no longer in force"), now)
                     elif self.server.guards.store is not None and self.principal is not None:
                         replacement = self._guard_execute(st, int.from_bytes(payload[end + 1:end + 5], "big"), now)
                     if replacement is None:
@@ -756,6 +769,12 @@ class ClientSession(asyncio.Protocol):
                 if pinned is not None:
                     parts[i] = part = pinned
                     rewritten = True
+        if len(parts) > 1 and sum(_MENTIONS_OWN(p) is not None and _SET_OR_RESET.match(p) is not None
+                                  for p in parts) > 1:
+            # Each is checked with the state store while the Query waits; one per Query keeps that finite.
+            return self._refuse_simple(sql, codec.error_response(
+                SqlState.INSUFFICIENT_PRIVILEGE, "pgwarden: one SET pgwarden.ticket / pgwarden.emergency per query"),
+                now, decision=refuse("pgwarden: one SET pgwarden.* per query"))
         for i, part in enumerate(parts):
             mentions = _MENTIONS_OWN(part) is not None
             own = _OWN_SET.fullmatch(part) if mentions else None
@@ -822,6 +841,11 @@ class ClientSession(asyncio.Protocol):
         if self.server.audit.refusing and engine.restricted(self.principal):
             return self._audit_refusal()
         d = engine.decide(self.principal, text, self.catalog, self._context)
+        if self._scope is not None and d.action == "rewrite" and d.sql is not None and d.tables and (
+                d.sql[:7].upper() == "PREPARE" or (d.sql[:7].upper() == "DECLARE" and " HOLD " in d.sql.upper())):
+            # They would outlive the ticket; the protocol's prepared statements are checked when they run.
+            return refuse("pgwarden: under a ticket or break-glass, SQL PREPARE and cursors WITH HOLD of protected "
+                          "tables are refused (they would outlive it)", reason="would outlive the ticket")
         if guards.store is not None and d.action == "rewrite" and d.sql is not None and d.tables \
                 and d.sql[:7].upper() == "PREPARE":
             grants, _ = engine.grants(self.principal)
@@ -884,6 +908,10 @@ class ClientSession(asyncio.Protocol):
             poison = msg.name + b"\x00" + POISON_SQL + b"\x00\x00"
             return codec.message(F.PARSE, poison)
         self._statements[msg.name] = (text, d, msg.param_types) if d.lookups else (text, d)
+        if self._scope is not None:
+            self._stmt_epoch[msg.name] = self._scope_epoch  # widened by the scope: valid while it lasts
+        elif self._stmt_epoch:
+            self._stmt_epoch.pop(msg.name, None)
         self._expect.append(Expect(_P, sql=text))
         return codec.message(F.PARSE, payload) if pinned is not None else None
 
@@ -903,6 +931,8 @@ class ClientSession(asyncio.Protocol):
                           "RESET pgwarden.ticket")
         if self.server.guards.store is None:
             return refuse("pgwarden: tickets and break-glass need the guard state store, and none is configured")
+        if self.server.audit.refusing and self.server.engine.restricted(self.principal):
+            return self._audit_refusal()
         name, value = m.group(3).lower(), m.group(4)
         if m.group(2) or m.group(5) or value is None:  # RESET / TO DEFAULT: back to the role's own grants
             self._set_scope(None, "")
@@ -970,6 +1000,7 @@ class ClientSession(asyncio.Protocol):
         assert p is not None
         old = self._scope
         self._scope, self._scope_source = scope, source
+        self._scope_epoch += 1  # statements prepared under the old scope stop here
         attrs = {k: v for k, v in p.attributes.items() if k != SCOPE_ATTRIBUTE}
         if scope is not None:
             attrs[SCOPE_ATTRIBUTE] = scope
@@ -992,6 +1023,13 @@ class ClientSession(asyncio.Protocol):
         ended = scope.expires_at is not None and scope.expires_at <= datetime.now(timezone.utc)
         if ended or (store is not None and scope.ticket in store.closed_tickets):
             self._set_scope(None, "")
+
+    def _stale_portal(self, portal: bytes) -> bool:
+        """A portal of a statement prepared under a scope that has changed (reset, closed, expired) since."""
+        if self._scope is not None:
+            self._check_scope()
+        ep = self._portal_epoch.get(portal)
+        return ep is not None and ep != self._scope_epoch
 
     def _lookup_exempt(self) -> tuple[str, ...]:
         return tuple(self._scope.guests) if self._scope is not None else ()

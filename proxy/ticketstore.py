@@ -167,6 +167,11 @@ async def start_emergency(conn: Any, schema: str, user: str, role: str, reason: 
     """Break-glass: at once, for ``hours``; recorded so that a ticket must follow (R4.5)."""
     if not reason.strip():
         raise TicketError("break-glass needs a reason: SET pgwarden.emergency = 'why'")
+    active = await conn.fetchrow(f"SELECT id, expires_at FROM {schema}.emergencies WHERE user_name = $1 "
+                                 "AND expires_at > now() ORDER BY id DESC LIMIT 1", user)
+    if active is not None:
+        # One break-glass at a time, never renewed by asking again: another session joins it as it is.
+        return Scope(ticket=f"E-{active['id']}", tables=tables, emergency=True, expires_at=active["expires_at"])
     row = await conn.fetchrow(f"INSERT INTO {schema}.emergencies (user_name, role, reason, expires_at) "
                               "VALUES ($1, $2, $3, now() + make_interval(hours => $4)) RETURNING id, expires_at",
                               user, role, reason, hours)
@@ -174,11 +179,12 @@ async def start_emergency(conn: Any, schema: str, user: str, role: str, reason: 
 
 
 async def overdue(conn: asyncpg.Connection, schema: str, policy: TicketPolicy) -> list[dict[str, Any]]:
-    """Break-glass uses with no ticket requested within the backing time."""
+    """Break-glass uses not backed, within the backing time, by a ticket that was then approved."""
     rows = await conn.fetch(f"""
-        SELECT id, user_name, role, reason, started_at, expires_at FROM {schema}.emergencies
-        WHERE ticket IS NULL AND started_at < now() - make_interval(hours => $1) ORDER BY started_at""",
-                            policy.emergency_backing_hours)
+        SELECT e.id, e.user_name, e.role, e.reason, e.started_at, e.expires_at FROM {schema}.emergencies e
+        LEFT JOIN {schema}.tickets t ON t.id = e.ticket
+        WHERE t.approved_at IS NULL AND e.started_at < now() - make_interval(hours => $1)
+        ORDER BY e.started_at""", policy.emergency_backing_hours)
     return [dict(r) for r in rows]
 
 

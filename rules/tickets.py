@@ -14,6 +14,7 @@ whether a ticket is approved is :func:`approval`, a pure function of its decisio
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -89,6 +90,18 @@ def may_decide(approver: str, approver_role: str, requester: str, policy: Ticket
     return None
 
 
+def cross_region(tables: Sequence[str], regions: Sequence[str], own_region: str | None,
+                 classified: Mapping[str, Any]) -> bool:
+    """Does a ticket reach past the requester's own region (R1.5: a headquarters approver needed)?
+
+    A table with a region column is cross-region unless the scope keeps it to the requester's region.
+    """
+    regional = [t for t in tables if getattr(classified.get(t), "region_column", None)]
+    if not regional:
+        return False
+    return not regions or own_region is None or any(r != own_region for r in regions)
+
+
 def _col(name: str) -> exp.Column:
     return exp.column(exp.to_identifier(name, quoted=True))
 
@@ -98,7 +111,7 @@ def _op(left: exp.Expression, op: str, right: exp.Expression) -> exp.Expression:
 
 
 def _lit(v: str) -> exp.Expression:
-    return exp.Literal.number(int(v)) if v.lstrip("-").isdigit() else exp.Literal.string(v)
+    return exp.Literal.number(int(v)) if re.fullmatch(r"-?[0-9]{1,18}", v) else exp.Literal.string(v)
 
 
 def _in(col: str, values: Sequence[str]) -> exp.Expression:
@@ -175,6 +188,9 @@ def widen(grants: StatementGrants, tables: Mapping[str, Any], scope: Scope,
                                                               exp.Paren(this=extra))
             if g.row_filter is None:
                 flt = None  # the role sees every row already
-            out[key] = dataclasses.replace(g, row_filter=flt, reason=f"{g.reason}, widened by ticket {scope.ticket}")
+            # Read-only while widened: a ticket opens rows to read, never to write (the role's writes
+            # would otherwise reach the ticket's rows too).
+            out[key] = dataclasses.replace(g, row_filter=flt, kinds=frozenset({StatementKind.SELECT}),
+                                           reason=f"{g.reason}, widened by ticket {scope.ticket}")
     flags = grants.flags | {"emergency" if scope.emergency else "ticket"}
     return dataclasses.replace(grants, tables=out, flags=frozenset(flags))

@@ -207,8 +207,11 @@ def test_break_glass_at_once_flagged_and_overdue_without_a_ticket(env: tuple[Pro
     assert len(lines) == 1 and lines[0].startswith(f"E-{eid}  bob") and "lobby" in lines[0]
     refused_with(cli(cfg, "judy", "request", "--table", "cs_records", "--reason", "x", "--emergency", str(eid)),
                  "is not yours")
-    ok(cli(cfg, "bob", "request", "--table", "cs_records", "--reason", "backing the lobby emergency",
-           "--emergency", str(eid)))
+    backing = ok(cli(cfg, "bob", "request", "--table", "cs_records", "--reason", "backing the lobby emergency",
+                     "--emergency", str(eid)))
+    assert ok(cli(cfg, "frank", "overdue")).startswith(f"E-{eid}")  # requested is not enough: approved backs it
+    ok(cli(cfg, "judy", "approve", backing))
+    ok(cli(cfg, "frank", "approve", backing))
     assert ok(cli(cfg, "frank", "overdue")) == ""
 
 
@@ -226,3 +229,55 @@ def test_cross_region_needs_a_headquarters_approver_and_opens_only_that_region(e
     assert got == direct(cluster, "SELECT region, count(*) FROM guests WHERE region = 'north' GROUP BY region")
     names = rows(a, "SELECT name, phone FROM guests LIMIT 5", f"SET pgwarden.ticket = '{tid}'")
     assert isinstance(names, list) and all(n.endswith("*") and "****" in p for n, p in names)  # masks stay
+
+
+def approved(cfg: Path, who: str, *args: str) -> str:
+    tid = ok(cli(cfg, who, "request", *args))
+    ok(cli(cfg, "judy", "approve", tid))
+    ok(cli(cfg, "frank", "approve", tid))
+    return tid
+
+
+def test_second_review_findings(env: tuple[Proxy, Proxy, Path], cluster: PgCluster) -> None:
+    a, b, cfg = env
+    g = old_guest(cluster)
+    tid = approved(cfg, "bob", "--table", "cs_records", "--scope", f"guest {g}", "--from", "2020-01-01",
+                   "--reason", "complaint")
+    use = f"SET pgwarden.ticket = '{tid}'"
+    every = "SELECT count(*) FROM cs_records"
+    narrow, wide = rows(a, every), rows(a, every, use)
+    assert narrow != wide
+    # 1. two own settings in one Query: refused at once (each would wait for the store in turn)
+    err = rows(a, "SELECT 1", f"{use}; SET pgwarden.emergency = 'x'")
+    assert isinstance(err, psycopg.Error) and "one SET pgwarden" in str(err)
+    # 2. a statement prepared under the ticket does not outlive it
+    with psycopg.connect(a.dsn("bob"), autocommit=True) as c:
+        c.execute(use)
+        assert c.execute(every, prepare=True).fetchall() == wide
+        c.execute("RESET pgwarden.ticket")
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute(every, prepare=True)
+        assert ei.value.sqlstate == "42501" and "no longer in force" in str(ei.value)
+        assert c.execute(every, prepare=False).fetchall() == narrow
+        c.execute(use)
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("PREPARE p AS SELECT count(*) FROM cs_records")
+        assert ei.value.sqlstate == "42501"  # (for bob, the lookup quota refuses SQL PREPARE already)
+    # 3. a ticket opens rows to read, not to write
+    pms_ticket = approved(cfg, "pms", "--table", "cs_records", "--scope", f"guest {g}", "--from", "2020-01-01",
+                          "--reason", "reconcile")
+    with psycopg.connect(a.dsn("pms")) as c:
+        c.execute(f"SET pgwarden.ticket = '{pms_ticket}'")
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute(f"UPDATE cs_records SET severity = 'major' WHERE guest_id = {g}")
+        assert ei.value.sqlstate == "42501" and "may not UPDATE" in str(ei.value)
+        c.rollback()
+    # 4. a ticket for a table with regions, without a region scope, still needs headquarters
+    t = ok(cli(cfg, "bob", "request", "--table", "guests", "--reason", "all guests"))
+    assert "a headquarters approval" in ok(cli(cfg, "judy", "approve", t))
+    # 5. break-glass is not renewed by asking again: another session joins the one in force
+    glass = "SET pgwarden.emergency = 'fire'"
+    rows(a, "SELECT 1", glass)
+    rows(b, "SELECT 1", "SET pgwarden.emergency = 'another fire'")
+    ids = {e["ticket"] for p in (a, b) for e in p.take_events(None) if e.get("event") == "emergency_started"}
+    assert len(ids) == 1, ids

@@ -291,3 +291,17 @@ def test_two_replicas_interleaved_in_one_file_and_a_restart_finds_its_own_chain(
     assert r.returncode == 1
     assert f"replica b: FAILED at {p}:5: missing: seq 2 missing between {p}:2 and {p}:5" in r.stdout
     assert "replica a: intact, 6 events" in r.stdout
+
+
+def test_same_meaning_other_bytes_is_an_edit(tmp_path: Path) -> None:
+    """A duplicate key or an escaped character parses to the same event but hides it from grep."""
+    from proxy.audit_chain import exact, parse_line, seal
+
+    ev = {"event": "statement", "ticket": "T-2026-000001", "user": "bob", "replica": "r", "seq": 1,
+          "prev_hash": "0" * 64}
+    line, _ = seal(ev)
+    assert exact(line + b"\n", parse_line(line))  # type: ignore[arg-type]
+    forged = line.replace(b'"T-2026-000001"', b'"T-2026-00000\\u0031"')
+    assert parse_line(forged) == parse_line(line) and not exact(forged, parse_line(forged))  # type: ignore[arg-type]
+    dup = b'{"user":"mallory",' + line[1:]
+    assert parse_line(dup) == parse_line(line) and not exact(dup, parse_line(dup))  # type: ignore[arg-type]
