@@ -1442,9 +1442,11 @@ class ClientSession(asyncio.Protocol):
                 if not r.done:
                     r.done = True
                     text = r.text
-                    self.server.audit.emit("statement", self.principal, statement_type=statement_type(text),
-                                           statement=text, outcome=outcome, sqlstate=sqlstate, rows=None,
-                                           duration_ms=round((time.perf_counter() - r.start) * 1000.0, 3))
+                    # The session's own fields (ticket or break-glass in force included), as for any statement.
+                    self.server.audit.emit_with("statement", self._audit_base or principal_fields(self.principal), {
+                        "statement_type": statement_type(text), "statement": text, "outcome": outcome,
+                        "sqlstate": sqlstate, "rows": None,
+                        "duration_ms": round((time.perf_counter() - r.start) * 1000.0, 3)})
                     if self.server.stats is not None:
                         self.server.stats.statement(outcome, r.decision, time.perf_counter() - r.start, sqlstate)
 
