@@ -216,11 +216,18 @@ class _ChainedWriter:
             if self._rotate_at and self._clock() >= self._rotate_at:
                 self._flush_locked()
                 self._rotate()
-            self.seq += 1
             ev["replica"] = self.replica
-            ev["seq"] = self.seq
+            ev["seq"] = self.seq + 1
             ev["prev_hash"] = self.prev_hash
-            line, self.prev_hash = seal(ev)
+            try:
+                line, digest = seal(ev)
+            except (TypeError, ValueError, OverflowError) as exc:  # orjson.JSONEncodeError is a TypeError
+                # A value that cannot be serialised must not leave a gap in the chain: log that it happened.
+                ev = {k: ev[k] for k in ("replica", "seq", "prev_hash", "event") if k in ev}
+                ev["unserialisable"] = f"{type(exc).__name__}: {exc}"[:300]
+                line, digest = seal(ev)
+            self.seq += 1
+            self.prev_hash = digest
             self._pending.append(line)
             if self._loop is None or threading.get_ident() != self._loop_thread or self._loop.is_closed():
                 self._flush_locked()

@@ -934,6 +934,9 @@ class ClientSession(asyncio.Protocol):
         if self.server.audit.refusing and self.server.engine.restricted(self.principal):
             return self._audit_refusal()
         name, value = m.group(3).lower(), m.group(4)
+        if self.tx_status != "I":
+            # A transaction could roll the SET back while pgwarden kept it: outside transactions only.
+            return refuse("pgwarden: set or reset pgwarden.ticket / pgwarden.emergency outside a transaction block")
         if m.group(2) or m.group(5) or value is None:  # RESET / TO DEFAULT: back to the role's own grants
             self._set_scope(None, "")
             return Decision("allow")

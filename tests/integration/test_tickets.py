@@ -266,15 +266,21 @@ def test_second_review_findings(env: tuple[Proxy, Proxy, Path], cluster: PgClust
     # 3. a ticket opens rows to read, not to write
     pms_ticket = approved(cfg, "pms", "--table", "cs_records", "--scope", f"guest {g}", "--from", "2020-01-01",
                           "--reason", "reconcile")
-    with psycopg.connect(a.dsn("pms")) as c:
+    with psycopg.connect(a.dsn("pms"), autocommit=True) as c:
         c.execute(f"SET pgwarden.ticket = '{pms_ticket}'")
         with pytest.raises(psycopg.Error) as ei:
             c.execute(f"UPDATE cs_records SET severity = 'major' WHERE guest_id = {g}")
         assert ei.value.sqlstate == "42501" and "may not UPDATE" in str(ei.value)
-        c.rollback()
     # 4. a ticket for a table with regions, without a region scope, still needs headquarters
     t = ok(cli(cfg, "bob", "request", "--table", "guests", "--reason", "all guests"))
     assert "a headquarters approval" in ok(cli(cfg, "judy", "approve", t))
+    # 4b. a ticket is set or reset outside a transaction (a rollback would undo the SET, not pgwarden's view)
+    with psycopg.connect(a.dsn("bob")) as c:
+        c.execute("SELECT 1")
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute(use)
+        assert "outside a transaction block" in str(ei.value)
+        c.rollback()
     # 5. break-glass is not renewed by asking again: another session joins the one in force
     glass = "SET pgwarden.emergency = 'fire'"
     rows(a, "SELECT 1", glass)

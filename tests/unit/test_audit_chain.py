@@ -305,3 +305,16 @@ def test_same_meaning_other_bytes_is_an_edit(tmp_path: Path) -> None:
     assert parse_line(forged) == parse_line(line) and not exact(forged, parse_line(forged))  # type: ignore[arg-type]
     dup = b'{"user":"mallory",' + line[1:]
     assert parse_line(dup) == parse_line(line) and not exact(dup, parse_line(dup))  # type: ignore[arg-type]
+
+
+def test_an_unserialisable_value_leaves_no_gap(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), replica="r")
+    log.emit("statement", None, rows=2**70)  # past 64 bits: orjson refuses it
+    log.emit("statement", None, rows=1)
+    log.close()
+    events = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert [e["seq"] for e in events] == [1, 2, 3]
+    assert events[0]["unserialisable"].startswith("TypeError") and "rows" not in events[0]
+    r = run_verify(path)
+    assert r.returncode == 0, r.stdout
