@@ -34,6 +34,7 @@ class Verdict:
     counts: dict[str, int] | None = None  # guest -> lookups this month, after this one
     reserved: tuple[datetime, int] | None = None  # (minute, rows) reserved from the row budget
     used: tuple[int, int] | None = None  # rows used this hour, this day (with the reservation)
+    left: int = 0  # refused by the row budget: the rows still left (a smaller statement may fit)
 
     def audit(self) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
@@ -136,7 +137,7 @@ class Guards:
         counts = lookups.counts if lookups is not None else None
         used = rows.used if rows is not None else None
         if refused is not None:
-            return Verdict(False, refused.message, counts, None, used)
+            return Verdict(False, refused.message, counts, None, used, left=refused.left)
         return Verdict(True, "", counts, rows.reserved if rows is not None else None, used)
 
     async def check_budget(self, principal: Principal, role: str, want: int,
@@ -158,7 +159,7 @@ class Guards:
             return Verdict(False, (
                 f"pgwarden: {principal.user} has {max(left, 0)} rows left of role {role}'s row budget this {per}, "
                 f"and this statement may return up to {want}; wait, narrow it (LIMIT), or ask for a ticket"),
-                used=(used_h, used_d))
+                used=(used_h, used_d), left=max(left, 0))
         return Verdict(True, reserved=(minute, want), used=(used_h, used_d))
 
     def give_back(self, principal: Principal, reserved: tuple[datetime, int], sent: int) -> None:

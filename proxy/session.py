@@ -274,6 +274,8 @@ class ClientSession(asyncio.Protocol):
         self._verdict: Any = None  # the answer, for the message at the head of _held
         self._last_guard: dict[str, Any] | None = None  # counters for the next audit event
         self._last_reserved: Any = None  # the row budget reservation the last verdict made
+        self._last_left = 0  # rows left of the budget when the last verdict refused for it
+        self._cap_retry: int | None = None  # a Query decided again with the rows left as its cap
         self._cursors: set[str] = set()  # cursors declared over protected tables (their FETCHes count)
         self._scope: Any = None  # rules.tickets.Scope of the ticket or break-glass in use, if any
         self._scope_epoch = 0  # changes whenever the scope does
@@ -801,6 +803,14 @@ class ClientSession(asyncio.Protocol):
             guests = [lk.value for r in runs if r.decision is not None for lk in r.decision.lookups]
             if guests or any(wants):
                 refusal = self._guard_verdict(guests, sum(wants))
+                if refusal is not None and self._cap_retry is None and self._last_left > 0 \
+                        and sum(1 for w in wants if w) == 1 and all(
+                            r.decision is not None and r.decision.action == "rewrite" for r, w in zip(runs, wants) if w):
+                    # Fewer rows are left than the cap: decide the read again with what is left as its cap,
+                    # rather than refuse a statement that may well fit.
+                    self._cap_retry = self._last_left
+                    return self._on_query(payload, now)
+                self._cap_retry = None
                 if refusal is not None:
                     out = self._refuse_simple(sql, codec.error_response(refusal.sqlstate, refusal.message), now,
                                               decision=refusal)
@@ -811,6 +821,7 @@ class ClientSession(asyncio.Protocol):
                 if reserved is not None:
                     for r, w in zip(runs, wants):
                         r.reserved = (reserved[0], w) if w else None
+        self._cap_retry = None
         if not runs:
             runs = [Run()]
             runs[0].start = now
@@ -840,7 +851,8 @@ class ClientSession(asyncio.Protocol):
         # --- audit log failing (issue 6): restricted roles never run unlogged statements ---
         if self.server.audit.refusing and engine.restricted(self.principal):
             return self._audit_refusal()
-        d = engine.decide(self.principal, text, self.catalog, self._context)
+        d = engine.decide(self._capped_principal() if self._cap_retry else self.principal, text, self.catalog,
+                          self._context)
         if self._scope is not None and d.action == "rewrite" and d.sql is not None and d.tables and (
                 d.sql[:7].upper() == "PREPARE" or (d.sql[:7].upper() == "DECLARE" and " HOLD " in d.sql.upper())):
             # They would outlive the ticket; the protocol's prepared statements are checked when they run.
@@ -1027,6 +1039,16 @@ class ClientSession(asyncio.Protocol):
         if ended or (store is not None and scope.ticket in store.closed_tickets):
             self._set_scope(None, "")
 
+    def _capped_principal(self) -> Principal:
+        """This person, with the rows left of their budget as the cap of the statement being decided."""
+        import dataclasses
+
+        from rules.model import CAP_ATTRIBUTE
+
+        p = self.principal
+        assert p is not None
+        return dataclasses.replace(p, attributes={**p.attributes, CAP_ATTRIBUTE: self._cap_retry})
+
     def _stale_portal(self, portal: bytes) -> bool:
         """A portal of a statement prepared under a scope that has changed (reset, closed, expired) since."""
         if self._scope is not None:
@@ -1048,7 +1070,7 @@ class ClientSession(asyncio.Protocol):
         grants, _ = self.server.engine.grants(self.principal) if self.principal else (None, "")
         if grants is None or not grants.row_budget or not grants.row_cap:
             return 0
-        cap = grants.row_cap
+        cap = min(grants.row_cap, self._cap_retry) if self._cap_retry else grants.row_cap
         if d is not None and d.action == "rewrite" and d.tables:
             # Classified on pgwarden's own regenerated text (no comments), never on the client's.
             if d.sql is not None and d.sql[:7].upper() == "DECLARE":
@@ -1080,6 +1102,7 @@ class ClientSession(asyncio.Protocol):
                                                     want, exempt=self._lookup_exempt()))
         self._last_guard = verdict.audit()
         self._last_reserved = verdict.reserved
+        self._last_left = getattr(verdict, "left", 0)
         if verdict.allowed:
             return None
         return refuse(verdict.message, reason="guest lookup quota (R3.4)" if "looked up" in verdict.message
@@ -1317,9 +1340,10 @@ class ClientSession(asyncio.Protocol):
         grants, _ = self.server.engine.grants(self.principal) if self.principal else (None, "")
         cap = getattr(grants, "row_cap", None)
         role = getattr(grants, "role", "")
+        budget = " (or than is left of the row budget)" if getattr(grants, "row_budget", None) else ""
         return codec.error_response(
             SqlState.INSUFFICIENT_PRIVILEGE,
-            f"pgwarden: the result has more than {cap} rows, the row cap of role {role}; "
+            f"pgwarden: the result has more than {cap} rows, the row cap of role {role}{budget}; "
             "narrow the query (filters, LIMIT) or ask for a ticket")
 
     def _row_check_error(self) -> bytes:

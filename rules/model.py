@@ -35,6 +35,8 @@ from .tickets import Scope, TicketPolicy, widen
 
 #: The principal attribute under which a session's active ticket (or break-glass) scope travels.
 SCOPE_ATTRIBUTE = "pgwarden.scope"
+#: ... and the smaller row cap of a statement decided again with what is left of a row budget.
+CAP_ATTRIBUTE = "pgwarden.row_cap"
 
 DEFAULT_KINDS = frozenset({StatementKind.SELECT, StatementKind.SHOW, StatementKind.SET,
                            StatementKind.TRANSACTION, StatementKind.EXPLAIN})
@@ -730,6 +732,9 @@ def grants_for(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]
 def grants_with_scope(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]:
     """grants_for, widened by the ticket or break-glass scope the session carries (if any)."""
     grants, why = grants_for(rules, p)
+    cap = p.attributes.get(CAP_ATTRIBUTE)
+    if grants is not None and grants.row_cap and isinstance(cap, int) and 0 < cap < grants.row_cap:
+        grants = dataclasses.replace(grants, row_cap=cap)
     scope = p.attributes.get(SCOPE_ATTRIBUTE)
     if grants is None or not isinstance(scope, Scope) or grants.unrestricted:
         return grants, why

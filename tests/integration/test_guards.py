@@ -423,14 +423,22 @@ def test_many_small_queries_on_two_replicas_run_into_the_budget(budget_pair: tup
         rows = attempt(p, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 5")
         assert isinstance(rows, list) and len(rows) == 5, (i, rows)
         wait_until(lambda: used_rows(cluster, schema, "gina") == 5 * (i + 1))
+    # 5 rows are left, fewer than the cap: the statement is decided again with 5 as its cap.
+    assert len(attempt(b, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 3")) == 3  # type: ignore[arg-type]
+    wait_until(lambda: used_rows(cluster, schema, "gina") == 23)
+    err = attempt(a, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 10")  # more than the 2 left
+    assert isinstance(err, psycopg.Error) and err.sqlstate == "42501"
+    assert "more than 10 rows, the row cap of role sales (or than is left of the row budget)" in str(err), str(err)
+    wait_until(lambda: used_rows(cluster, schema, "gina") == 23)  # refused: nothing counted
+    assert len(attempt(a, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 2")) == 2  # type: ignore[arg-type]
+    wait_until(lambda: used_rows(cluster, schema, "gina") == 25)
     err = attempt(b, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 1")
     assert isinstance(err, psycopg.Error) and err.sqlstate == "42501"
-    assert "gina has 5 rows left of role sales's row budget this hour, and this statement may return up to 10" in str(err)
-    assert used_rows(cluster, schema, "gina") == 20  # the refused statement reserved nothing
+    assert "gina has 0 rows left of role sales's row budget this hour" in str(err)
     # Statements that read nothing protected are not counted.
     assert attempt(a, "gina", "SELECT 1") == [(1,)]
-    ev = [e for e in a.take_events() if e.get("guard")]
-    assert [e["guard"]["rows_reserved"] for e in ev] == [10, 10]
+    ev = [e for e in a.take_events() if e.get("guard") and e.get("outcome") == "ok"]
+    assert [e["guard"]["rows_reserved"] for e in ev] == [10, 10, 2]
 
 
 def test_cursor_fetches_are_counted(budget_pair: tuple[Proxy, Proxy], cluster: PgCluster, schema: str) -> None:
