@@ -35,6 +35,7 @@ class Verdict:
     reserved: tuple[datetime, int] | None = None  # (minute, rows) reserved from the row budget
     used: tuple[int, int] | None = None  # rows used this hour, this day (with the reservation)
     left: int = 0  # refused by the row budget: the rows still left (a smaller statement may fit)
+    reason: str = ""  # for the audit event: which guard refused
 
     def audit(self) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
@@ -46,9 +47,6 @@ class Verdict:
             out["rows_reserved"] = self.reserved[1]
         return out or None
 
-
-#: Kept for callers that only look guests up.
-LookupVerdict = Verdict
 
 
 def _when(t: datetime) -> str:
@@ -137,7 +135,7 @@ class Guards:
         counts = lookups.counts if lookups is not None else None
         used = rows.used if rows is not None else None
         if refused is not None:
-            return Verdict(False, refused.message, counts, None, used, left=refused.left)
+            return Verdict(False, refused.message, counts, None, used, left=refused.left, reason=refused.reason)
         return Verdict(True, "", counts, rows.reserved if rows is not None else None, used)
 
     async def check_budget(self, principal: Principal, role: str, want: int,
@@ -159,7 +157,7 @@ class Guards:
             return Verdict(False, (
                 f"pgwarden: {principal.user} has {max(left, 0)} rows left of role {role}'s row budget this {per}, "
                 f"and this statement may return up to {want}; wait, narrow it (LIMIT), or ask for a ticket"),
-                used=(used_h, used_d), left=max(left, 0))
+                used=(used_h, used_d), left=max(left, 0), reason="row budget (R3.3)")
         return Verdict(True, reserved=(minute, want), used=(used_h, used_d))
 
     def give_back(self, principal: Principal, reserved: tuple[datetime, int], sent: int) -> None:
@@ -191,17 +189,18 @@ class Guards:
         try:
             rows = await store.take_lookups(principal.user, guests, limit, exempt=exempt, month=month)
         except StateUnavailable as exc:
-            return LookupVerdict(False, f"pgwarden: the guard state store cannot be reached ({exc}); "
+            return Verdict(False, f"pgwarden: the guard state store cannot be reached ({exc}); "
                                         "guest lookups are refused until it is back")
         except Exception as exc:  # noqa: BLE001 - fail closed
-            return LookupVerdict(False, f"pgwarden: guest lookups cannot be counted ({type(exc).__name__}); refused")
+            return Verdict(False, f"pgwarden: guest lookups cannot be counted ({type(exc).__name__}); refused")
         counts = {g: n for g, n, _ in rows}
         over = sorted(g for g, _, ok in rows if not ok)
         if over:
-            return LookupVerdict(False, (
+            return Verdict(False, (
                 f"pgwarden: {principal.user} has looked up guest {', '.join(over)} {limit} times this month, the "
-                f"limit for role {role}; a further lookup needs an approved ticket"), counts)
-        return LookupVerdict(True, "", counts)
+                f"limit for role {role}; a further lookup needs an approved ticket"), counts,
+                reason="guest lookup quota (R3.4)")
+        return Verdict(True, "", counts)
 
     # --- after a statement ----------------------------------------------------------------
 
@@ -262,7 +261,6 @@ def device_refusal(principal: Principal, user_networks: Sequence[Any], role: Any
 _FETCH = re.compile(
     r"\s*FETCH\s+(?:(NEXT|PRIOR|FIRST|LAST)|(ABSOLUTE|RELATIVE)\s+[+-]?\d+|(FORWARD|BACKWARD)?\s*(ALL|[+-]?\d+)?)?"
     r"\s*(?:FROM|IN)?\s*(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*", re.IGNORECASE)
-_DECLARE = re.compile(r"\s*DECLARE\s+(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s", re.IGNORECASE)
 
 
 def skip_comments(sql: str) -> str:
@@ -278,7 +276,9 @@ def cursor_name(raw: str) -> str:
 
 def declared_cursor(sql: str) -> str | None:
     """The name a DECLARE gives its cursor, normalised as PostgreSQL does."""
-    m = _DECLARE.match(sql)
+    from rules.lookups import DECLARE_NAME
+
+    m = DECLARE_NAME.match(sql)
     return cursor_name(m.group(1)) if m else None
 
 

@@ -1105,8 +1105,11 @@ class ClientSession(asyncio.Protocol):
         self._last_left = getattr(verdict, "left", 0)
         if verdict.allowed:
             return None
-        return refuse(verdict.message, reason="guest lookup quota (R3.4)" if "looked up" in verdict.message
-                      else "row budget (R3.3)" if "row budget" in verdict.message else "guard refused")
+        return refuse(verdict.message, reason=verdict.reason or "guard refused")
+
+    def _emit_event(self, event: str, fields: dict[str, Any]) -> None:
+        """An event of this person's that is not a statement (a lockout the guards decided)."""
+        self.server.audit.emit(event, self.principal, **fields)
 
     def _take_guard(self) -> dict[str, Any] | None:
         g, self._last_guard = self._last_guard, None
@@ -1423,7 +1426,7 @@ class ClientSession(asyncio.Protocol):
             if run.reserved is not None:
                 guards.give_back(self.principal, run.reserved, rows if outcome != "refused" else 0)
             guards.after(self.principal, outcome == "refused", (d.reason or d.message) if d is not None else "",
-                         lambda ev, f: self.server.audit.emit(ev, self.principal, **f))
+                         self._emit_event)
         self.server.audit.emit_with("statement", self._audit_base, fields)
         if self.server.stats is not None:  # metrics: counted where the event is written
             self.server.stats.statement(outcome, d, dur / 1000.0, err.sqlstate if err is not None else None)

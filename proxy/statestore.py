@@ -220,10 +220,7 @@ class StateStore:
     # --- lifecycle --------------------------------------------------------------------------
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        c = self.config
-        ssl: Any = {"disable": False, "prefer": "prefer", "require": "require"}.get(c.sslmode, "prefer")
-        return {"host": c.host, "port": c.port, "user": c.user, "password": c.password, "database": c.database,
-                "ssl": ssl, "timeout": c.connect_timeout,
+        return {**connect_kwargs(self.config),
                 # A counter update waits for no disk flush: a crash of PostgreSQL itself may forget the
                 # last few hundred milliseconds of counts, which is far cheaper than an fsync per statement.
                 "server_settings": {"application_name": f"pgwarden-state/{self.replica}",
@@ -483,11 +480,16 @@ SELECT count(*) FROM d""", user)
     return bool(n)
 
 
+def connect_kwargs(c: StateConfig) -> dict[str, Any]:
+    """asyncpg's arguments for the state store (the proxy's pool and the command line alike)."""
+    ssl: Any = {"disable": False, "prefer": "prefer", "require": "require"}.get(c.sslmode, "prefer")
+    return {"host": c.host, "port": c.port, "user": c.user, "password": c.password, "database": c.database,
+            "ssl": ssl, "timeout": c.connect_timeout}
+
+
 async def connect(config: StateConfig) -> asyncpg.Connection:
     """One connection to the state store (for the command line)."""
-    ssl: Any = {"disable": False, "prefer": "prefer", "require": "require"}.get(config.sslmode, "prefer")
-    return await asyncpg.connect(host=config.host, port=config.port, user=config.user, password=config.password,
-                                 database=config.database, ssl=ssl, timeout=config.connect_timeout)
+    return await asyncpg.connect(**connect_kwargs(config))
 
 
 async def apply_migrations(conn: asyncpg.Connection, schema: str) -> list[int]:

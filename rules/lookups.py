@@ -29,8 +29,12 @@ from .grants import StatementGrants
 
 DIALECT = "postgres"
 
-_DECLARE = re.compile(
-    r"\s*(?:/\*.*?\*/\s*)*DECLARE\s+(?:\"(?:[^\"]|\"\")+\"|\w+)\s+(?:(?:BINARY|ASENSITIVE|INSENSITIVE|NO\s+SCROLL|SCROLL)\s+)*"
+#: The name any DECLARE gives its cursor, as written (however the rest of it is spelled).
+DECLARE_NAME = re.compile(r"\s*DECLARE\s+(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s", re.IGNORECASE)
+#: DECLARE name [options] CURSOR [WITH[OUT] HOLD] FOR query: (name as written, query).
+DECLARE = re.compile(
+    r"\s*(?:/\*.*?\*/\s*)*DECLARE\s+(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s+"
+    r"(?:(?:BINARY|ASENSITIVE|INSENSITIVE|NO\s+SCROLL|SCROLL)\s+)*"
     r"CURSOR\s+(?:(?:WITH|WITHOUT)\s+HOLD\s+)?FOR\s+(.*)", re.IGNORECASE | re.DOTALL)
 
 
@@ -71,9 +75,9 @@ def find_lookups(sql: str, grants: StatementGrants, catalog: Catalog,
     keyed = {t: g.subject_key for t, g in grants.tables.items() if g.subject_key}
     if not keyed:
         return ()
-    m = _DECLARE.match(sql)
+    m = DECLARE.match(sql)
     if m is not None:
-        sql = m.group(1)  # a cursor's query is read like any other (its FETCHes return its rows)
+        sql = m.group(2)  # a cursor's query is read like any other (its FETCHes return its rows)
     try:
         trees = [t for t in sqlglot.parse(sql, read=DIALECT) if t is not None]
     except SqlglotError:
