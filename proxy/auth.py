@@ -16,9 +16,9 @@ import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 
-from .config import Config, UserEntry
-from .wire import codec
-from .wire.codes import Auth, F, SqlState
+from proxy.config import Config, UserEntry
+from proxy.wire import codec
+from proxy.wire.codes import Auth, F, SqlState
 
 SendFn = Callable[[bytes], None]
 RecvFn = Callable[[], Awaitable[tuple[int, bytes]]]

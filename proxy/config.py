@@ -17,86 +17,8 @@ from typing import Any
 
 import yaml
 
-from .wire.codec import DEFAULT_MAX_MESSAGE
-
-
-class ConfigError(Exception):
-    """Invalid configuration; the message starts with file:line."""
-
-
-# --- YAML with positions --------------------------------------------------------------
-
-
-class _Located:
-    """Maps a path of keys inside the document to the line it was written on."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.lines: dict[tuple[Any, ...], int] = {}
-        self.env: dict[tuple[Any, ...], str] = {}  # key path -> the environment variable that set it
-
-    def where(self, *path: Any) -> str:
-        for i in range(len(path), 0, -1):
-            var = self.env.get(path[:i])
-            if var is not None:
-                return f"environment variable {var}"
-        if path and path not in self.lines:  # a section only the environment created
-            made = sorted(v for k, v in self.env.items() if k[: len(path)] == path)
-            if made:
-                return f"environment variable {', '.join(made)}"
-        while path and path not in self.lines:
-            path = path[:-1]
-        return f"{self.source}:{self.lines.get(path, 1)}"
-
-
-def _to_python(node: yaml.Node, loc: _Located, path: tuple[Any, ...]) -> Any:
-    loc.lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for k, v in node.value:
-            if not isinstance(k, yaml.ScalarNode):
-                raise ConfigError(f"{loc.source}:{k.start_mark.line + 1}: mapping keys must be plain names")
-            key = k.value
-            if key in out:
-                raise ConfigError(f"{loc.source}:{k.start_mark.line + 1}: duplicate key {key!r}")
-            out[key] = _to_python(v, loc, path + (key,))
-            loc.lines[path + (key,)] = k.start_mark.line + 1  # errors about a key point at the key
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_python(v, loc, path + (i,)) for i, v in enumerate(node.value)]
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
-
-
-def load_yaml(path: str | Path) -> tuple[Any, _Located]:
-    """Parse YAML keeping each key's line number (for file:line errors)."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{source}:1: cannot read: {exc.strerror}") from exc
-    return load_yaml_text(text, source)
-
-
-def load_yaml_text(text: str, source: str = "<config>") -> tuple[Any, _Located]:
-    loc = _Located(source)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        if exc.context_mark is not None and (mark is None or mark.index >= len(text.rstrip())):
-            # An unclosed quote or bracket is reported at the end of the file; its start is more useful.
-            mark = exc.context_mark
-        line = mark.line + 1 if mark else 1
-        raise ConfigError(f"{source}:{line}: invalid YAML: {exc.problem or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}:1: invalid YAML: {exc}") from exc
-    if node is None:
-        return {}, loc
-    return _to_python(node, loc, ()), loc
+from proxy.wire.codec import DEFAULT_MAX_MESSAGE
+from rules.yamlfile import ConfigError, Located, expect, load_yaml, load_yaml_text, parse_networks
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -164,12 +86,7 @@ _METHODS = ("scram-sha-256", "md5", "password")
 _SSLMODES = ("disable", "prefer", "require")
 
 
-def _expect(cond: bool, loc: _Located, path: tuple[Any, ...], msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{loc.where(*path)}: {msg}")
-
-
-def _number(d: dict[str, Any], key: str, default: float, loc: _Located, path: tuple[Any, ...], *,
+def _number(d: dict[str, Any], key: str, default: float, loc: Located, path: tuple[Any, ...], *,
             integer: bool = True, low: float = 0, high: float = 2**31 - 1) -> Any:
     v = d.get(key, default)
     try:
@@ -179,30 +96,30 @@ def _number(d: dict[str, Any], key: str, default: float, loc: _Located, path: tu
     except (TypeError, ValueError):
         raise ConfigError(f"{loc.where(*path, key)}: {key} must be a {'whole ' if integer else ''}number, "
                           f"not {v!r}") from None
-    _expect(low <= n <= high, loc, path + (key,), f"{key} must be between {low} and {high}")
+    expect(low <= n <= high, loc, path + (key,), f"{key} must be between {low} and {high}")
     return n
 
 
-def _check_keys(d: Any, allowed: set[str], loc: _Located, path: tuple[Any, ...]) -> dict[str, Any]:
-    _expect(isinstance(d, dict), loc, path, f"'{'.'.join(map(str, path)) or 'config'}' must be a mapping")
+def _check_keys(d: Any, allowed: set[str], loc: Located, path: tuple[Any, ...]) -> dict[str, Any]:
+    expect(isinstance(d, dict), loc, path, f"'{'.'.join(map(str, path)) or 'config'}' must be a mapping")
     for k in d:
-        _expect(k in allowed, loc, path + (k,), f"unknown key {k!r} (expected one of: {', '.join(sorted(allowed))})")
+        expect(k in allowed, loc, path + (k,), f"unknown key {k!r} (expected one of: {', '.join(sorted(allowed))})")
     return d
 
 
-def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
+def _parse_user(name: str, d: Any, loc: Located) -> UserEntry:
     p = ("users", name)
     d = _check_keys(d, {"password", "md5", "role", "department", "attributes", "method", "networks",
                         "certificates"}, loc, p)
-    _expect(isinstance(d.get("role"), str) and d["role"], loc, p, f"user {name!r} needs a role")
+    expect(isinstance(d.get("role"), str) and d["role"], loc, p, f"user {name!r} needs a role")
     scram = md5 = None
     for key in ("password", "md5"):
         v = d.get(key)
         if v is None:
             continue
-        _expect(isinstance(v, str), loc, p + (key,), "password verifiers are strings")
+        expect(isinstance(v, str), loc, p + (key,), "password verifiers are strings")
         if v.startswith("SCRAM-SHA-256$"):
-            from .auth import parse_scram_verifier  # local: auth imports config
+            from proxy.auth import parse_scram_verifier  # local: auth imports config
 
             try:
                 parse_scram_verifier(v)
@@ -217,15 +134,15 @@ def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
                 "(run `pgwarden passwd` to make one; clear-text passwords are not accepted)"
             )
     method = d.get("method") or ("scram-sha-256" if scram else "md5" if md5 else "scram-sha-256")
-    _expect(method in _METHODS, loc, p + ("method",), f"method must be one of {', '.join(_METHODS)}")
+    expect(method in _METHODS, loc, p + ("method",), f"method must be one of {', '.join(_METHODS)}")
     if method == "md5":
-        _expect(md5 is not None, loc, p, f"user {name!r} uses md5 but has no md5 hash (pgwarden passwd --md5)")
+        expect(md5 is not None, loc, p, f"user {name!r} uses md5 but has no md5 hash (pgwarden passwd --md5)")
     elif method == "scram-sha-256":
-        _expect(scram is not None, loc, p, f"user {name!r} has no SCRAM-SHA-256 verifier (pgwarden passwd)")
+        expect(scram is not None, loc, p, f"user {name!r} has no SCRAM-SHA-256 verifier (pgwarden passwd)")
     else:
-        _expect(scram is not None or md5 is not None, loc, p, f"user {name!r} has no password verifier")
+        expect(scram is not None or md5 is not None, loc, p, f"user {name!r} has no password verifier")
     attrs = d.get("attributes") or {}
-    _expect(isinstance(attrs, dict), loc, p + ("attributes",), "attributes must be a mapping")
+    expect(isinstance(attrs, dict), loc, p + ("attributes",), "attributes must be a mapping")
     dept = d.get("department")
     return UserEntry(
         name=name, role=d["role"], department=None if dept is None else str(dept),
@@ -235,63 +152,49 @@ def _parse_user(name: str, d: Any, loc: _Located) -> UserEntry:
     )
 
 
-def _fingerprints(v: Any, loc: _Located, path: tuple[Any, ...]) -> tuple[str, ...]:
+def _fingerprints(v: Any, loc: Located, path: tuple[Any, ...]) -> tuple[str, ...]:
     """SHA-256 certificate fingerprints, as `openssl x509 -fingerprint -sha256` prints them or plain hex."""
     if v is None:
         return ()
-    _expect(isinstance(v, list), loc, path, "certificates must be a list of SHA-256 fingerprints")
+    expect(isinstance(v, list), loc, path, "certificates must be a list of SHA-256 fingerprints")
     out = []
     for i, f in enumerate(v):
         h = str(f).replace(":", "").lower()
         if h.startswith("sha256="):
             h = h[7:]
-        _expect(bool(re.fullmatch(r"[0-9a-f]{64}", h)), loc, path + (i,),
+        expect(bool(re.fullmatch(r"[0-9a-f]{64}", h)), loc, path + (i,),
                 "a certificate fingerprint is 64 hex digits (SHA-256), e.g. from openssl x509 -fingerprint -sha256")
         out.append(h)
     return tuple(out)
 
 
-def parse_networks(v: Any, loc: _Located, path: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A list of CIDR networks (errors at their line)."""
-    if v is None:
-        return ()
-    _expect(isinstance(v, list), loc, path, "networks must be a list of CIDR networks, e.g. [10.1.0.0/16]")
-    out = []
-    for i, n in enumerate(v):
-        try:
-            out.append(ipaddress.ip_network(str(n), strict=False))
-        except ValueError as exc:
-            raise ConfigError(f"{loc.where(*path, i)}: {exc}") from exc
-    return tuple(out)
-
-
-def _secret(v: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
+def _secret(v: Any, loc: Located, path: tuple[Any, ...]) -> Any:
     """'env:NAME' reads a secret from the environment (so the file holds no password)."""
     if isinstance(v, str) and v.startswith("env:"):
         var = v[4:]
         v = os.environ.get(var)
-        _expect(v is not None, loc, path, f"environment variable {var} is not set")
+        expect(v is not None, loc, path, f"environment variable {var} is not set")
     return v
 
 
-def _parse_state(d: Any, upstream: UpstreamConfig, loc: _Located) -> Any:
+def _parse_state(d: Any, upstream: UpstreamConfig, loc: Located) -> Any:
     """The guard state store: its own login (not the service account client sessions use)."""
-    from .statestore import StateConfig
+    from proxy.guards.statestore import StateConfig
 
     p = ("state",)
     d = _check_keys(d, {"host", "port", "database", "user", "password", "schema", "sslmode", "connect_timeout"},
                     loc, p)
-    _expect(isinstance(d.get("database"), str) and d["database"], loc, p, "state needs a database")
-    _expect(isinstance(d.get("user"), str) and d["user"], loc, p,
+    expect(isinstance(d.get("database"), str) and d["database"], loc, p, "state needs a database")
+    expect(isinstance(d.get("user"), str) and d["user"], loc, p,
             "state needs a user of its own (not the upstream service account: clients must not reach the counters)")
-    _expect(d["user"] != upstream.user, loc, p + ("user",),
+    expect(d["user"] != upstream.user, loc, p + ("user",),
             "the state store user must differ from the upstream service account: sessions run as that account "
             "and could otherwise read or reset the counters")
     schema = str(d.get("schema", "pgwarden"))
-    _expect(bool(re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema)), loc, p + ("schema",),
+    expect(bool(re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema)), loc, p + ("schema",),
             "schema must be a plain lower-case name")
     sslmode = d.get("sslmode", upstream.sslmode)
-    _expect(sslmode in _SSLMODES, loc, p + ("sslmode",), f"sslmode must be one of {', '.join(_SSLMODES)}")
+    expect(sslmode in _SSLMODES, loc, p + ("sslmode",), f"sslmode must be one of {', '.join(_SSLMODES)}")
     password = _secret(d.get("password"), loc, p + ("password",))
     return StateConfig(
         host=str(d.get("host", upstream.host)), port=_number(d, "port", upstream.port, loc, p, low=1, high=65535),
@@ -300,15 +203,15 @@ def _parse_state(d: Any, upstream: UpstreamConfig, loc: _Located) -> Any:
         connect_timeout=_number(d, "connect_timeout", 5.0, loc, p, integer=False, low=0.1, high=600))
 
 
-def parse_config(data: Any, loc: _Located) -> Config:
+def parse_config(data: Any, loc: Located) -> Config:
     d = _check_keys(data, {"listen", "tls", "upstream", "auth", "audit", "limits", "users", "secret", "rules",
                            "state", "metrics", "shutdown_grace", "admin_users"}, loc, ())
     listen = _check_keys(d.get("listen") or {}, {"host", "port"}, loc, ("listen",))
     up = _check_keys(d.get("upstream") or {}, {"host", "port", "user", "password", "sslmode", "connect_timeout"},
                      loc, ("upstream",))
-    _expect("upstream" in d, loc, (), "an 'upstream' section (the real PostgreSQL) is required")
+    expect("upstream" in d, loc, (), "an 'upstream' section (the real PostgreSQL) is required")
     sslmode = up.get("sslmode", "prefer")
-    _expect(sslmode in _SSLMODES, loc, ("upstream", "sslmode"), f"sslmode must be one of {', '.join(_SSLMODES)}")
+    expect(sslmode in _SSLMODES, loc, ("upstream", "sslmode"), f"sslmode must be one of {', '.join(_SSLMODES)}")
     password = _secret(up.get("password"), loc, ("upstream", "password"))
     upstream = UpstreamConfig(
         host=str(up.get("host", "127.0.0.1")), port=_number(up, "port", 5432, loc, ("upstream",), low=1, high=65535), user=str(up.get("user", "pgwarden_svc")),
@@ -318,15 +221,15 @@ def parse_config(data: Any, loc: _Located) -> Config:
     tls = None
     if d.get("tls"):
         t = _check_keys(d["tls"], {"cert", "key", "client_ca"}, loc, ("tls",))
-        _expect("cert" in t and "key" in t, loc, ("tls",), "tls needs both cert and key")
+        expect("cert" in t and "key" in t, loc, ("tls",), "tls needs both cert and key")
         for k in ("cert", "key", "client_ca"):
-            _expect(k not in t or Path(t[k]).is_file(), loc, ("tls", k), f"tls {k} file {t.get(k)!r} does not exist")
+            expect(k not in t or Path(t[k]).is_file(), loc, ("tls", k), f"tls {k} file {t.get(k)!r} does not exist")
         tls = TLSConfig(cert=str(t["cert"]), key=str(t["key"]),
                         client_ca=str(t["client_ca"]) if t.get("client_ca") else None)
     auth = _check_keys(d.get("auth") or {}, {"trust"}, loc, ("auth",))
     nets = []
     trust = auth.get("trust") or []
-    _expect(isinstance(trust, list), loc, ("auth", "trust"), "auth.trust must be a list of networks (CIDR)")
+    expect(isinstance(trust, list), loc, ("auth", "trust"), "auth.trust must be a list of networks (CIDR)")
     for i, n in enumerate(trust):
         try:
             nets.append(ipaddress.ip_network(str(n), strict=False))
@@ -334,15 +237,15 @@ def parse_config(data: Any, loc: _Located) -> Config:
             raise ConfigError(f"{loc.where('auth', 'trust', i)}: {exc}") from exc
     audit = _check_keys(d.get("audit") or {}, {"path", "replica", "on_failure"}, loc, ("audit",))
     on_failure = audit.get("on_failure", "refuse")
-    _expect(on_failure in ("refuse", "continue"), loc, ("audit", "on_failure"),
+    expect(on_failure in ("refuse", "continue"), loc, ("audit", "on_failure"),
             "on_failure must be refuse (restricted roles' statements are refused while the audit log "
             "cannot be written) or continue")
     replica = audit.get("replica")
-    _expect(replica is None or (isinstance(replica, str) and replica.strip() != ""), loc, ("audit", "replica"),
+    expect(replica is None or (isinstance(replica, str) and replica.strip() != ""), loc, ("audit", "replica"),
             "replica must be a non-empty name")
     limits = _check_keys(d.get("limits") or {}, {"max_message_size", "max_connections"}, loc, ("limits",))
     users_raw = d.get("users") or {}
-    _expect(isinstance(users_raw, dict), loc, ("users",), "users must be a mapping of name -> entry")
+    expect(isinstance(users_raw, dict), loc, ("users",), "users must be a mapping of name -> entry")
     users = {str(name): _parse_user(str(name), u, loc) for name, u in users_raw.items()}
     secret = d.get("secret")
     rules_path = None
@@ -350,19 +253,19 @@ def parse_config(data: Any, loc: _Located) -> Config:
         rp = Path(str(d["rules"]))
         if not rp.is_absolute() and loc.source not in ("<config>", "<demo>"):
             rp = Path(loc.source).parent / rp
-        _expect(rp.is_file(), loc, ("rules",), f"rules file {str(rp)!r} does not exist")
+        expect(rp.is_file(), loc, ("rules",), f"rules file {str(rp)!r} does not exist")
         rules_path = str(rp)
     raw_state = d.get("state")
     guards_off = raw_state is False or raw_state == "off"
     state = _parse_state(raw_state, upstream, loc) if raw_state is not None and not guards_off else None
-    _expect(state is not None or guards_off or not rules_path, loc, ("rules",),
+    expect(state is not None or guards_off or not rules_path, loc, ("rules",),
             "rules need a guard state store for lockouts and lookup quotas (R3.4, R3.5): add a state: section "
             "(its own login and database), or `state: off` to run without those guards (not for production)")
     admins = d.get("admin_users") or []
-    _expect(isinstance(admins, list) and all(isinstance(a, str) for a in admins), loc, ("admin_users",),
+    expect(isinstance(admins, list) and all(isinstance(a, str) for a in admins), loc, ("admin_users",),
             "admin_users must be a list of user names")
     for i, a in enumerate(admins):
-        _expect(a in users, loc, ("admin_users", i), f"admin_users: no user {a!r} in users")
+        expect(a in users, loc, ("admin_users", i), f"admin_users: no user {a!r} in users")
     metrics_listen = None
     if d.get("metrics"):
         m = _check_keys(d["metrics"], {"listen"}, loc, ("metrics",))
@@ -381,15 +284,15 @@ def parse_config(data: Any, loc: _Located) -> Config:
     )
 
 
-def _host_port(v: Any, loc: _Located, path: tuple[Any, ...]) -> tuple[str, int]:
+def _host_port(v: Any, loc: Located, path: tuple[Any, ...]) -> tuple[str, int]:
     """'host:port', '[v6]:port' or ':port' (all interfaces)."""
-    _expect(isinstance(v, str | int) and str(v), loc, path, "expected host:port, e.g. 0.0.0.0:9187")
+    expect(isinstance(v, str | int) and str(v), loc, path, "expected host:port, e.g. 0.0.0.0:9187")
     text = str(v)
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = "127.0.0.1", text
     host = host.strip("[]") or "0.0.0.0"
-    _expect(port.isdigit() and 0 <= int(port) <= 65535, loc, path, f"expected host:port, not {text!r}")
+    expect(port.isdigit() and 0 <= int(port) <= 65535, loc, path, f"expected host:port, not {text!r}")
     return host, int(port)
 
 
@@ -420,7 +323,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 _ENV_PATHS = frozenset({("rules",), ("tls", "cert"), ("tls", "key")})  # relative to the working directory
 
 
-def apply_env(data: Any, loc: _Located, environ: Mapping[str, str]) -> Any:
+def apply_env(data: Any, loc: Located, environ: Mapping[str, str]) -> Any:
     """Replace values of the document with those of set PGWARDEN_* variables (empty ones are ignored)."""
     if data is None:
         data = {}

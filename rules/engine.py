@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.identity import Principal
+from .principal import Principal
 
 from .decision import ALLOW, Decision, refuse
 from .redact import mentions_sensitive

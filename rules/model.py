@@ -27,8 +27,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sqlglot
 from sqlglot import exp
 
-from proxy.config import ConfigError, _Located, load_yaml, parse_networks
-from proxy.identity import Principal
+from .yamlfile import ConfigError, Located, load_yaml, parse_networks
+from .principal import Principal
 
 from .grants import ColumnRule, StatementGrants, StatementKind, TableGrant, Treatment
 from .tickets import Scope, TicketPolicy, widen
@@ -152,11 +152,11 @@ class Rules:
 # --- loading ------------------------------------------------------------------------------------
 
 
-def _err(loc: _Located, path: tuple[Any, ...], msg: str) -> ConfigError:
+def _err(loc: Located, path: tuple[Any, ...], msg: str) -> ConfigError:
     return ConfigError(f"{loc.where(*path)}: {msg}")
 
 
-def _mapping(v: Any, loc: _Located, path: tuple[Any, ...], what: str) -> dict[str, Any]:
+def _mapping(v: Any, loc: Located, path: tuple[Any, ...], what: str) -> dict[str, Any]:
     if v is None:
         return {}
     if not isinstance(v, dict):
@@ -164,13 +164,13 @@ def _mapping(v: Any, loc: _Located, path: tuple[Any, ...], what: str) -> dict[st
     return v
 
 
-def _keys(d: dict[str, Any], allowed: set[str], loc: _Located, path: tuple[Any, ...]) -> None:
+def _keys(d: dict[str, Any], allowed: set[str], loc: Located, path: tuple[Any, ...]) -> None:
     for k in d:
         if k not in allowed:
             raise _err(loc, path + (k,), f"unknown key {k!r} (expected one of: {', '.join(sorted(allowed))})")
 
 
-def _parse_time(v: Any, loc: _Located, path: tuple[Any, ...]) -> time:
+def _parse_time(v: Any, loc: Located, path: tuple[Any, ...]) -> time:
     if isinstance(v, int):  # YAML 1.1 reads 07:00 as a sexagesimal integer (420)
         return time(v // 60 % 24, v % 60)
     try:
@@ -180,7 +180,7 @@ def _parse_time(v: Any, loc: _Located, path: tuple[Any, ...]) -> time:
         raise _err(loc, path, f"expected a time like \"07:00\", not {v!r}") from None
 
 
-def _kinds(v: Any, loc: _Located, path: tuple[Any, ...]) -> frozenset[StatementKind]:
+def _kinds(v: Any, loc: Located, path: tuple[Any, ...]) -> frozenset[StatementKind]:
     if not isinstance(v, list):
         raise _err(loc, path, "statements must be a list")
     out = set()
@@ -193,7 +193,7 @@ def _kinds(v: Any, loc: _Located, path: tuple[Any, ...]) -> frozenset[StatementK
     return frozenset(out)
 
 
-def _condition(v: Any, loc: _Located, path: tuple[Any, ...]) -> Condition:
+def _condition(v: Any, loc: Located, path: tuple[Any, ...]) -> Condition:
     where = loc.where(*path)
     if isinstance(v, str):
         if v in ("current_shift", "today", "own_department"):
@@ -235,7 +235,7 @@ def _condition(v: Any, loc: _Located, path: tuple[Any, ...]) -> Condition:
     raise _err(loc, path, f"unknown row condition {key!r}")
 
 
-def _grant(table: str, v: Any, loc: _Located, path: tuple[Any, ...]) -> TableGrantRule:
+def _grant(table: str, v: Any, loc: Located, path: tuple[Any, ...]) -> TableGrantRule:
     d = _mapping(v, loc, path, f"grant on {table}")
     _keys(d, {"rows", "unmask", "hide", "masks", "statements"}, loc, path)
     rows = d.get("rows") or []
@@ -265,7 +265,7 @@ def _grant(table: str, v: Any, loc: _Located, path: tuple[Any, ...]) -> TableGra
     )
 
 
-def parse_rules(data: Any, loc: _Located) -> Rules:
+def parse_rules(data: Any, loc: Located) -> Rules:
     d = _mapping(data, loc, (), "the rules file")
     _keys(d, {"timezone", "shifts", "tables", "roles", "guards", "tickets", "retention"}, loc, ())
     from .retention import parse_retention  # retention rules: checked with the rest (check, reload)
@@ -332,7 +332,7 @@ def parse_rules(data: Any, loc: _Located) -> Rules:
                  tickets=ticket_policy)
 
 
-def _positive(d: dict[str, Any], key: str, loc: _Located, path: tuple[Any, ...]) -> int | None:
+def _positive(d: dict[str, Any], key: str, loc: Located, path: tuple[Any, ...]) -> int | None:
     v = d.get(key)
     if v is None:
         return None
@@ -341,7 +341,7 @@ def _positive(d: dict[str, Any], key: str, loc: _Located, path: tuple[Any, ...])
     return v
 
 
-def _budget(r: dict[str, Any], cap: int | None, loc: _Located,
+def _budget(r: dict[str, Any], cap: int | None, loc: Located,
             path: tuple[Any, ...]) -> tuple[int | None, int | None] | None:
     if r.get("row_budget") is None:
         return None
@@ -360,7 +360,7 @@ def _budget(r: dict[str, Any], cap: int | None, loc: _Located,
     return hour, day
 
 
-def _emergency(v: Any, tables: Mapping[str, TableRules], loc: _Located, path: tuple[Any, ...]) -> dict[str, Any]:
+def _emergency(v: Any, tables: Mapping[str, TableRules], loc: Located, path: tuple[Any, ...]) -> dict[str, Any]:
     if v is None:
         return {}
     p = path + ("emergency",)
@@ -376,7 +376,7 @@ def _emergency(v: Any, tables: Mapping[str, TableRules], loc: _Located, path: tu
     return {"emergency_tables": tuple(map(str, names)), "emergency_hours": hours}
 
 
-def _tickets(v: Any, loc: _Located, roles: Mapping[str, Role]) -> TicketPolicy:
+def _tickets(v: Any, loc: Located, roles: Mapping[str, Role]) -> TicketPolicy:
     p = ("tickets",)
     d = _mapping(v, loc, p, "tickets")
     _keys(d, {"approvers", "legal_approvers", "hq_approvers", "approvals_needed", "default_hours", "max_hours",
@@ -395,7 +395,7 @@ def _tickets(v: Any, loc: _Located, roles: Mapping[str, Role]) -> TicketPolicy:
     return TicketPolicy(**sets, **{k: v for k, v in nums.items() if v is not None})
 
 
-def _seconds(v: Any, loc: _Located, path: tuple[Any, ...]) -> int:
+def _seconds(v: Any, loc: Located, path: tuple[Any, ...]) -> int:
     m = _DURATION.match(str(v))
     if not m:
         raise _err(loc, path, f"expected a duration like 30m, 2h or 1d, not {v!r}")
@@ -403,7 +403,7 @@ def _seconds(v: Any, loc: _Located, path: tuple[Any, ...]) -> int:
     return int(m.group(1)) * {"m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def _guards(v: Any, loc: _Located, roles: Mapping[str, Role]) -> Guards:
+def _guards(v: Any, loc: Located, roles: Mapping[str, Role]) -> Guards:
     d = _mapping(v, loc, ("guards",), "guards")
     _keys(d, {"lockout", "unlock_roles"}, loc, ("guards",))
     lock = _mapping(d.get("lockout"), loc, ("guards", "lockout"), "lockout")
@@ -419,7 +419,7 @@ def _guards(v: Any, loc: _Located, roles: Mapping[str, Role]) -> Guards:
     return Guards(lockout_after=after, lockout_seconds=seconds, unlock_roles=frozenset(map(str, unlockers)))
 
 
-def _resolve_env(v: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
+def _resolve_env(v: Any, loc: Located, path: tuple[Any, ...]) -> Any:
     """'env:NAME' anywhere in a mask's parameters reads the secret from the environment."""
     if isinstance(v, str) and v.startswith("env:"):
         val = os.environ.get(v[4:])
@@ -431,7 +431,7 @@ def _resolve_env(v: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
     return v
 
 
-def _mask(kind: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
+def _mask(kind: Any, loc: Located, path: tuple[Any, ...]) -> Any:
     """Parse a mask at load time so a bad one is an error with its file:line."""
     kind = _resolve_env(kind, loc, path)
     try:
@@ -444,7 +444,7 @@ def _mask(kind: Any, loc: _Located, path: tuple[Any, ...]) -> Any:
         raise _err(loc, path, str(exc)) from None
 
 
-def _check_grant_columns(g: TableGrantRule, t: TableRules, loc: _Located, path: tuple[Any, ...]) -> None:
+def _check_grant_columns(g: TableGrantRule, t: TableRules, loc: Located, path: tuple[Any, ...]) -> None:
     for c in g.rows:
         if c.kind in ("current_shift", "today", "last") and not t.time_column:
             raise _err(loc, path, f"row condition {c.kind} needs a time_column on table {t.name}")
@@ -458,7 +458,7 @@ def load_rules(path: str | Path) -> Rules:
     return dataclasses.replace(rules, source=str(path), sources=sources)
 
 
-class _Merged(_Located):
+class _Merged(Located):
     """Positions across a rules file and its includes: each key keeps its own file and line."""
 
     def __init__(self, source: str) -> None:
@@ -470,7 +470,7 @@ class _Merged(_Located):
             path = path[:-1]
         return f"{self.files.get(path, self.source)}:{self.lines.get(path, 1)}"
 
-    def absorb(self, other: _Located, prefix: tuple[Any, ...] = ()) -> None:
+    def absorb(self, other: Located, prefix: tuple[Any, ...] = ()) -> None:
         """Take the positions of ``other`` under ``prefix`` (``other`` may itself be merged)."""
         for path, line in other.lines.items():
             if path[:len(prefix)] == prefix:

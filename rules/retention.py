@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config import ConfigError, _Located, load_yaml
+from .yamlfile import ConfigError, Located, load_yaml
 
 _KEEP = re.compile(r"\s*(\d+)\s+(day|days|week|weeks|month|months|year|years)\s*")
 
@@ -64,7 +64,7 @@ def _check_condition(sql: str, where: str) -> None:
         raise ConfigError(f"{where}: when must be one condition on the table's own columns, without subqueries")
 
 
-def parse_retention(data: Any, loc: _Located, tables: Mapping[str, Any]) -> tuple[RetentionRule, ...]:
+def parse_retention(data: Any, loc: Located, tables: Mapping[str, Any]) -> tuple[RetentionRule, ...]:
     """The ``retention:`` section of a rules document (``tables``: its ``tables:`` section, for time columns)."""
     if data is None:
         return ()

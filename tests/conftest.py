@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from proxy.audit import AuditLog
-from proxy.demo import DEMO_PASSWORD, demo_config
-from proxy.pgcluster import PgCluster
-from proxy.sampledata import load_sample_sync
-from proxy.server import ServerThread
+from proxy.audit.log import AuditLog
+from proxy.demo.run import DEMO_PASSWORD, demo_config
+from proxy.demo.pgcluster import PgCluster
+from proxy.demo.sampledata import load_sample_sync
+from proxy.net.server import ServerThread
 
 SAMPLE_RECORDS = int(os.environ.get("PGWARDEN_TEST_RECORDS", "30000"))
 # deploy/rules/hotel.yaml reads its hash-mask salt from the environment.

@@ -75,7 +75,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from proxy.auth import make_scram_verifier  # noqa: E402
-from proxy.pgcluster import PgCluster  # noqa: E402
+from proxy.demo.pgcluster import PgCluster  # noqa: E402
 
 TARGETS = ("direct", "pgbouncer", "pgwarden", "metrics", "pgwarden-w2", "rules", "guards")
 MODES = ("simple", "extended", "prepared")

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg.adapt import Loader
 
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy
 from tests.integration.test_policy_e2e import capped, direct, guarded, refused, run  # noqa: F401 - fixtures
 

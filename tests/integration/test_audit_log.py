@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from proxy.auth import make_scram_verifier
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy, start_proxy
 
 ROOT = Path(__file__).resolve().parents[2]

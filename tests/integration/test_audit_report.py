@@ -23,8 +23,8 @@ import orjson
 import psycopg
 import pytest
 
-from proxy.audit import AuditLog
-from proxy.pgcluster import PgCluster
+from proxy.audit.log import AuditLog
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy, start_proxy
 
 ROOT = Path(__file__).resolve().parents[2]

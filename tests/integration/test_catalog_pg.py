@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from proxy.pgcluster import PgCluster
-from proxy.sampledata import load_sample_sync, partition_bounds
+from proxy.demo.pgcluster import PgCluster
+from proxy.demo.sampledata import load_sample_sync, partition_bounds
 from rules.catalog import Catalog, catalog_from_dict, catalog_to_dict, load_catalog, qualify
 
 

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy
 
 GUEST_SQL = "SELECT id, name, phone, vip FROM guests WHERE id = ANY(%s) ORDER BY id"

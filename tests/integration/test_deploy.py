@@ -236,7 +236,7 @@ def role_psql(cluster: Any, sql: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def role_db(cluster: Any) -> Any:
     cluster.psql(f"DROP DATABASE IF EXISTS {DB};\nCREATE DATABASE {DB};", database="postgres")
-    schema = (ROOT / "proxy" / "sample" / "schema.sql").read_text(encoding="utf-8")
+    schema = (ROOT / "proxy" / "demo" / "schema.sql").read_text(encoding="utf-8")
     cluster.psql(schema, database=DB)
     cluster.psql("CREATE TABLE cs_records_all PARTITION OF cs_records DEFAULT;\n"
                  "INSERT INTO guests (name, id_number, phone, account_manager, region) "

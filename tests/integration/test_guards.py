@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy, start_proxy, state_config
 from tests.integration.test_policy_e2e import HOTEL, direct
 
@@ -351,7 +351,7 @@ def test_client_sessions_cannot_reach_the_counters(pair: tuple[Proxy, Proxy], cl
 def write_config(path: Path, cluster: PgCluster, schema: str, audit: Path | None = None) -> None:
     """A config with the demo users (password "demo") for the command line."""
     from proxy.auth import make_scram_verifier
-    from proxy.demo import DEMO_USERS
+    from proxy.demo.run import DEMO_USERS
 
     users = {u: {"role": r, "password": make_scram_verifier("demo"), "department": d or "X"}
              for u, (r, d, _, _) in DEMO_USERS.items()}

@@ -26,7 +26,7 @@ psycopg = pytest.importorskip("psycopg")
 from sqlglot import exp  # noqa: E402
 
 from masking import MaskSpec, can_mask, mask_sql, mask_value, parse_mask  # noqa: E402
-from proxy.pgcluster import PgCluster  # noqa: E402
+from proxy.demo.pgcluster import PgCluster  # noqa: E402
 
 
 SALT = "pgwarden-test-salt"

@@ -141,8 +141,8 @@ def test_health_and_readiness(metered: Proxy) -> None:
 
 
 def test_not_ready_when_the_upstream_is_down(cluster, tmp_path: Path) -> None:
-    from proxy.demo import demo_config
-    from proxy.server import ServerThread
+    from proxy.demo.run import demo_config
+    from proxy.net.server import ServerThread
 
     dead = free_port()  # nothing listens there
     cfg = demo_config(upstream_host="127.0.0.1", upstream_port=dead, service_user="x", service_password="x",

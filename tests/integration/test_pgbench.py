@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy
 
 pytestmark = [

@@ -16,8 +16,8 @@ import pytest
 
 asyncpg = pytest.importorskip("asyncpg")
 
-from proxy.pgcluster import PgCluster  # noqa: E402
-from proxy.sampledata import TABLES, load_sample_sync, partition_bounds  # noqa: E402
+from proxy.demo.pgcluster import PgCluster  # noqa: E402
+from proxy.demo.sampledata import TABLES, load_sample_sync, partition_bounds  # noqa: E402
 
 
 N_RECORDS = 20_000

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy, start_proxy
 
 HOTEL = Path(__file__).resolve().parents[2] / "deploy" / "rules" / "hotel.yaml"

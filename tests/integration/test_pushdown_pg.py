@@ -31,8 +31,8 @@ import sqlglot
 from sqlglot import exp
 
 import rules.rewrite as rw
-from proxy.identity import Principal
-from proxy.pgcluster import PgCluster
+from rules.principal import Principal
+from proxy.demo.pgcluster import PgCluster
 from rules.catalog import Catalog, load_catalog
 from rules.grants import StatementGrants, StatementKind, TableGrant
 from rules.model import grants_for, load_rules

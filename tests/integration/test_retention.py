@@ -17,8 +17,8 @@ import psycopg
 import pytest
 
 from proxy.config import ConfigError
-from proxy.pgcluster import PgCluster
-from proxy.sampledata import load_sample_sync
+from proxy.demo.pgcluster import PgCluster
+from proxy.demo.sampledata import load_sample_sync
 from rules.retention import load_retention
 
 ROOT = Path(__file__).resolve().parents[2]

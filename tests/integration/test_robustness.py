@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from proxy.wire import codec
 from proxy.wire.codes import PROTOCOL_3_0, B
 from tests.conftest import Proxy, start_proxy

@@ -15,8 +15,8 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from proxy.identity import Principal
-from proxy.pgcluster import PgCluster
+from rules.principal import Principal
+from proxy.demo.pgcluster import PgCluster
 from rules.model import grants_for, load_rules
 
 HOTEL = Path(__file__).resolve().parents[2] / "deploy" / "rules" / "hotel.yaml"

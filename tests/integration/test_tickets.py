@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy
 from tests.integration.test_guards import replicas, schema, write_config  # noqa: F401 - fixture
 from tests.integration.test_policy_e2e import direct

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from proxy.auth import make_md5, make_scram_verifier
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from proxy.wire import codec
 from proxy.wire.codes import B
 from tests.conftest import Proxy, start_proxy

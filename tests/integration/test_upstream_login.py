@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy, start_proxy
 from tests.integration.fix_tls import make_self_signed
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from proxy.pgcluster import PgCluster
+from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy, start_proxy
 from tests.integration.test_attacks import PHONE_MASK, assert_refused
 from tests.integration.test_policy_e2e import HOTEL, direct, guarded  # noqa: F401 - fixture

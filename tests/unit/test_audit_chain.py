@@ -19,10 +19,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.audit import AuditLog
-from proxy.audit_chain import GENESIS, canonical
-from proxy.audit_files import numbered_lines
-from proxy.audit_verify import verify
+from proxy.audit.log import AuditLog
+from proxy.audit.chain import GENESIS, canonical
+from proxy.audit.files import numbered_lines
+from proxy.audit.verify import verify
 
 PGWARDEN = [sys.executable, "-m", "proxy.cli"]
 
@@ -295,7 +295,7 @@ def test_two_replicas_interleaved_in_one_file_and_a_restart_finds_its_own_chain(
 
 def test_same_meaning_other_bytes_is_an_edit(tmp_path: Path) -> None:
     """A duplicate key or an escaped character parses to the same event but hides it from grep."""
-    from proxy.audit_chain import exact, parse_line, seal
+    from proxy.audit.chain import exact, parse_line, seal
 
     ev = {"event": "statement", "ticket": "T-2026-000001", "user": "bob", "replica": "r", "seq": 1,
           "prev_hash": "0" * 64}

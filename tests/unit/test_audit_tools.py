@@ -7,9 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.audit_report import Window, summarise
-from proxy.audit_search import Filters, decision_of, guests_of, matches, parse_when
-from proxy.receipts import receipt_notice, receipt_text
+from proxy.audit.report import Window, summarise
+from proxy.audit.search import Filters, decision_of, guests_of, matches, parse_when
+from proxy.audit.receipts import receipt_notice, receipt_text
 
 KEYS = {"public.cs_records": "guest_id", "public.guests": "id", "public.keycard_events": "guest_id"}
 
@@ -77,8 +77,8 @@ def test_off_shift_by_the_persons_shift_or_off_hours() -> None:
 
 
 def test_ticket_summary_reads_monthly_and_gzipped_audit_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from proxy.audit import AuditLog
-    from proxy.cli_tickets import read_summary
+    from proxy.audit.log import AuditLog
+    from proxy.cli.tickets import read_summary
 
     t = [datetime(2026, 10, 31, 23, 59, tzinfo=timezone.utc).timestamp()]
     template = str(tmp_path / "audit-%Y-%m.jsonl")

@@ -375,8 +375,8 @@ class TestErrorLines:
 
 
 def test_user_networks_are_parsed_and_checked() -> None:
-    from proxy.guards import device_refusal
-    from proxy.identity import Principal
+    from proxy.guards.checks import device_refusal
+    from rules.principal import Principal
 
     text = f"""upstream: {{host: db}}
 users:

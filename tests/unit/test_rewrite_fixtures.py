@@ -21,7 +21,7 @@ Lines before the first case in a file are a free-form preamble; blank and commen
 at the end of a case (section separators) are not part of its SQL or expected output.
 
 Grants come from the shipped rules, deploy/rules/hotel.yaml, for the demo user
-named; the catalog is hand-built below and mirrors proxy/sample/schema.sql. Every
+named; the catalog is hand-built below and mirrors proxy/demo/schema.sql. Every
 refusal must carry SQLSTATE 42501 and a "pgwarden:" message; every rewrite must
 leave no granted table outside one of the fences the rewriter builds.
 
@@ -43,8 +43,8 @@ from sqlglot import exp
 from sqlglot.dialects.postgres import Postgres
 from sqlglot.tokens import TokenType
 
-from proxy.demo import DEMO_USERS
-from proxy.identity import Principal
+from proxy.demo.run import DEMO_USERS
+from rules.principal import Principal
 from rules.catalog import Catalog, Column, Function, Relation
 from rules.decision import Decision
 from rules.grants import StatementGrants
@@ -61,7 +61,7 @@ RULES = ROOT / "deploy" / "rules" / "hotel.yaml"
 #: case name -> why the rewriter's current answer is wrong (the fixture holds the safe answer).
 KNOWN_WRONG: dict[str, str] = {}
 
-# ---------------------------------------------------------------- the catalog (proxy/sample/schema.sql)
+# ---------------------------------------------------------------- the catalog (proxy/demo/schema.sql)
 
 _TYPE_OIDS = {"bigint": 20, "integer": 23, "text": 25, "boolean": 16, "timestamp with time zone": 1184,
               "name": 19, "oid": 26}
@@ -102,7 +102,7 @@ BUILTINS = ["count", "max", "min", "sum", "avg", "lower", "upper", "length", "le
             "translate", "regexp_replace", "chr"]
 
 
-#: Column defaults as pg_get_expr() prints them for proxy/sample/schema.sql (INSERT checks read them).
+#: Column defaults as pg_get_expr() prints them for proxy/demo/schema.sql (INSERT checks read them).
 DEFAULTS = {"created_at": "now()", "legal_hold": "false", "severity": "'normal'::text"}
 
 

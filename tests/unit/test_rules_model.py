@@ -8,7 +8,7 @@ import pytest
 import sqlglot
 
 from proxy.config import ConfigError, load_yaml_text
-from proxy.identity import Principal
+from rules.principal import Principal
 from rules.grants import StatementKind, Treatment
 from rules.model import effective_role, grants_for, load_rules, parse_rules
 
@@ -31,7 +31,7 @@ def error_of(text: str) -> str:
 
 
 def test_hotel_rules_load_with_every_demo_role() -> None:
-    from proxy.demo import DEMO_USERS
+    from proxy.demo.run import DEMO_USERS
 
     rules = load_rules(HOTEL)
     assert {role for role, *_ in DEMO_USERS.values()} <= set(rules.roles)

@@ -14,7 +14,7 @@ import pytest
 
 # Self-contained: import the source tree even when the project is not installed.
 
-from proxy.sampledata import (  # noqa: E402
+from proxy.demo.sampledata import (  # noqa: E402
     ACCOUNT_MANAGERS,
     CATEGORIES,
     CHANNELS,

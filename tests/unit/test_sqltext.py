@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.sqltext import split_statements, statement_type, type_from_tag
+from proxy.session.sqltext import split_statements, statement_type, type_from_tag
 
 
 class TestSplitBasics:

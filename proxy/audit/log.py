@@ -43,9 +43,9 @@ from typing import Any
 
 import structlog
 
-from . import audit_files
-from .audit_chain import GENESIS, hash_of, parse_line, seal
-from .identity import Principal
+from proxy.audit import files as audit_files
+from proxy.audit.chain import GENESIS, hash_of, parse_line, seal
+from rules.principal import Principal
 
 Listener = Callable[[dict[str, Any]], None]
 Clock = Callable[[], float]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta, timezone, tzinfo
 from typing import Any
 
-from .audit_search import SubjectKeys, decision_of, event_time, guests_of
+from proxy.audit.search import SubjectKeys, decision_of, event_time, guests_of
 
 EMERGENCY_GRACE = timedelta(hours=24)  # R4.5: break-glass must be backed by a ticket within 24 hours
 

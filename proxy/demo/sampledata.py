@@ -15,7 +15,7 @@ unit tests can inspect rows without a database and the loader can stream
 table draws from its own ``random.Random`` derived from ``seed``, so the
 output depends only on ``seed``, the sizes and ``now``.
 
-:func:`load_sample` runs ``sample/schema.sql`` in two halves around the COPY:
+:func:`load_sample` runs ``schema.sql`` in two halves around the COPY:
 tables first, indexes and foreign keys afterwards (building them once over
 loaded data is several times faster than maintaining them row by row).
 """
@@ -722,8 +722,8 @@ def iter_tables(*, cs_records: int = 200_000, guests: int = 5_000, seed: int = 4
 
 
 def schema_sql() -> str:
-    """The sample schema DDL (``proxy/sample/schema.sql``, shipped as package data)."""
-    return importlib.resources.files("proxy").joinpath("sample/schema.sql").read_text(encoding="utf-8")
+    """The sample schema DDL (``proxy/demo/schema.sql``, shipped as package data)."""
+    return importlib.resources.files("proxy.demo").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
 def _schema_parts() -> tuple[str, str]:

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 
 
 def add_guard_commands(sub: Any) -> None:
@@ -29,7 +29,7 @@ def add_guard_commands(sub: Any) -> None:
 
 def with_state(state: Any, work: Any) -> Any:
     """Run ``work(connection)`` (a coroutine) on one connection to the state store, then close it."""
-    from .statestore import connect
+    from proxy.guards.statestore import connect
 
     async def run() -> Any:
         conn = await connect(state)
@@ -54,7 +54,7 @@ def _state_config(args: argparse.Namespace) -> tuple[Config, Any] | int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .statestore import apply_migrations, latest_version
+    from proxy.guards.statestore import apply_migrations, latest_version
 
     got = _state_config(args)
     if isinstance(got, int):
@@ -75,8 +75,8 @@ def authenticate_actor(args: argparse.Namespace) -> tuple[Config, Any, Any, Any]
     """(config, state, rules, principal) of the person running the command, password checked; else an exit code."""
     from rules.model import effective_role, load_rules
 
-    from .auth import check_cleartext
-    from .identity import Principal
+    from proxy.auth import check_cleartext
+    from rules.principal import Principal
 
     got = _state_config(args)
     if isinstance(got, int):
@@ -114,8 +114,8 @@ def add_actor_arguments(p: Any) -> None:
 
 
 def _unlock(args: argparse.Namespace) -> int:
-    from .audit import AuditLog, default_replica
-    from .statestore import unlock_on
+    from proxy.audit.log import AuditLog, default_replica
+    from proxy.guards.statestore import unlock_on
 
     got = authenticate_actor(args)
     if isinstance(got, int):

@@ -17,7 +17,7 @@ from typing import Any
 
 from rules.retention import RetentionRule, condition, count_sql, delete_batch_sql, held_condition
 
-from .audit import AuditLog
+from proxy.audit.log import AuditLog
 
 BATCH = 5000
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .audit_chain import GENESIS, exact, hash_of, parse_line
+from proxy.audit.chain import GENESIS, exact, hash_of, parse_line
 
 Line = tuple[str, int, bytes]  # file, line number (1-based), raw line
 

@@ -12,7 +12,7 @@ import asyncio
 import sys
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 
 
 def _config_and_rules(args: argparse.Namespace) -> tuple[Config, str]:
@@ -25,8 +25,8 @@ def _config_and_rules(args: argparse.Namespace) -> tuple[Config, str]:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from .audit_files import numbered_lines
-    from .audit_verify import render, verify
+    from proxy.audit.files import numbered_lines
+    from proxy.audit.verify import render, verify
 
     try:
         result = verify(numbered_lines(args.files), from_start=args.from_start)
@@ -54,8 +54,8 @@ def _subject_keys(rules_path: str | None) -> dict[str, str]:
 def _audit_search(args: argparse.Namespace) -> int:
     import orjson
 
-    from .audit_files import events
-    from .audit_search import Filters, parse_when, search, table_header, table_row
+    from proxy.audit.files import events
+    from proxy.audit.search import Filters, parse_when, search, table_header, table_row
 
     try:
         keys = _subject_keys(args.rules)
@@ -90,9 +90,9 @@ def _audit_report(args: argparse.Namespace) -> int:
     from datetime import datetime, time, timezone
     from zoneinfo import ZoneInfo
 
-    from .audit_files import events
-    from .audit_report import Window, render_html, summarise
-    from .audit_search import parse_when
+    from proxy.audit.files import events
+    from proxy.audit.report import Window, render_html, summarise
+    from proxy.audit.search import parse_when
 
     try:
         now = datetime.now(timezone.utc)
@@ -134,8 +134,8 @@ def _retention(args: argparse.Namespace) -> int:
 
     from rules.retention import load_retention
 
-    from .audit import AuditLog, default_replica
-    from .retention import render, run
+    from proxy.audit.log import AuditLog, default_replica
+    from proxy.cli.retention import render, run
 
     try:
         cfg, rules_path = _config_and_rules(args)

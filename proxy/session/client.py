@@ -29,18 +29,20 @@ from typing import TYPE_CHECKING, Any
 from rules.decision import Decision, refuse
 from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
 
-from . import admin_console, auth, upstream
-from .guards import declared_cursor, decode_param, device_refusal, fetch_rows, skip_comments
-from .audit import principal_fields
-from .identity import Principal
-from .receipts import new_receipt, protected_by, receipt_notice, receipt_text
-from .sqltext import split_statements, statement_type, type_from_tag
-from .wire import codec
-from .wire.codes import B, F, SqlState
-from .wire.messages import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
+from proxy.ops import console as admin_console
+from proxy import auth
+from proxy.net import upstream
+from proxy.guards.checks import declared_cursor, decode_param, device_refusal, fetch_rows, skip_comments
+from proxy.audit.log import principal_fields
+from rules.principal import Principal
+from proxy.audit.receipts import new_receipt, protected_by, receipt_notice, receipt_text
+from proxy.session.sqltext import split_statements, statement_type, type_from_tag
+from proxy.wire import codec
+from proxy.wire.codes import B, F, SqlState
+from proxy.wire.messages import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
 
 if TYPE_CHECKING:
-    from .server import Server
+    from proxy.net.server import Server
 
 LOGIN_TIMEOUT = 60.0
 WRITE_HIGH_WATER = 1 << 20
@@ -964,7 +966,7 @@ class ClientSession(asyncio.Protocol):
         return Decision("allow")
 
     async def _scope_check(self, name: str, value: str) -> Any:
-        from .ticketstore import TicketError
+        from proxy.guards.ticketstore import TicketError
 
         try:
             return _ScopeVerdict(await self._open_scope(name, value), "")
@@ -976,7 +978,7 @@ class ClientSession(asyncio.Protocol):
     async def _open_scope(self, name: str, value: str) -> Any:
         from rules.model import effective_role
 
-        from .ticketstore import TicketError, scope_of, start_emergency
+        from proxy.guards.ticketstore import TicketError, scope_of, start_emergency
 
         store = self.server.guards.store
         assert store is not None and self.principal is not None
@@ -994,7 +996,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _startup_scope(self, name: str, value: str) -> str | None:
         """A ticket given in the connection string (options=-c pgwarden.ticket=T-...)."""
-        from .ticketstore import TicketError
+        from proxy.guards.ticketstore import TicketError
 
         if self.server.guards.store is None:
             return "pgwarden: tickets and break-glass need the guard state store, and none is configured"
@@ -1180,7 +1182,7 @@ class ClientSession(asyncio.Protocol):
             try:
                 verdict = await check
             except Exception as exc:  # noqa: BLE001 - fail closed
-                from .guards import Verdict
+                from proxy.guards.checks import Verdict
 
                 verdict = Verdict(False, f"pgwarden: the guard check failed ({type(exc).__name__}); refused")
             if self.closed:

@@ -15,7 +15,7 @@ import asyncpg
 
 from rules.tickets import Decision, Scope, TicketPolicy, approval, may_decide
 
-from .statestore import channel
+from proxy.guards.statestore import channel
 
 
 class TicketError(Exception):

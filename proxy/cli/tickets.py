@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .cli_guards import add_actor_arguments, authenticate_actor, with_state
+from proxy.cli.guards import add_actor_arguments, authenticate_actor, with_state
 
 
 def add_ticket_commands(sub: Any) -> None:
@@ -44,7 +44,7 @@ def add_ticket_commands(sub: Any) -> None:
 
 
 def _ticket(args: argparse.Namespace) -> int:
-    from .ticketstore import TicketError
+    from proxy.guards.ticketstore import TicketError
 
     got = authenticate_actor(args)
     if isinstance(got, int):
@@ -54,7 +54,7 @@ def _ticket(args: argparse.Namespace) -> int:
         "request": _request, "approve": _decide, "reject": _decide, "close": _close, "list": _list,
         "show": _show, "overdue": _overdue}[args.ticket_command]
 
-    from .audit import AuditLog, default_replica
+    from proxy.audit.log import AuditLog, default_replica
 
     # A change that cannot be audited is not made: the log must take an event before the store is touched.
     log = AuditLog(cfg.audit_path, replica=default_replica() + ":tickets")  # a chain of its own
@@ -91,13 +91,13 @@ def _qualified(rules: Any, name: str) -> str:
         return name
     if f"public.{name}" in rules.tables:
         return f"public.{name}"
-    from .ticketstore import TicketError
+    from proxy.guards.ticketstore import TicketError
 
     raise TicketError(f"table {name!r} is not in the rules")
 
 
 async def _request(c: Ctx) -> int:
-    from .ticketstore import Request, parse_scope, request, when
+    from proxy.guards.ticketstore import Request, parse_scope, request, when
 
     a = c.args
     scope = parse_scope(a.scope)
@@ -117,7 +117,7 @@ async def _request(c: Ctx) -> int:
 
 
 async def _decide(c: Ctx) -> int:
-    from .ticketstore import decide
+    from proxy.guards.ticketstore import decide
 
     approve = c.args.ticket_command == "approve"
     status, missing = await decide(c.conn, c.schema, c.args.id, c.actor.user, c.actor.role, approve,
@@ -129,7 +129,7 @@ async def _decide(c: Ctx) -> int:
 
 
 async def _close(c: Ctx) -> int:
-    from .ticketstore import TicketError, close, show
+    from proxy.guards.ticketstore import TicketError, close, show
 
     t = await show(c.conn, c.schema, c.args.id)
     if c.actor.user != t["requester"] and c.actor.role not in c.rules.tickets.approvers:
@@ -143,7 +143,7 @@ async def _close(c: Ctx) -> int:
 
 
 async def _list(c: Ctx) -> int:
-    from .ticketstore import listing
+    from proxy.guards.ticketstore import listing
 
     everyone = c.actor.role in c.rules.tickets.approvers | c.rules.tickets.legal_approvers
     for t in await listing(c.conn, c.schema, c.actor.user, everyone):
@@ -152,7 +152,7 @@ async def _list(c: Ctx) -> int:
 
 
 async def _show(c: Ctx) -> int:
-    from .ticketstore import TicketError, show
+    from proxy.guards.ticketstore import TicketError, show
 
     t = await show(c.conn, c.schema, c.args.id)
     involved = c.actor.user == t["requester"] or any(d["approver"] == c.actor.user for d in t["decisions"])
@@ -163,7 +163,7 @@ async def _show(c: Ctx) -> int:
 
 
 async def _overdue(c: Ctx) -> int:
-    from .ticketstore import overdue
+    from proxy.guards.ticketstore import overdue
 
     for e in await overdue(c.conn, c.schema, c.rules.tickets):
         print(f"E-{e['id']}  {e['user_name']:<10}  {e['role']:<18}  started {e['started_at']:%Y-%m-%d %H:%M}  "
@@ -176,7 +176,7 @@ def read_summary(audit_path: str, ticket: str) -> dict[str, Any]:
     statements = rows = 0
     guests: set[str] = set()
     tables: set[str] = set()
-    from .audit_files import read_lines
+    from proxy.audit.files import read_lines
 
     base = Path(audit_path)
     # Worker files (audit-w1.jsonl) and monthly ones (audit-%Y-%m.jsonl, finished months gzipped).

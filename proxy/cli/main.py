@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from .config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 
 
 def _load(path: str) -> Config | None:
@@ -24,7 +24,7 @@ def _load(path: str) -> Config | None:
 def _serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .server import Server, new_event_loop
+    from proxy.net.server import Server, new_event_loop
 
     cfg = _load(args.config)
     if cfg is None:
@@ -36,19 +36,19 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     worker = None
     if args.worker:
-        from .workers import worker_config
+        from proxy.net.workers import worker_config
 
         worker = args.worker
         cfg = worker_config(cfg, worker)
     elif args.workers > 1:
-        from .workers import supervise
+        from proxy.net.workers import supervise
 
         return supervise(args.config, cfg, args.workers)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(cfg)
     if worker is not None:
-        from .workers import wire_worker
+        from proxy.net.workers import wire_worker
 
         wire_worker(server, worker, args.runtime_dir)
     try:
@@ -96,7 +96,7 @@ def _config_show(args: argparse.Namespace) -> int:
     """The effective configuration (file + environment) as YAML, with secrets hidden."""
     import yaml
 
-    from .config import effective_config
+    from proxy.config import effective_config
 
     cfg = _load(args.config)
     if cfg is None:
@@ -106,7 +106,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _passwd(args: argparse.Namespace) -> int:
-    from .auth import make_md5, make_scram_verifier
+    from proxy.auth import make_md5, make_scram_verifier
 
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -143,7 +143,7 @@ def _check(args: argparse.Namespace) -> int:
         return 0
     from rules.check import check_rules
 
-    from .server import load_catalog_for
+    from proxy.net.server import load_catalog_for
 
     try:
         cfg = load_config(args.config)
@@ -171,8 +171,8 @@ def _explain(args: argparse.Namespace) -> int:
     from rules.engine import Engine
     from rules.model import load_rules
 
-    from .identity import Principal
-    from .server import load_catalog_for
+    from rules.principal import Principal
+    from proxy.net.server import load_catalog_for
 
     try:
         cfg = load_config(args.config)
@@ -214,7 +214,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from proxy.demo.run import run_demo
 
     return run_demo(port=args.port, tour=args.tour, records=args.records)
 
@@ -272,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--records", type=int, default=200_000, help="customer-service records to generate")
     d.set_defaults(fn=_demo)
 
-    from .cli_guards import add_guard_commands
+    from proxy.cli.guards import add_guard_commands
 
     add_guard_commands(sub)
-    from .cli_tickets import add_ticket_commands
+    from proxy.cli.tickets import add_ticket_commands
 
     add_ticket_commands(sub)
 
-    from .audit_cli import add_commands
+    from proxy.cli.audit import add_commands
 
     add_commands(sub)  # audit verify|search|report, retention plan|apply
     args = ap.parse_args(argv)

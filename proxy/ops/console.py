@@ -13,13 +13,13 @@ import secrets
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .wire import codec
-from .wire.codes import F, SqlState
+from proxy.wire import codec
+from proxy.wire.codes import F, SqlState
 
 if TYPE_CHECKING:
-    from .identity import Principal
-    from .server import Server
-    from .session import ClientSession
+    from rules.principal import Principal
+    from proxy.net.server import Server
+    from proxy.session.client import ClientSession
 
 DATABASE = "pgwarden"
 SYNTAX_ERROR = "42601"

@@ -31,8 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .audit import default_replica
-from .config import Config
+from proxy.audit.log import default_replica
+from proxy.config import Config
 
 RESTART_BACKOFF_MAX = 10.0
 START_TIMEOUT = 60.0

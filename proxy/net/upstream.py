@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import scramp
 
-from .config import UpstreamConfig
-from .wire import codec
-from .wire.codes import Auth, B, SqlState
+from proxy.config import UpstreamConfig
+from proxy.wire import codec
+from proxy.wire.codes import Auth, B, SqlState
 
 if TYPE_CHECKING:
-    from .session import ClientSession
+    from proxy.session.client import ClientSession
 
 
 class UpstreamError(Exception):

@@ -15,12 +15,12 @@ from typing import Any
 
 from rules.engine import Engine
 
-from . import upstream
-from .audit import AuditLog, default_replica
-from .config import Config
-from .guards import Guards
-from .metrics import Stats
-from .session import ClientSession
+from proxy.net import upstream
+from proxy.audit.log import AuditLog, default_replica
+from proxy.config import Config
+from proxy.guards.checks import Guards
+from proxy.ops.metrics import Stats
+from proxy.session.client import ClientSession
 
 
 def _mtime(path: str) -> float:
@@ -61,7 +61,7 @@ class Server:
                                        replica=config.audit_replica or default_replica(config.listen_port))
         store = None
         if config.state is not None:
-            from .statestore import StateStore
+            from proxy.guards.statestore import StateStore
 
             store = StateStore(config.state, replica=f"{config.listen_host}:{config.listen_port}",
                                log=lambda event, fields: self.audit.emit(event, None, **fields))
@@ -105,8 +105,8 @@ class Server:
         if self.cancel_socket:
             self._cancel_server = await asyncio.start_unix_server(self._on_peer_cancel, self.cancel_socket)
         if self.config.metrics_listen:
-            from .http_endpoints import HttpEndpoints
-            from .metrics import make_registry
+            from proxy.ops.http import HttpEndpoints
+            from proxy.ops.metrics import make_registry
 
             assert self.stats is not None
             registry = make_registry(self.stats, lambda: len(self.sessions), self.cache_counts)
@@ -123,7 +123,7 @@ class Server:
 
     async def readiness(self) -> tuple[bool, str]:
         """Ready: accepting, rules loaded (when configured) and the upstream answering."""
-        from .http_endpoints import probe_postgres
+        from proxy.ops.http import probe_postgres
 
         if self.draining:
             return False, "shutting down"
@@ -151,7 +151,7 @@ class Server:
             return False
         from rules.model import load_rules
 
-        from .config import ConfigError
+        from proxy.config import ConfigError
 
         try:
             rules = load_rules(path)

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .wire import codec
+from proxy.wire import codec
 
 
 def protected_tables(tables: Mapping[str, Any]) -> frozenset[str]:

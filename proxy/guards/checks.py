@@ -18,8 +18,8 @@ from typing import Any
 
 from rules.decision import Decision
 
-from .identity import Principal
-from .statestore import StateStore, StateUnavailable
+from rules.principal import Principal
+from proxy.guards.statestore import StateStore, StateUnavailable
 
 #: Reasons of refusals the guards made themselves: they do not extend a refusal streak.
 GUARD_REASONS = frozenset({"locked out", "state store unavailable"})
@@ -265,7 +265,7 @@ _FETCH = re.compile(
 
 def skip_comments(sql: str) -> str:
     """The text after leading whitespace and comments, read as PostgreSQL reads them (/* */ nest)."""
-    from .sqltext import skip_space_and_comments
+    from proxy.session.sqltext import skip_space_and_comments
 
     return sql[skip_space_and_comments(sql, 0, parens=False):]
 

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .auth import make_md5, make_scram_verifier
-from .config import Config, load_yaml_text, parse_config
+from proxy.auth import make_md5, make_scram_verifier
+from proxy.config import Config, load_yaml_text, parse_config
 
 DEMO_PASSWORD = "demo"
-HOTEL_RULES = Path(__file__).resolve().parents[1] / "deploy" / "rules" / "hotel.yaml"
+HOTEL_RULES = Path(__file__).resolve().parents[2] / "deploy" / "rules" / "hotel.yaml"
 
 # name -> (role, department, attributes, method)
 DEMO_USERS: dict[str, tuple[str, str | None, dict[str, Any], str]] = {
@@ -143,9 +143,9 @@ async def run_tour(port: int, password: str = DEMO_PASSWORD) -> None:
 
 def run_demo(port: int = 6432, tour: bool = False, records: int = 200_000, workdir: str | None = None) -> int:
     """Start PostgreSQL with the hotel data and pgwarden in front; serve until Ctrl-C (or run the tour)."""
-    from .pgcluster import PgCluster
-    from .sampledata import load_sample_sync
-    from .server import Server, new_event_loop
+    from proxy.demo.pgcluster import PgCluster
+    from proxy.demo.sampledata import load_sample_sync
+    from proxy.net.server import Server, new_event_loop
 
     print("pgwarden demo: starting a throwaway PostgreSQL ...", flush=True)
     cluster = PgCluster(Path(workdir) if workdir else None)
