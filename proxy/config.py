@@ -59,6 +59,18 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisLimits:
+    """``analysis:`` in the config: how large a restricted role's statement may be, and where it is analysed."""
+
+    max_statement_bytes: int = 1 << 20  # refused above this, before any analysis
+    max_tokens: int = 200_000  # refused above this, after tokenizing
+    offload_bytes: int = 2048  # uncached statements longer than this are analysed in a worker
+    timeout: float = 10.0  # seconds an analysis may take
+    workers: int = 1
+    queue: int = 32  # jobs waiting for a worker; more are refused at once
+
+
+@dataclass(frozen=True)
 class Config:
     upstream: UpstreamConfig
     users: dict[str, UserEntry]
@@ -80,6 +92,7 @@ class Config:
     shutdown_grace: float = 30.0  # seconds running statements may finish after SIGTERM
     env_overrides: tuple[str, ...] = ()  # environment variables that replaced values of the file
     admin_users: tuple[str, ...] = ()  # may use the admin console (database pgwarden), besides security directors
+    analysis: AnalysisLimits = AnalysisLimits()
 
 
 _METHODS = ("scram-sha-256", "md5", "password")
@@ -266,6 +279,17 @@ def parse_config(data: Any, loc: Located) -> Config:
             "admin_users must be a list of user names")
     for i, a in enumerate(admins):
         expect(a in users, loc, ("admin_users", i), f"admin_users: no user {a!r} in users")
+    a = _check_keys(d.get("analysis") or {}, {"max_statement_bytes", "max_tokens", "offload_bytes", "timeout",
+                                             "workers", "queue"}, loc, ("analysis",))
+    defaults = AnalysisLimits()
+    analysis = AnalysisLimits(
+        max_statement_bytes=_number(a, "max_statement_bytes", defaults.max_statement_bytes, loc, ("analysis",),
+                                    low=1024, high=1 << 30),
+        max_tokens=_number(a, "max_tokens", defaults.max_tokens, loc, ("analysis",), low=100, high=10_000_000),
+        offload_bytes=_number(a, "offload_bytes", defaults.offload_bytes, loc, ("analysis",), low=0, high=1 << 30),
+        timeout=_number(a, "timeout", defaults.timeout, loc, ("analysis",), integer=False, low=0.1, high=3600),
+        workers=_number(a, "workers", defaults.workers, loc, ("analysis",), low=1, high=64),
+        queue=_number(a, "queue", defaults.queue, loc, ("analysis",), low=1, high=100_000))
     metrics_listen = None
     if d.get("metrics"):
         m = _check_keys(d["metrics"], {"listen"}, loc, ("metrics",))
@@ -280,7 +304,7 @@ def parse_config(data: Any, loc: Located) -> Config:
         secret=str(secret).encode() if secret else os.urandom(32), rules_path=rules_path, source=loc.source,
         metrics_listen=metrics_listen,
         shutdown_grace=_number(d, "shutdown_grace", 30.0, loc, (), integer=False, low=0, high=86400),
-        env_overrides=tuple(sorted(set(loc.env.values()))), admin_users=tuple(admins),
+        env_overrides=tuple(sorted(set(loc.env.values()))), admin_users=tuple(admins), analysis=analysis,
     )
 
 

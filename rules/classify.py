@@ -38,10 +38,16 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Simple:
-    """A fully recognised statement; ``sql`` is canonical text rebuilt from validated tokens."""
+    """A fully recognised statement; ``sql`` is canonical text rebuilt from validated tokens.
+
+    ``node`` is the statement's kind as PostgreSQL's parser names it, ``setting`` the setting a
+    SET/RESET changes (as PostgreSQL names it): what :mod:`rules.pgconfirm` compares.
+    """
 
     kind: StatementKind
     sql: str
+    node: str = ""
+    setting: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class Wrapped:
     kind: StatementKind
     prefix: str
     inner: list[Token]
+    node: str = ""
+    hold: bool = False  # DECLARE ... WITH HOLD
 
 
 #: Settings a restricted role may SET/RESET (lower case). search_path is NOT here: resolution
@@ -166,7 +174,7 @@ def _begin(c: _Cursor) -> Simple | None:
     modes = _tx_modes(c)
     if modes is None:
         return None
-    return Simple(StatementKind.TRANSACTION, ("BEGIN " + modes).strip())
+    return Simple(StatementKind.TRANSACTION, ("BEGIN " + modes).strip(), node="TransactionStmt")
 
 
 def _end(c: _Cursor) -> Simple | None:
@@ -175,34 +183,34 @@ def _end(c: _Cursor) -> Simple | None:
     c.take("WORK", "TRANSACTION")
     if head in ("ROLLBACK", "ABORT") and c.take("TO"):
         c.take("SAVEPOINT")
-        return _named(c, "ROLLBACK TO SAVEPOINT", StatementKind.TRANSACTION)
+        return _named(c, "ROLLBACK TO SAVEPOINT", StatementKind.TRANSACTION, "TransactionStmt")
     verb = "COMMIT" if head in ("COMMIT", "END") else "ROLLBACK"
     if c.take("AND"):
         no = c.take("NO")
         if c.take("CHAIN") is None or not c.done():
             return None
-        return Simple(StatementKind.TRANSACTION, f"{verb} AND {'NO ' if no else ''}CHAIN")
-    return Simple(StatementKind.TRANSACTION, verb) if c.done() else None
+        return Simple(StatementKind.TRANSACTION, f"{verb} AND {'NO ' if no else ''}CHAIN", node="TransactionStmt")
+    return Simple(StatementKind.TRANSACTION, verb, node="TransactionStmt") if c.done() else None
 
 
-def _named(c: _Cursor, verb: str, kind: StatementKind) -> Simple | None:
+def _named(c: _Cursor, verb: str, kind: StatementKind, node: str) -> Simple | None:
     """``verb name`` with exactly one name token left."""
     t = c.peek()
     if t is None or c.peek(1) is not None:
         return None
     name = _name(t)
-    return Simple(kind, f"{verb} {name}") if name else None
+    return Simple(kind, f"{verb} {name}", node) if name else None
 
 
 def _savepoint(c: _Cursor) -> Simple | None:
     c.take("SAVEPOINT")
-    return _named(c, "SAVEPOINT", StatementKind.TRANSACTION)
+    return _named(c, "SAVEPOINT", StatementKind.TRANSACTION, "TransactionStmt")
 
 
 def _release(c: _Cursor) -> Simple | None:
     c.take("RELEASE")
     c.take("SAVEPOINT")
-    return _named(c, "RELEASE SAVEPOINT", StatementKind.TRANSACTION)
+    return _named(c, "RELEASE SAVEPOINT", StatementKind.TRANSACTION, "TransactionStmt")
 
 
 def _value(c: _Cursor) -> str | None:
@@ -258,15 +266,18 @@ def _set(c: _Cursor) -> Simple | None:
         if c.take("AS") is None or c.take("TRANSACTION") is None:
             return None
         modes = _tx_modes(c)
-        return Simple(StatementKind.TRANSACTION, f"SET SESSION CHARACTERISTICS AS TRANSACTION {modes}") if modes else None
+        return Simple(StatementKind.TRANSACTION, f"SET SESSION CHARACTERISTICS AS TRANSACTION {modes}",
+                      "VariableSetStmt", "session characteristics") if modes else None
     if scope is None and c.take("TRANSACTION"):
         modes = _tx_modes(c)
-        return Simple(StatementKind.TRANSACTION, f"SET TRANSACTION {modes}") if modes else None
+        return Simple(StatementKind.TRANSACTION, f"SET TRANSACTION {modes}", "VariableSetStmt",
+                      "transaction") if modes else None
     prefix = f"SET {scope} " if scope else "SET "
     if c.word() == "TIME" and c.word(1) == "ZONE":
         c.i += 2
         v = _value(c)
-        return Simple(StatementKind.SET, f"{prefix}TIME ZONE {v}") if v is not None and c.done() else None
+        return Simple(StatementKind.SET, f"{prefix}TIME ZONE {v}", "VariableSetStmt",
+                      "timezone") if v is not None and c.done() else None
     if c.word() in ("NAMES", "SCHEMA"):
         raise _setting_refusal("client_encoding" if c.word() == "NAMES" else "search_path")
     t = c.peek()
@@ -286,7 +297,7 @@ def _set(c: _Cursor) -> Simple | None:
     elif c.take("TO") is None:
         return None
     v = _values(c)
-    return Simple(StatementKind.SET, f"{prefix}{name} TO {v}") if v is not None else None
+    return Simple(StatementKind.SET, f"{prefix}{name} TO {v}", "VariableSetStmt", name) if v is not None else None
 
 
 def _reset(c: _Cursor) -> Simple | None:
@@ -303,7 +314,7 @@ def _reset(c: _Cursor) -> Simple | None:
     name = normalise_identifier(t.text, t.token_type == TokenType.IDENTIFIER)
     if name not in SAFE_SETTINGS:
         raise _setting_refusal(name)
-    return Simple(StatementKind.SET, f"RESET {name}")
+    return Simple(StatementKind.SET, f"RESET {name}", "VariableSetStmt", name)
 
 
 def _show(c: _Cursor) -> Simple | None:
@@ -319,7 +330,7 @@ def _show(c: _Cursor) -> Simple | None:
         else:
             return None
         c.i += 1
-    return Simple(StatementKind.SHOW, "SHOW " + " ".join(words)) if 1 <= len(words) <= 4 else None
+    return Simple(StatementKind.SHOW, "SHOW " + " ".join(words), "VariableShowStmt") if 1 <= len(words) <= 4 else None
 
 
 def _refuse_statement(what: str):  # noqa: ANN202 - small factory
@@ -369,7 +380,7 @@ def _explain(c: _Cursor) -> Wrapped | None:
     if c.done():
         return None
     prefix = "EXPLAIN " + (f"({', '.join(opts)}) " if opts else "")
-    return Wrapped(StatementKind.EXPLAIN, prefix, c.rest())
+    return Wrapped(StatementKind.EXPLAIN, prefix, c.rest(), "ExplainStmt")
 
 
 def _declare(c: _Cursor) -> Wrapped | None:
@@ -394,7 +405,8 @@ def _declare(c: _Cursor) -> Wrapped | None:
         words.append(f"{hold} HOLD")
     if c.take("FOR") is None or c.done():
         return None
-    return Wrapped(StatementKind.SELECT, f"DECLARE {name} {' '.join(words)} FOR ", c.rest())
+    return Wrapped(StatementKind.SELECT, f"DECLARE {name} {' '.join(words)} FOR ", c.rest(), "DeclareCursorStmt",
+                   hold=hold == "WITH")
 
 
 def _fetch(c: _Cursor) -> Simple | None:
@@ -417,22 +429,22 @@ def _fetch(c: _Cursor) -> Simple | None:
     if name is None:
         return None
     text = " ".join(parts).replace("- ", "-") + " " + name
-    return Simple(StatementKind.SELECT, text)
+    return Simple(StatementKind.SELECT, text, "FetchStmt")
 
 
 def _close(c: _Cursor) -> Simple | None:
     c.take("CLOSE")
     if c.word() == "ALL" and c.peek(1) is None:
-        return Simple(StatementKind.SELECT, "CLOSE ALL")
-    return _named(c, "CLOSE", StatementKind.SELECT)
+        return Simple(StatementKind.SELECT, "CLOSE ALL", "ClosePortalStmt")
+    return _named(c, "CLOSE", StatementKind.SELECT, "ClosePortalStmt")
 
 
 def _deallocate(c: _Cursor) -> Simple | None:
     c.take("DEALLOCATE")
     c.take("PREPARE")
     if c.word() == "ALL" and c.peek(1) is None:
-        return Simple(StatementKind.SELECT, "DEALLOCATE ALL")
-    return _named(c, "DEALLOCATE", StatementKind.SELECT)
+        return Simple(StatementKind.SELECT, "DEALLOCATE ALL", "DeallocateStmt")
+    return _named(c, "DEALLOCATE", StatementKind.SELECT, "DeallocateStmt")
 
 
 def _prepare(c: _Cursor) -> Wrapped | None:
@@ -465,7 +477,7 @@ def _prepare(c: _Cursor) -> Wrapped | None:
         types = " (" + " ".join(parts).replace(" ,", ",") + ")"
     if c.take("AS") is None or c.done():
         return None
-    return Wrapped(StatementKind.SELECT, f"PREPARE {name}{types} AS ", c.rest())
+    return Wrapped(StatementKind.SELECT, f"PREPARE {name}{types} AS ", c.rest(), "PrepareStmt")
 
 
 def _execute(c: _Cursor) -> Simple | None:
@@ -476,7 +488,7 @@ def _execute(c: _Cursor) -> Simple | None:
         return None
     c.i += 1
     if c.done():
-        return Simple(StatementKind.SELECT, f"EXECUTE {name}")
+        return Simple(StatementKind.SELECT, f"EXECUTE {name}", "ExecuteStmt")
     t = c.peek()
     if t is None or t.token_type != TokenType.L_PAREN or c.toks[-1].token_type != TokenType.R_PAREN:
         return None
@@ -499,7 +511,7 @@ def _execute(c: _Cursor) -> Simple | None:
         if t.token_type != TokenType.COMMA:
             return None
         c.i += 1
-    return Simple(StatementKind.SELECT, f"EXECUTE {name} ({', '.join(args)})")
+    return Simple(StatementKind.SELECT, f"EXECUTE {name} ({', '.join(args)})", "ExecuteStmt")
 
 
 _HANDLERS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 INSUFFICIENT_PRIVILEGE = "42501"
 
@@ -28,6 +29,9 @@ class Decision:
     flags: tuple[str, ...] = ()  # from the role, e.g. internal_audit
     #: Guests this statement looks up (rules.lookups.Lookup), for roles with a lookup quota (R3.4).
     lookups: tuple = ()
+    #: What the statement is, as PostgreSQL's parser confirmed it (rules.pgconfirm.Reading): statement
+    #: kinds, relations, cursors WITH HOLD. The session acts on these facts, never on the text.
+    reading: Any = None
 
     @property
     def refused(self) -> bool:

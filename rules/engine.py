@@ -10,8 +10,8 @@ analysed is refused too (R6.4).
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .principal import Principal
@@ -27,8 +27,9 @@ DECISION_CACHE = 20_000
 class Engine:
     """Holds the loaded rules; ``decide`` is pure and cheap to call per statement."""
 
-    def __init__(self, rules: Any = None) -> None:
+    def __init__(self, rules: Any = None, *, max_tokens: int | None = None) -> None:
         self.rules = rules
+        self.max_tokens = max_tokens  # restricted roles' statements with more tokens are refused
         self._grants: dict[tuple[Any, ...], tuple[Any, str]] = {}
         self._by_principal: dict[int, tuple[Principal, tuple[Any, str]]] = {}
         self._decisions: dict[tuple[Any, ...], Decision] = {}
@@ -80,104 +81,164 @@ class Engine:
         return grants is None or not grants.unrestricted
 
     def decide(self, principal: Principal, sql: str, catalog: Any = None, context: Context | None = None) -> Decision:
+        """allow | rewrite | refuse for one statement text; never raises (R6.4: fail closed)."""
+        got = self.prepare(principal, sql, catalog, context)
+        if isinstance(got, Decision):
+            return got
+        return self.finish(got, self.run(got))
+
+    def prepare(self, principal: Principal, sql: str, catalog: Any = None,
+                context: Context | None = None) -> Decision | Job:
+        """The decision if it is known without analysing (no rules, cached, trivially refused),
+        else the Job an analysis needs: the caller runs it here (:meth:`run`) or in a worker
+        process (:func:`analyse`), then hands the result to :meth:`finish`."""
         if self.rules is None:
             return ALLOW
-        grants, why = self.grants(principal)
-        if grants is None:
-            return self._redacted(sql, refuse(f"pgwarden: {principal.user} may not run statements here: {why}"))
-        if grants.unrestricted:
-            return self._redacted(sql, ALLOW)
-        if catalog is None:
-            return refuse("pgwarden: the database catalog is not loaded, so the statement cannot be checked; "
-                          "try again in a moment")
-        from .rewrite import rewrite
+        try:
+            grants, why = self.grants(principal)
+            if grants is None:
+                return redacted(sql, refuse(f"pgwarden: {principal.user} may not run statements here: {why}"),
+                                self._sensitive)
+            if grants.unrestricted:
+                return redacted(sql, ALLOW, self._sensitive)
+            if catalog is None:
+                return refuse("pgwarden: the database catalog is not loaded, so the statement cannot be checked; "
+                              "try again in a moment")
+            search_path = (context or {}).get("search_path")
+            sp = tuple(search_path) if search_path is not None else None
+            # Decisions depend only on the text, what this person is granted, the catalog and the
+            # search_path: time windows are evaluated by PostgreSQL, not here.
+            key = (sql, id(grants), id(catalog), sp)
+            hit = self._decisions.get(key)
+            if hit is not None:
+                self.cache_hits += 1
+                return hit
+            return Job(key, sql, grants, catalog, sp, self._sensitive, self.max_tokens)
+        except Exception as exc:  # noqa: BLE001 - a bug or a library failure on hostile text refuses
+            return _engine_error(exc)
 
-        search_path = (context or {}).get("search_path")
-        sp = tuple(search_path) if search_path is not None else None
-        # Decisions depend only on the text, what this person is granted, the catalog and the
-        # search_path: time windows are evaluated by PostgreSQL, not here.
-        key = (sql, id(grants), id(catalog), sp)
-        hit = self._decisions.get(key)
-        if hit is not None:
-            self.cache_hits += 1
-            return hit
-        self._pinned[id(catalog)] = catalog  # keeps the id from being reused while cached
-        analyses = self.cache_misses
+    def run(self, job: Job) -> Decision:
+        """Analyse here, reusing verified templates of statements that differ only in literals."""
+        try:
+            if self._sensitive and mentions_sensitive(job.sql.lower(), self._sensitive):
+                self.cache_misses += 1
+                return analyse(job)  # literals to redact: decided on their own
+            analyses = self.cache_misses
 
-        def full(text: str) -> Decision:
-            self.cache_misses += 1
-            try:
-                d = rewrite(text, grants, catalog, search_path)
-            except Exception as exc:  # noqa: BLE001 - fail closed (R6.4), never pass what was not analysed
-                d = refuse(f"pgwarden: statement could not be analysed ({type(exc).__name__}); refused",
-                           reason=f"engine error: {exc!r}")
-            return self._annotated(d, grants, catalog)
+            def full(text: str) -> Decision:
+                self.cache_misses += 1
+                return _rewritten(text, job)
 
-        low = sql.lower()
-        if self._sensitive and mentions_sensitive(low, self._sensitive):
-            d = self._redacted(sql, full(sql))  # literals to redact: decided on their own
-        else:
-            d = self._templates.decide(sql, (id(grants), id(catalog), sp), full)
+            d = self._templates.decide(job.sql, (id(job.grants), id(job.catalog), job.search_path), full)
             if self.cache_misses == analyses:
                 self.template_hits += 1
-        if grants.guest_lookups and d.action == "rewrite":
-            d = self._with_lookups(sql, d, grants, catalog, search_path)
+            return with_lookups(job, d)
+        except Exception as exc:  # noqa: BLE001 - fail closed
+            return _engine_error(exc)
+
+    def finish(self, job: Job, d: Decision) -> Decision:
+        """Keep the decision for the next time this text comes, with what it was decided against."""
         if len(self._decisions) >= DECISION_CACHE:
             # Templates are keyed by object ids too: they go with the pins that keep ids unique.
             self._decisions.clear()
             self._pinned.clear()
             self._templates = TemplateCache()
-            self._pinned[id(catalog)] = catalog
-        self._decisions[key] = d
+        self._pinned[id(job.catalog)] = job.catalog  # keeps the id from being reused while cached
+        self._decisions[job.key] = d
         return d
 
-    def _with_lookups(self, sql: str, d: Decision, grants: Any, catalog: Any, search_path: Any) -> Decision:
-        """The guests this statement looks up, for a role with a per-guest quota (R3.4)."""
-        from .lookups import UnclearLookup, find_lookups
 
-        try:
-            found = find_lookups(sql, grants, catalog, search_path)
-        except UnclearLookup as u:
-            keys = sorted({g.subject_key for g in grants.tables.values() if g.subject_key})
-            return self._redacted(sql, refuse(
-                f"pgwarden: role {grants.role} has a per-guest lookup quota, and this statement constrains a "
-                f"guest key in a way that cannot be counted ({u}); look guests up with "
-                f"{' / '.join(keys)} = value or IN (values)", reason=f"unclear guest lookup: {u}"))
-        return dataclasses.replace(d, lookups=found) if found else d
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One uncached analysis: everything it depends on, so it can run in another process."""
 
-    @staticmethod
-    def _annotated(d: Decision, grants: Any, catalog: Any) -> Decision:
-        """What the audit event says beyond the verdict: masks and hidden columns applied, role flags."""
-        from .grants import Treatment
+    key: tuple[Any, ...]
+    sql: str
+    grants: Any  # rules.grants.StatementGrants
+    catalog: Any  # rules.catalog.Catalog
+    search_path: tuple[str, ...] | None
+    sensitive: Mapping[str, Any]
+    max_tokens: int | None = None
 
-        masked, hidden = [], []
-        for t in d.tables:
+
+def analyse(job: Job) -> Decision:
+    """The full analysis of one statement: rewrite (with PostgreSQL's parser confirming it), the
+    masks and flags for the audit log, guest lookups, redaction. Pure; never raises."""
+    try:
+        d = _rewritten(job.sql, job)
+        if job.sensitive and mentions_sensitive(job.sql.lower(), job.sensitive):
+            d = redacted(job.sql, d, job.sensitive)
+        return with_lookups(job, d)
+    except Exception as exc:  # noqa: BLE001 - fail closed
+        return _engine_error(exc)
+
+
+def _engine_error(exc: Exception) -> Decision:
+    return refuse(f"pgwarden: statement could not be analysed ({type(exc).__name__}); refused",
+                  reason=f"engine error: {exc!r}"[:300])
+
+
+def _rewritten(text: str, job: Job) -> Decision:
+    from .rewrite import rewrite
+
+    try:
+        d = rewrite(text, job.grants, job.catalog, job.search_path, max_tokens=job.max_tokens)
+    except Exception as exc:  # noqa: BLE001 - fail closed (R6.4), never pass what was not analysed
+        d = _engine_error(exc)
+    return annotated(d, job.grants, job.catalog)
+
+
+def with_lookups(job: Job, d: Decision) -> Decision:
+    """The guests this statement looks up, for a role with a per-guest quota (R3.4)."""
+    grants = job.grants
+    if not grants.guest_lookups or d.action != "rewrite":
+        return d
+    from .lookups import UnclearLookup, find_lookups
+
+    try:
+        found = find_lookups(job.sql, grants, job.catalog, job.search_path)
+    except UnclearLookup as u:
+        keys = sorted({g.subject_key for g in grants.tables.values() if g.subject_key})
+        return redacted(job.sql, refuse(
+            f"pgwarden: role {grants.role} has a per-guest lookup quota, and this statement constrains a "
+            f"guest key in a way that cannot be counted ({u}); look guests up with "
+            f"{' / '.join(keys)} = value or IN (values)", reason=f"unclear guest lookup: {u}"), job.sensitive)
+    return dataclasses.replace(d, lookups=found) if found else d
+
+
+def annotated(d: Decision, grants: Any, catalog: Any) -> Decision:
+    """What the audit event says beyond the verdict: masks and hidden columns applied, role flags."""
+    from .grants import Treatment
+
+    masked, hidden = [], []
+    for t in d.tables:
+        g = grants.tables.get(t)
+        rel = catalog.relations.get(t) if g is None else None
+        if rel is not None:  # a partition or inheritance child: its root's grant applies
+            t = catalog.root_of(rel).qualified_name
             g = grants.tables.get(t)
-            rel = catalog.relations.get(t) if g is None else None
-            if rel is not None:  # a partition or inheritance child: its root's grant applies
-                t = catalog.root_of(rel).qualified_name
-                g = grants.tables.get(t)
-            for col, rule in (g.columns.items() if g is not None else ()):
-                if rule.treatment == Treatment.MASK:
-                    masked.append(f"{t}.{col}")
-                elif rule.treatment == Treatment.HIDDEN:
-                    hidden.append(f"{t}.{col}")
-        flags = tuple(sorted(grants.flags))
-        if not (masked or hidden or flags):
-            return d
-        return dataclasses.replace(d, masked=tuple(masked), hidden=tuple(hidden), flags=flags)
+        for col, rule in (g.columns.items() if g is not None else ()):
+            if rule.treatment == Treatment.MASK:
+                masked.append(f"{t}.{col}")
+            elif rule.treatment == Treatment.HIDDEN:
+                hidden.append(f"{t}.{col}")
+    flags = tuple(sorted(grants.flags))
+    if not (masked or hidden or flags):
+        return d
+    return dataclasses.replace(d, masked=tuple(masked), hidden=tuple(hidden), flags=flags)
 
-    def _redacted(self, sql: str, d: Decision) -> Decision:
-        """Attach the statement as it may be logged (sensitive literals masked), if it differs."""
-        if not self._sensitive:
-            return d
-        from .redact import redact
 
-        red = redact(sql, self._sensitive)
-        if red is None:
-            return d
-        red_sql = (redact(d.sql, self._sensitive) or d.sql) if d.sql else None
-        return dataclasses.replace(d, redacted=red, redacted_sql=red_sql)
+def redacted(sql: str, d: Decision, sensitive: Mapping[str, Any]) -> Decision:
+    """Attach the statement as it may be logged (sensitive literals masked), if it differs."""
+    if not sensitive:
+        return d
+    from .redact import redact
+
+    red = redact(sql, sensitive)
+    if red is None:
+        return d
+    red_sql = (redact(d.sql, sensitive) or d.sql) if d.sql else None
+    return dataclasses.replace(d, redacted=red, redacted_sql=red_sql)
 
 
 def decide(principal: Principal, sql: str, catalog: Any = None, context: Context | None = None, *,

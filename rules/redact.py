@@ -42,15 +42,29 @@ def _masked(spec: Any, lit: exp.Literal) -> exp.Expression:
     return exp.Literal.string("***" if value is None else str(value))
 
 
+NOT_REDACTED = "<statement not parsed; not logged in clear>"
+
+
 def redact(sql: str, sensitive: Mapping[str, Any]) -> str | None:
-    """The statement with sensitive literals masked, or None when there is nothing to redact."""
+    """The statement with sensitive literals masked, or None when there is nothing to redact.
+
+    Never raises: a statement that cannot be parsed or regenerated is not logged at all
+    (a hostile text must not turn the audit path into a crash, nor into a clear log line).
+    """
     low = sql.lower()
     if not sensitive or not mentions_sensitive(low, sensitive):
         return None
     try:
+        return _redact(sql, low, sensitive)
+    except Exception:  # noqa: BLE001 - sqlglot fails in many ways on hostile text; fail closed
+        return NOT_REDACTED
+
+
+def _redact(sql: str, low: str, sensitive: Mapping[str, Any]) -> str | None:
+    try:
         trees = sqlglot.parse(sql, read="postgres")
     except sqlglot.errors.SqlglotError:
-        return "<statement not parsed; not logged in clear>"
+        return NOT_REDACTED
     changed = False
     out = []
     if "u&" in low:

@@ -25,9 +25,15 @@ Theory of operation (DESIGN.md "How a statement is decided")
    fences we built treated as opaque: it must contain no unfenced protected
    relation, and every fence must be exactly one we built (pushed conjuncts
    included), or the statement is refused.
+6. One meaning (:mod:`rules.pgconfirm`): PostgreSQL's own grammar reads the
+   client's text and SQL' again; both must agree with what was read here
+   (statements, kinds, relations, settings), and in SQL' every protected
+   relation must sit inside a SELECT built here. Any difference refuses
+   (``parser_disagreement``).
 
-Statements that touch nothing protected are allowed as sent (byte-for-byte).
-Everything here is pure; no I/O.
+What is sent for a restricted role is always SQL', never the client's bytes,
+also when nothing protected is touched: a text two parsers read differently
+must not reach the one that runs it. Everything here is pure; no I/O.
 """
 
 from __future__ import annotations
@@ -47,36 +53,19 @@ from masking.pgtypes import MaskTypeError, parse_pg_type
 from .catalog import BUILTIN_SCHEMAS, Catalog, Column, Relation, normalise_identifier
 from .classify import Refused, Simple, Wrapped, recognise
 from .decision import ALLOW, Decision, refuse
+from .pgconfirm import DISAGREEMENT, Disagreement, Reading, agree, confirm
+from .functions import refused as function_refused
 from .grants import StatementGrants, StatementKind, TableGrant, Treatment
 
-__all__ = ["rewrite", "REFUSED_FUNCTIONS", "NOT_UNDERSTOOD"]
+__all__ = ["rewrite", "NOT_UNDERSTOOD"]
 
 DIALECT = "postgres"
 NOT_UNDERSTOOD = "pgwarden: statement not understood; refused"
+PARSER_DISAGREEMENT = ("pgwarden: PostgreSQL's parser reads this statement differently from pgwarden's analysis "
+                       "({}), so it is refused; write it plainly, without nested or unterminated comments or "
+                       "unusual quoting")
 _DIALECT = Postgres()
 _COMMANDS = frozenset(_DIALECT.tokenizer_class.COMMANDS)
-
-#: Built-in functions that run SQL text, touch files, large objects, other databases,
-#: settings, other sessions, or write (names in lower case).
-REFUSED_FUNCTIONS = frozenset({
-    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
-    "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
-    "cursor_to_xml", "cursor_to_xmlschema",
-    "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
-    "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
-    "ts_stat", "ts_rewrite", "pg_read_file", "pg_read_binary_file", "pg_stat_file", "set_config",
-    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile", "pg_promote",
-    "pg_switch_wal", "pg_create_restore_point", "pg_notify", "setval", "nextval",
-    "pg_import_system_collations", "pg_log_backend_memory_contexts", "loread", "lowrite",
-    "pg_backup_start", "pg_backup_stop", "pg_start_backup", "pg_stop_backup", "pg_drop_replication_slot",
-    "pg_replication_origin_create", "pg_get_backend_memory_contexts", "pg_current_logfile",
-    # the text of the statement as the server runs it: the rewritten form, mask parameters included
-    "current_query",
-    # statistics of rows the role may not see
-    "pg_sequence_last_value",
-})
-_REFUSED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_file_", "pg_logical_", "pg_replication_",
-                     "pg_create_", "pg_copy_", "pg_stat_reset", "pg_stat_get_", "pg_wal_replay_")
 
 _STRINGISH = frozenset({TokenType.STRING, TokenType.NATIONAL_STRING, TokenType.BYTE_STRING,
                         TokenType.HEREDOC_STRING, TokenType.UNICODE_STRING, TokenType.HEX_STRING,
@@ -114,7 +103,14 @@ class _Ctx:
     #: Bodies of subqueries inside row filters we put in a DML WHERE (they read tables raw, by design).
     filter_bodies: set[str] = field(default_factory=set)
     tables: list[str] = field(default_factory=list)
-    shadowed: int = 0  # CTE names that shadow catalogued relations: send our regenerated text
+    shadowed: int = 0  # CTE names that shadow catalogued relations
+    # What was read, for PostgreSQL's parser to confirm (rules.pgconfirm.Reading).
+    kinds: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)
+    hold: bool = False
+    client_relations: set[str] = field(default_factory=set)  # in the client's text
+    sent_relations: set[str] = field(default_factory=set)  # in the text pgwarden sends
+    targets: set[str] = field(default_factory=set)
 
     @property
     def role(self) -> str:
@@ -127,14 +123,23 @@ class _Ctx:
 
 
 def rewrite(sql: str, grants: StatementGrants, catalog: Catalog,
-            search_path: Sequence[str] | None = None) -> Decision:
-    """Decide one client SQL text (possibly several statements) for one principal's grants."""
+            search_path: Sequence[str] | None = None, *, max_tokens: int | None = None) -> Decision:
+    """Decide one client SQL text (possibly several statements) for one principal's grants.
+
+    ``max_tokens``: a statement longer than that is refused before it is parsed (the analysis
+    of one statement must stay bounded, whatever a client sends).
+    """
     if grants.unrestricted:
         return ALLOW
     ctx = _Ctx(grants, catalog, search_path)
     try:
         outs = []
-        for chunk in _split(_tokenize(sql)):
+        tokens = _tokenize(sql)
+        if max_tokens is not None and len(tokens) > max_tokens:
+            raise Refused(f"pgwarden: the statement has {len(tokens)} tokens, more than the {max_tokens} pgwarden "
+                          "analyses for restricted roles (analysis.max_tokens); split it or use a table of values",
+                          reason="statement too complex")
+        for chunk in _split(tokens):
             toks, text = _expand(chunk, sql)
             _check_lexemes(toks, text)
             _check_function_tokens(toks, ctx)
@@ -143,11 +148,22 @@ def rewrite(sql: str, grants: StatementGrants, catalog: Catalog,
         return refuse(r.message, reason=r.reason)
     except (SqlglotError, RecursionError, ValueError, TypeError, AttributeError, KeyError) as e:
         return refuse(f"{NOT_UNDERSTOOD} (analysis failed)", reason=f"rewriter error: {e!r}"[:300])
+    text = ";\n".join(text for _, text in outs)
+    kinds, settings = tuple(ctx.kinds), tuple(ctx.settings)
+    sent = Reading(kinds, frozenset(ctx.sent_relations), frozenset(ctx.fences) | frozenset(ctx.filter_bodies),
+                   frozenset(ctx.targets), settings, ctx.hold)
+    try:
+        agree(sql, Reading(kinds, frozenset(ctx.client_relations), settings=settings, hold=ctx.hold), catalog,
+              search_path)
+        confirm(text, sent, catalog, search_path, grants)
+    except Disagreement as e:
+        return refuse(PARSER_DISAGREEMENT.format(str(e)[:300]), reason=f"{DISAGREEMENT}: {e}"[:500])
     if not any(touched for touched, _ in outs):
-        return ALLOW
+        return Decision("allow", sql=text, reason="nothing protected; pgwarden's own text of it is sent",
+                        reading=sent)
     tables = tuple(dict.fromkeys(ctx.tables))
-    return Decision("rewrite", sql=";\n".join(text for _, text in outs),
-                    reason="protected tables replaced by policy derived tables", tables=tables)
+    return Decision("rewrite", sql=text, reason="protected tables replaced by policy derived tables", tables=tables,
+                    reading=sent)
 
 
 def _tokenize(sql: str) -> list[Token]:
@@ -228,9 +244,14 @@ def _statement(chunk: list[Token], sql: str, ctx: _Ctx) -> tuple[bool, str]:
     known = recognise(chunk, sql)
     if isinstance(known, Simple):
         _require_kind(known.kind, ctx)
+        ctx.kinds.append(known.node)
+        if known.setting is not None:
+            ctx.settings.append(known.setting)
         return False, known.sql
     if isinstance(known, Wrapped):
         _require_kind(known.kind, ctx)
+        ctx.kinds.append(known.node)
+        ctx.hold = ctx.hold or known.hold
         tree = _parse(known.inner, sql)
         if not _is_query(tree):
             raise Refused(f"pgwarden: only a query may follow {known.prefix.split()[0]}; refused")
@@ -241,10 +262,13 @@ def _statement(chunk: list[Token], sql: str, ctx: _Ctx) -> tuple[bool, str]:
     tree = _parse(chunk, sql)
     if _is_query(tree):
         _require_kind(StatementKind.SELECT, ctx)
+        ctx.kinds.append("SelectStmt")
         return _query_statement(tree, ctx)
     if isinstance(tree, (exp.Insert, exp.Update, exp.Delete)):
+        ctx.kinds.append(f"{type(tree).__name__}Stmt")
         return _dml_statement(tree, ctx)
     if isinstance(tree, exp.Copy):
+        ctx.kinds.append("CopyStmt")
         return _copy_statement(tree, ctx)
     what = tree.name.split()[0].upper() if isinstance(tree, exp.Command) and tree.name else type(tree).__name__
     raise Refused(f"{NOT_UNDERSTOOD} ({what})")
@@ -280,6 +304,7 @@ def _capped(tree: exp.Expression, cap: int) -> exp.Expression:
 def _query_statement(tree: exp.Expression, ctx: _Ctx) -> tuple[bool, str]:
     """Analyse, fence, generate, verify a SELECT-like statement."""
     shadowed = ctx.shadowed
+    ctx.client_relations |= _relations_of(tree, ctx)
     hits = _analyze(tree, ctx)
     _fence_all(tree, hits, ctx)
     if hits and ctx.grants.row_cap:
@@ -315,6 +340,18 @@ def _walk(root: exp.Expression, opaque: set[int]) -> Iterator[exp.Expression]:
         yield node
         for child in node.iter_expressions():
             stack.append(child)
+
+
+def _relations_of(root: exp.Expression, ctx: _Ctx) -> set[str]:
+    """Every catalogued relation a table reference under ``root`` names (CTEs and table functions aside)."""
+    out: set[str] = set()
+    for node in root.find_all(exp.Table):
+        if node.args.get("rows_from") or not isinstance(node.this, exp.Identifier) or _is_cte_reference(node):
+            continue
+        rel = ctx.catalog.resolve(_name_parts(node), ctx.search_path)
+        if rel is not None:
+            out.add(rel.qualified_name)
+    return out
 
 
 def _analyze(root: exp.Expression, ctx: _Ctx, *, opaque: set[int] | None = None,
@@ -482,7 +519,7 @@ def _number_literal(node: exp.Expression | None) -> bool:
 def _check_function(node: exp.Func, ctx: _Ctx) -> None:
     """Refuse SQL-running/file/setting functions, unknown functions, and user functions not allowed."""
     schema, name = _func_name(node)
-    if name in REFUSED_FUNCTIONS or name.startswith(_REFUSED_PREFIXES):
+    if function_refused(name):
         raise Refused(f"pgwarden: role {ctx.role} may not call function {name}")
     if ctx.grants.row_cap and (name in _ROW_VALUE_AGGREGATES or (
             isinstance(node, exp.Array) and node.find(exp.Select) is not None) or (
@@ -1030,6 +1067,7 @@ def _verify(text: str, ctx: _Ctx, shape) -> None:  # noqa: ANN001 - predicate on
     if len(trees) != 1 or not shape(trees[0]):
         raise Refused("pgwarden: rewritten statement failed verification", reason="statement shape changed")
     tree = trees[0]
+    ctx.sent_relations |= _relations_of(tree, ctx)
     opaque = {id(s) for s in tree.find_all(exp.Subquery)
               if (k := _body_key(s)) and (k in ctx.fences or k in ctx.filter_bodies)}
     try:
@@ -1081,6 +1119,8 @@ def _dml_statement(tree: exp.Insert | exp.Update | exp.Delete, ctx: _Ctx) -> tup
         raise Refused(f"pgwarden: role {ctx.role} may not {kind.value.upper()} table {rel.qualified_name}")
     if tree.args.get("conflict") is not None:
         raise Refused(f"pgwarden: role {ctx.role} may not use ON CONFLICT; refused")
+    ctx.client_relations |= _relations_of(tree, ctx)
+    ctx.targets.add(rel.qualified_name)
     masked_returning = _check_dml_columns(tree, target, rel, grant, ctx)
     hits = _analyze(tree, ctx, skip={id(target)})
     _fence_all(tree, hits, ctx)
@@ -1359,6 +1399,7 @@ def _check_insert(tree: exp.Insert, rel: Relation, grant: TableGrant, ctx: _Ctx)
                           "refused")
         col.replace(exp.Column(this=supplied[n].copy(), table=new.copy()) if n in supplied
                     else exp.Paren(this=_default_value(c, rel, ctx)))
+    ctx.filter_bodies.update(k for sub in check.find_all(exp.Subquery) if (k := _body_key(sub)))
     when = exp.Case(ifs=[exp.If(this=exp.Paren(this=check), true=exp.true())],
                     default=sqlglot.parse_one(_CHECK_FAILED, read=DIALECT))
     select = exp.Select(expressions=[exp.Column(this=a.copy(), table=new.copy()) for a in aliases],
@@ -1399,6 +1440,7 @@ def _copy_statement(tree: exp.Copy, ctx: _Ctx) -> tuple[bool, str]:
         tree.set("this", source)
     if not isinstance(source, exp.Subquery) or not _is_query(source.this):
         raise Refused(f"{NOT_UNDERSTOOD} (COPY source)")
+    ctx.client_relations |= _relations_of(source.this, ctx)
     hits = _analyze(source.this, ctx)
     _fence_all(tree, hits, ctx)
     text = _generate(tree)

@@ -16,6 +16,14 @@ Only literal classes whose values the rewriter cannot tell apart are
 templated (a small integer stays an int4, a large one an int8); anything else
 (E'' strings, dollar quotes, hex, Unicode escapes, numbers with exponents or
 underscores) stays part of the shape verbatim.
+
+One meaning: a template stands for sqlglot's reading of a shape, and was
+confirmed against PostgreSQL's reading of its sentinel text. The shape is the
+exact text outside the templated literals (whitespace and comments included),
+and a statement takes the template only if PostgreSQL, too, reads its literals
+as constants at those very places (``pgparse.normalize`` of the statement
+equals that of the sentinel text). So a comment or quote that PostgreSQL reads
+differently never borrows a decision made for another text.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from sqlglot.errors import SqlglotError
 from sqlglot.tokens import TokenType
 
 from .decision import Decision
+from .pgconfirm import normalize
 
 _TOKENIZER = Postgres().tokenizer_class()
 _INT = re.compile(r"[0-9]+")
@@ -61,22 +70,19 @@ def literal_class(kind: TokenType, text: str, source: str, start: int) -> str | 
 
 
 def shape_of(sql: str) -> tuple[str, list[Literal]] | None:
-    """(shape key, templated literals) or None when the text does not tokenize."""
+    """(shape key: the text with each templated literal replaced by its class, the literals),
+    or None when the text does not tokenize."""
     try:
         tokens = _TOKENIZER.tokenize(sql)
     except (SqlglotError, ValueError, IndexError):
         return None
-    parts: list[str] = []
     literals: list[Literal] = []
     for t in tokens:
         cls = literal_class(t.token_type, t.text, sql, t.start) if t.token_type in (
             TokenType.NUMBER, TokenType.STRING) else None
-        if cls is None:
-            parts.append(f"{t.token_type.name}:{sql[t.start:t.end + 1]}")
-        else:
-            parts.append(f"?{cls}")
+        if cls is not None:
             literals.append((t.start, t.end + 1, sql[t.start:t.end + 1], cls))
-    return "\x1f".join(parts), literals
+    return _splice(sql, literals, [f"\x00{cls}\x00" for *_, cls in literals]), literals
 
 
 def _sentinel(i: int, cls: str, salt: str) -> str:
@@ -100,11 +106,15 @@ def _splice(sql: str, literals: list[Literal], texts: list[str]) -> str:
 
 
 class Template:
-    """A decision for one shape with sentinel literals, and how to put real ones in."""
+    """A decision for one shape with sentinel literals, and how to put real ones in.
 
-    def __init__(self, decision: Decision, sentinels: list[str]) -> None:
+    ``pg_normal``: PostgreSQL's normalised sentinel text, which a statement's must equal to use it.
+    """
+
+    def __init__(self, decision: Decision, sentinels: list[str], pg_normal: str | None) -> None:
         self.decision = decision
         self.sentinels = sentinels
+        self.pg_normal = pg_normal
         self._pattern = re.compile("|".join(re.escape(s) for s in sorted(sentinels, key=len, reverse=True)))
 
     def fill(self, texts: list[str]) -> Decision:
@@ -129,7 +139,7 @@ class TemplateCache:
         key = (shape, *context_key)
         if key in self._shapes:
             tmpl = self._shapes[key]
-            if tmpl is not None:
+            if tmpl is not None and tmpl.pg_normal is not None and normalize(sql) == tmpl.pg_normal:
                 return tmpl.fill([text for _, _, text, _ in literals])
             return full(sql)
         d = full(sql)
@@ -142,9 +152,12 @@ class TemplateCache:
             self._shapes.clear()
         salt = secrets.token_hex(4)
         sentinels = [_sentinel(i, cls, salt) for i, (_, _, _, cls) in enumerate(literals)]
-        ds = full(_splice(sql, literals, sentinels))
-        tmpl = Template(ds, sentinels)
+        sentinel_text = _splice(sql, literals, sentinels)
+        ds = full(sentinel_text)
+        pg_normal = normalize(sentinel_text)
+        tmpl = Template(ds, sentinels, pg_normal)
         same = (ds.action == d.action and ds.message == d.message and ds.sqlstate == d.sqlstate
                 and ds.tables == d.tables and tmpl.fill([t for _, _, t, _ in literals]).sql == d.sql
-                and (ds.sql is None or all(s in ds.sql for s in sentinels) or d.action != "rewrite"))
+                and (ds.sql is None or all(s in ds.sql for s in sentinels))
+                and pg_normal is not None and normalize(sql) == pg_normal)
         self._shapes[key] = tmpl if same else None

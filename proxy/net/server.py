@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import os
 import ssl
 import sys
@@ -16,11 +17,16 @@ from typing import Any
 from rules.engine import Engine
 
 from proxy.net import upstream
+from proxy.net.analysis_pool import AnalysisPool
 from proxy.audit.log import AuditLog, default_replica
 from proxy.config import Config
 from proxy.guards.checks import Guards
 from proxy.ops.metrics import Stats
 from proxy.session.client import ClientSession
+
+# sqlglot warns on stderr for every statement it falls back on ("unsupported syntax"): any client
+# could flood the log that way. Its failures reach pgwarden as exceptions, and refusals as audit events.
+logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
 
 def _mtime(path: str) -> float:
@@ -52,8 +58,9 @@ class Server:
                 from rules.model import load_rules
 
                 rules = load_rules(config.rules_path)  # ConfigError (file:line) stops the start
-            engine = Engine(rules)
+            engine = Engine(rules, max_tokens=config.analysis.max_tokens)
         self.engine = engine
+        self.analysis = AnalysisPool(config.analysis)  # large uncached analyses, off the event loop
         self._catalogs: dict[str, Any] = {}
         self._rules_mtime: tuple[float, ...] = ()
         self._catalog_locks: dict[str, asyncio.Lock] = {}
@@ -164,7 +171,7 @@ class Server:
         old = self.engine
         for k, v in (("exact", old.cache_hits), ("template", old.template_hits), ("misses", old.cache_misses)):
             self._cache_base[k] += v
-        self.engine = Engine(rules)
+        self.engine = Engine(rules, max_tokens=self.config.analysis.max_tokens)
         if self.stats is not None:
             self.stats.reloads["ok"] += 1
         self.forget_catalogs()  # a reload is also how a DBA makes pgwarden see new tables (new sessions)
@@ -368,6 +375,7 @@ class Server:
             self._cancel_server.close()
         if self.http is not None:
             await self.http.close()
+        self.analysis.close()
         for t in list(self._tasks):
             t.cancel()
         # Sessions closed above write their last events (disconnects) on their way out: wait for them.

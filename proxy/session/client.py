@@ -171,6 +171,16 @@ class _ScopeVerdict:
         self.message = message
 
 
+class _Analysed:
+    """A worker's decision for the text of the message that waited for it."""
+
+    __slots__ = ("text", "decision")
+
+    def __init__(self, text: str, decision: Decision) -> None:
+        self.text = text
+        self.decision = decision
+
+
 class LoginError(Exception):
     def __init__(self, sqlstate: str, message: str, raw: bytes | None = None) -> None:
         super().__init__(message)
@@ -300,7 +310,10 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.relaying:
-            self._on_client_data(data)
+            try:
+                self._on_client_data(data)
+            except Exception as exc:  # noqa: BLE001 - never a traceback on the transport
+                self._internal_error("client message", exc)
             return
         self._rx += data
         if len(self._rx) > self.server.config.max_message_size + 16:
@@ -794,7 +807,7 @@ class ClientSession(asyncio.Protocol):
                 # One refused statement refuses the whole Query (nothing of it runs).
                 err = codec.error_response(d.sqlstate, d.message)
                 return self._refuse_simple(sql, err, now, decision=d)
-            if d.action == "rewrite" and d.sql:
+            if d.sql is not None:  # pgwarden's own text (always, for restricted roles: rules.pgconfirm)
                 parts[i] = d.sql
                 rewritten = True
             r = Run(d.redacted or part, d)
@@ -853,15 +866,15 @@ class ClientSession(asyncio.Protocol):
         # --- audit log failing (issue 6): restricted roles never run unlogged statements ---
         if self.server.audit.refusing and engine.restricted(self.principal):
             return self._audit_refusal()
-        d = engine.decide(self._capped_principal() if self._cap_retry else self.principal, text, self.catalog,
-                          self._context)
-        if self._scope is not None and d.action == "rewrite" and d.sql is not None and d.tables and (
-                d.sql[:7].upper() == "PREPARE" or (d.sql[:7].upper() == "DECLARE" and " HOLD " in d.sql.upper())):
+        d = self._analysed(text)
+        reading = d.reading
+        if self._scope is not None and d.action == "rewrite" and d.tables and reading is not None and (
+                "PrepareStmt" in reading.kinds or reading.hold):
             # They would outlive the ticket; the protocol's prepared statements are checked when they run.
             return refuse("pgwarden: under a ticket or break-glass, SQL PREPARE and cursors WITH HOLD of protected "
                           "tables are refused (they would outlive it)", reason="would outlive the ticket")
-        if guards.store is not None and d.action == "rewrite" and d.sql is not None and d.tables \
-                and d.sql[:7].upper() == "PREPARE":
+        if guards.store is not None and d.action == "rewrite" and d.tables and reading is not None \
+                and "PrepareStmt" in reading.kinds:
             grants, _ = engine.grants(self.principal)
             if grants is not None and (grants.row_budget or grants.guest_lookups):
                 # Its EXECUTEs could not be counted: the protocol's own prepared statements can.
@@ -869,6 +882,30 @@ class ClientSession(asyncio.Protocol):
                               "protected tables is refused; prepare through the protocol (Parse/Bind) instead",
                               reason="uncounted PREPARE")
         return d
+
+    def _analysed(self, text: str) -> Decision:
+        """The engine's decision; a large uncached one is analysed in a worker process while this
+        session's messages wait (DESIGN: an analysis never blocks other sessions)."""
+        engine = self.server.engine
+        limits = self.server.config.analysis
+        restricted = engine.restricted(self.principal)
+        if restricted and len(text) > limits.max_statement_bytes:
+            return refuse(f"pgwarden: the statement is {len(text)} characters long, more than the "
+                          f"{limits.max_statement_bytes} allowed for restricted roles (analysis.max_statement_bytes); "
+                          "split it or use a table of values", reason="statement too large")
+        got = engine.prepare(self._capped_principal() if self._cap_retry else self.principal, text, self.catalog,
+                             self._context)
+        if isinstance(got, Decision):
+            return got
+        if len(text) <= limits.offload_bytes:
+            return engine.finish(got, engine.run(got))
+        done, self._verdict = self._verdict, None
+        if isinstance(done, _Analysed) and done.text == text:
+            return engine.finish(got, done.decision)
+        raise _Suspend(self._offload(text, got))
+
+    async def _offload(self, text: str, job: Any) -> _Analysed:
+        return _Analysed(text, await self.server.analysis.run(job))
 
     def _audit_refusal(self) -> Decision:
         return refuse(AUDIT_FAILING, reason=f"audit log cannot be written: {self.server.audit.failure}")
@@ -909,7 +946,7 @@ class ClientSession(asyncio.Protocol):
                 d = Decision("rewrite", sql="RESET pgwarden.noop" if own.group(2) else "SET pgwarden.noop TO DEFAULT")
         else:
             d = self._decide(text)
-        if d.action == "rewrite" and d.sql:
+        if d.sql is not None and d.action != "refuse":
             rest = payload[len(msg.name) + 1 + len(msg.sql) + 1:] if pinned is None else rest
             payload = msg.name + b"\x00" + d.sql.encode(self.encoding, "replace") + b"\x00" + rest
             pinned = d.sql  # the payload changed: forward the new one
@@ -958,7 +995,7 @@ class ClientSession(asyncio.Protocol):
         if self._scope is not None and text == self._scope_source:
             return Decision("allow")  # the same statement again, after a guard wait: already applied
         verdict, self._verdict = self._verdict, None
-        if verdict is None:
+        if not isinstance(verdict, _ScopeVerdict):  # each answer belongs to the question that asked it
             raise _Suspend(self._scope_check(name, value))
         if verdict.scope is None:
             return refuse(verdict.message, reason="ticket refused")
@@ -1075,7 +1112,7 @@ class ClientSession(asyncio.Protocol):
         cap = min(grants.row_cap, self._cap_retry) if self._cap_retry else grants.row_cap
         if d is not None and d.action == "rewrite" and d.tables:
             # Classified on pgwarden's own regenerated text (no comments), never on the client's.
-            if d.sql is not None and d.sql[:7].upper() == "DECLARE":
+            if d.sql is not None and d.reading is not None and "DeclareCursorStmt" in d.reading.kinds:
                 name = declared_cursor(d.sql)
                 if name is not None:
                     self._cursors.add(name)
@@ -1095,7 +1132,7 @@ class ClientSession(asyncio.Protocol):
     def _guard_verdict(self, guests: list[str | None], want: int) -> Decision | None:
         """None if the statement may go ahead; else the refusal. Suspends the first time it is asked."""
         verdict, self._verdict = self._verdict, None
-        if verdict is None:
+        if verdict is None or isinstance(verdict, (_Analysed, _ScopeVerdict)):
             grants, _ = self.server.engine.grants(self.principal)
             if None in guests or (guests and not getattr(grants, "guest_lookups", None)):
                 return refuse("pgwarden: a guest lookup could not be read; refused", reason="unreadable lookup")
@@ -1208,6 +1245,12 @@ class ClientSession(asyncio.Protocol):
     # --- relay: server -> client ------------------------------------------------------------
 
     def on_upstream_data(self, data: bytes) -> None:
+        try:
+            self._relay_upstream(data)
+        except Exception as exc:  # noqa: BLE001 - never a traceback on the transport
+            self._internal_error("server message", exc)
+
+    def _relay_upstream(self, data: bytes) -> None:
         try:
             out, events = self._scanner.feed(data)
         except codec.ProtocolError as exc:
@@ -1440,6 +1483,20 @@ class ClientSession(asyncio.Protocol):
         """A protocol violation: tell the client why, then close both sides."""
         self._send(codec.error_response(sqlstate, message, severity="FATAL"))
         self.server.audit.emit("protocol_error", self.principal, sqlstate=sqlstate, error=message)
+        self._close_client()
+
+    def _internal_error(self, where: str, exc: Exception) -> None:
+        """A bug of pgwarden's while handling a message: end this session clearly, keep the others.
+
+        The client gets a FATAL it can act on, the audit log one event; nothing else (no traceback).
+        """
+        if self.closed:
+            return
+        why = f"{type(exc).__name__}: {exc}"[:300]
+        self._send(codec.error_response(SqlState.INTERNAL_ERROR,
+                                        "pgwarden: internal error; the connection is closed (reported in the "
+                                        "audit log as internal_error)", severity="FATAL"))
+        self.server.audit.emit("internal_error", self.principal, where=where, error=why)
         self._close_client()
 
     def _close_client(self) -> None:

@@ -536,3 +536,78 @@ def test_function_call_message_refused(guarded: Proxy) -> None:  # noqa: F811
     # function named like a table or column slips through attribute notation.
     assert_refused(attempt(guarded, "bob", "SELECT id_number(g) FROM guests g"))
     assert_refused(attempt(guarded, "carol", "SELECT (g).id_number FROM guests g"))
+
+
+# ---------------------------------------------------------------------------
+# One meaning (issue 11): a text sqlglot and PostgreSQL read differently never runs
+# ---------------------------------------------------------------------------
+#
+# sqlglot reads /*/**/ as a whole comment and what follows as a string; PostgreSQL nests block
+# comments, so for it everything up to the */ inside the "string" is comment and the payload is
+# live SQL. Before, the engine decided "touches nothing protected" and forwarded the client's bytes.
+
+RESTRICTED = ("alice", "anna", "bob", "judy", "carol", "dave", "erin", "frank", "gina", "hank", "ivy", "pms")
+NESTED = [
+    "/*/**/ SELECT '*/ SELECT phone, id_number FROM cs_records --'",
+    "/*/**/ SELECT '*/ COPY (SELECT phone, id_number FROM cs_records) TO STDOUT --'",
+    "/*/**/ SELECT '*/ WITH x AS (UPDATE cs_records SET legal_hold = false WHERE legal_hold RETURNING 1) "
+    "SELECT count(*) FROM x --'",
+    "/*/**/ SELECT '*/ SELECT g.* FROM guests g --'",
+]
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])
+@pytest.mark.parametrize("sql", NESTED, ids=["read", "copy", "dml-cte", "guests"])
+def test_comment_nesting_runs_nothing_for_any_restricted_role(guarded: Proxy, cluster: PgCluster,  # noqa: F811
+                                                              sql: str, prepare: bool) -> None:
+    before = direct(cluster, "SELECT count(*) FROM cs_records WHERE legal_hold")
+    assert before[0][0] > 0
+    guarded.take_events()
+    for user in RESTRICTED:
+        got = attempt(guarded, user, sql, prepare=prepare)
+        assert_refused(got)
+        assert "PostgreSQL's parser reads this statement differently" in str(got), (user, str(got))
+    events = guarded.take_events()
+    assert len(events) == len(RESTRICTED), [e.get("user") for e in events]
+    for e in events:
+        assert e["outcome"] == "refused" and e["sqlstate"] == "42501", e
+        assert e["reason"].startswith("parser_disagreement"), e
+        assert "tables" not in e and "rewritten" not in e
+    assert direct(cluster, "SELECT count(*) FROM cs_records WHERE legal_hold") == before
+
+
+def test_comment_nesting_with_a_bind_parameter_is_refused(guarded: Proxy) -> None:  # noqa: F811
+    sql = "/*/**/ SELECT %s::text || '*/ SELECT phone, id_number FROM cs_records --'"
+    for user in ("alice", "carol", "dave"):
+        assert_refused(attempt(guarded, user, sql, ("x",)))
+
+
+def test_comment_nesting_split_across_statements_is_refused(guarded: Proxy) -> None:  # noqa: F811
+    # The session splits a Query into statements; a split PostgreSQL reads differently is refused too.
+    for sql in ("SELECT 1 /*/**/; SELECT phone FROM cs_records; -- */ SELECT 2",
+                "SELECT 1; /*/**/ SELECT '*/ SELECT phone, id_number FROM cs_records --'"):
+        got = attempt(guarded, "alice", sql)
+        assert_refused(got)
+
+
+def test_what_is_sent_for_a_restricted_role_is_pgwardens_own_text(guarded: Proxy,  # noqa: F811
+                                                                  cluster: PgCluster) -> None:
+    # Nothing protected is read here, yet the client's bytes do not reach PostgreSQL: the text the
+    # server runs (pg_stat_activity, read directly while it runs) is pgwarden's, without the comment.
+    import threading
+
+    result: dict[str, object] = {}
+    t = threading.Thread(target=lambda: result.update(
+        got=attempt(guarded, "alice", "SELECT /* the client's comment */ pg_sleep(1.5), 42 AS answer")))
+    t.start()
+    seen: list[tuple] = []
+    for _ in range(50):
+        seen = direct(cluster, "SELECT query FROM pg_stat_activity WHERE application_name LIKE 'alice%' "
+                               "AND query ILIKE '%pg_sleep%'")
+        if seen:
+            break
+        threading.Event().wait(0.05)
+    t.join()
+    assert result["got"] == [("", 42)], result
+    assert seen, "the statement was not seen running"
+    assert "the client's comment" not in seen[0][0] and "pg_sleep" in seen[0][0].lower(), seen
