@@ -23,6 +23,7 @@ from sqlglot.tokens import Token, TokenType
 
 from .catalog import normalise_identifier
 from .grants import StatementKind
+from .settings import SESSION_SETTINGS, setting_problem
 
 __all__ = ["Refused", "Simple", "Wrapped", "recognise", "SAFE_SETTINGS", "ident_sql"]
 
@@ -48,6 +49,8 @@ class Simple:
     sql: str
     node: str = ""
     setting: str | None = None
+    #: SET/RESET search_path: the schemas it sets, () for the default (the session follows it)
+    search_path: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,8 @@ class Wrapped:
     hold: bool = False  # DECLARE ... WITH HOLD
 
 
-#: Settings a restricted role may SET/RESET (lower case). search_path is NOT here: resolution
-#: depends on it and the proxy does not yet track it per session (refused for now).
-SAFE_SETTINGS = frozenset({
-    "statement_timeout", "lock_timeout", "datestyle", "timezone", "extra_float_digits",
-    "application_name", "client_min_messages", "intervalstyle",
-    "idle_in_transaction_session_timeout",
-})
+#: Settings a restricted role may SET/RESET (lower case): the same list as at startup.
+SAFE_SETTINGS = SESSION_SETTINGS
 
 _TX_MODE_WORDS = frozenset({"ISOLATION", "LEVEL", "SERIALIZABLE", "REPEATABLE", "READ", "COMMITTED",
                             "UNCOMMITTED", "ONLY", "WRITE", "NOT", "DEFERRABLE"})
@@ -251,10 +249,41 @@ def _values(c: _Cursor) -> str | None:
         c.i += 1
 
 
-def _setting_refusal(name: str) -> Refused:
-    if name == "search_path":
-        return Refused("pgwarden: changing search_path is not allowed for restricted roles (not supported yet); refused")
-    return Refused(f"pgwarden: changing setting {name} is not allowed; refused")
+def _setting_refusal(name: str, value: str | None = None) -> Refused:
+    return Refused(setting_problem(name, value) or f"pgwarden: changing setting {name} is not allowed; refused")
+
+
+def _path(c: _Cursor) -> tuple[str, ...] | None:
+    """search_path's values to the end: 'a string' and "Quoted" names as written, bare words folded."""
+    out: list[str] = []
+    while not c.done():
+        t = c.peek()
+        assert t is not None
+        if t.token_type == TokenType.STRING:
+            out.append(t.text)
+        elif t.token_type == TokenType.IDENTIFIER:
+            out.append(normalise_identifier(t.text, True))
+        elif _word(t) is not None:
+            if t.text.upper() == "DEFAULT" and not out and c.peek(1) is None:
+                return ()
+            out.append(normalise_identifier(t.text, False))
+        else:
+            return None
+        c.i += 1
+        if c.done():
+            break
+        if c.peek().token_type != TokenType.COMMA:  # type: ignore[union-attr]
+            return None
+        c.i += 1
+    return tuple(out) if out else None
+
+
+def _set_path(prefix: str, c: _Cursor) -> Simple | None:
+    path = _path(c)
+    if path is None:
+        return None
+    value = "DEFAULT" if path == () else ", ".join(ident_sql(s) for s in path)
+    return Simple(StatementKind.SET, f"{prefix}search_path TO {value}", "VariableSetStmt", "search_path", path)
 
 
 def _set(c: _Cursor) -> Simple | None:
@@ -278,8 +307,17 @@ def _set(c: _Cursor) -> Simple | None:
         v = _value(c)
         return Simple(StatementKind.SET, f"{prefix}TIME ZONE {v}", "VariableSetStmt",
                       "timezone") if v is not None and c.done() else None
-    if c.word() in ("NAMES", "SCHEMA"):
-        raise _setting_refusal("client_encoding" if c.word() == "NAMES" else "search_path")
+    if c.word() == "NAMES":
+        raise _setting_refusal("names")
+    if c.word() == "SCHEMA":  # SET SCHEMA 'x' is SET search_path TO 'x'
+        c.i += 1
+        nxt = c.peek()
+        if nxt is None or nxt.token_type != TokenType.STRING or c.peek(1) is not None:
+            return None
+        if scope == "LOCAL":
+            raise Refused("pgwarden: SET LOCAL search_path is not allowed (pgwarden follows the session's path); "
+                          "use SET search_path outside a transaction block")
+        return _set_path(prefix, c)
     t = c.peek()
     if t is None:
         return None
@@ -296,7 +334,14 @@ def _set(c: _Cursor) -> Simple | None:
         c.i += 1
     elif c.take("TO") is None:
         return None
+    if name == "search_path":
+        if scope == "LOCAL":
+            raise Refused("pgwarden: SET LOCAL search_path is not allowed (pgwarden follows the session's path); "
+                          "use SET search_path outside a transaction block")
+        return _set_path(prefix, c)
     v = _values(c)
+    if v is not None and (why := setting_problem(name, v)) is not None:
+        raise Refused(why)
     return Simple(StatementKind.SET, f"{prefix}{name} TO {v}", "VariableSetStmt", name) if v is not None else None
 
 
@@ -314,7 +359,8 @@ def _reset(c: _Cursor) -> Simple | None:
     name = normalise_identifier(t.text, t.token_type == TokenType.IDENTIFIER)
     if name not in SAFE_SETTINGS:
         raise _setting_refusal(name)
-    return Simple(StatementKind.SET, f"RESET {name}", "VariableSetStmt", name)
+    return Simple(StatementKind.SET, f"RESET {name}", "VariableSetStmt", name,
+                  () if name == "search_path" else None)
 
 
 def _show(c: _Cursor) -> Simple | None:

@@ -66,7 +66,8 @@ class Reading:
     readings compare directly. ``relations`` are qualified catalog names (CTE
     references excluded). ``bodies`` are the SQL texts of the SELECTs pgwarden
     built around protected rows, ``targets`` the tables written, ``settings``
-    the settings SET/RESET change, in order; ``hold``: a cursor WITH HOLD.
+    the settings SET/RESET change, in order; ``hold``: a cursor WITH HOLD; ``search_path``: the
+    path a SET search_path gives the session (which follows it).
     """
 
     kinds: tuple[str, ...]
@@ -75,6 +76,7 @@ class Reading:
     targets: frozenset[str] = frozenset()
     settings: tuple[str, ...] = ()
     hold: bool = False
+    search_path: tuple[str, ...] | None = None  # SET search_path: the schemas, () for the default
 
 
 @dataclass

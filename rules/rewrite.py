@@ -108,6 +108,7 @@ class _Ctx:
     kinds: list[str] = field(default_factory=list)
     settings: list[str] = field(default_factory=list)
     hold: bool = False
+    search_path_set: tuple[str, ...] | None = None
     client_relations: set[str] = field(default_factory=set)  # in the client's text
     sent_relations: set[str] = field(default_factory=set)  # in the text pgwarden sends
     targets: set[str] = field(default_factory=set)
@@ -151,7 +152,7 @@ def rewrite(sql: str, grants: StatementGrants, catalog: Catalog,
     text = ";\n".join(text for _, text in outs)
     kinds, settings = tuple(ctx.kinds), tuple(ctx.settings)
     sent = Reading(kinds, frozenset(ctx.sent_relations), frozenset(ctx.fences) | frozenset(ctx.filter_bodies),
-                   frozenset(ctx.targets), settings, ctx.hold)
+                   frozenset(ctx.targets), settings, ctx.hold, ctx.search_path_set)
     try:
         agree(sql, Reading(kinds, frozenset(ctx.client_relations), settings=settings, hold=ctx.hold), catalog,
               search_path)
@@ -247,6 +248,8 @@ def _statement(chunk: list[Token], sql: str, ctx: _Ctx) -> tuple[bool, str]:
         ctx.kinds.append(known.node)
         if known.setting is not None:
             ctx.settings.append(known.setting)
+        if known.search_path is not None:
+            ctx.search_path_set = known.search_path
         return False, known.sql
     if isinstance(known, Wrapped):
         _require_kind(known.kind, ctx)
@@ -451,6 +454,11 @@ def _table(node: exp.Table, ctx: _Ctx) -> _Hit | None:
     if rel is None:
         raise Refused(f"pgwarden: relation {'.'.join(parts)} is unknown to pgwarden's catalog; refused")
     hit = _protect(rel, node, ctx)
+    if hit is None and not node.args.get("db"):
+        # Named with its schema in the text sent, so the server resolves it as pgwarden did,
+        # whatever its search_path (the session follows it, but need not be trusted to).
+        node.set("db", exp.to_identifier(rel.schema, quoted=True))
+        node.set("catalog", None)
     if hit is not None:
         extra = {k for k, v in node.args.items() if v and k not in _TABLE_ARGS}
         if extra:

@@ -27,6 +27,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rules.decision import Decision, refuse
+from rules.settings import setting_problem
 from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
 
 from proxy.ops import console as admin_console
@@ -47,15 +48,6 @@ if TYPE_CHECKING:
 LOGIN_TIMEOUT = 60.0
 WRITE_HIGH_WATER = 1 << 20
 
-# Settings a client may set at startup (parameters or -c options); forwarded upstream.
-# Anything else is refused: an unknown GUC could change how the server parses or
-# authorises (role, session_authorization, standard_conforming_strings=off, ...).
-STARTUP_SETTINGS = frozenset({
-    "application_name", "client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits",
-    "search_path", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
-    "default_transaction_isolation", "default_transaction_read_only", "bytea_output", "geqo",
-    "standard_conforming_strings", "client_min_messages", "jit", "work_mem",
-})
 # Settings that pgwarden itself interprets (tickets and break-glass come later); never forwarded.
 PGWARDEN_SETTINGS = frozenset({"pgwarden.ticket", "pgwarden.emergency"})
 
@@ -281,6 +273,10 @@ class ClientSession(asyncio.Protocol):
         self._scs_problem: str | None = None
         self._undecodable = False
         self._context: dict[str, Any] = {}
+        # search_path as the server has it: the startup value, then each SET search_path once its
+        # transaction has ended without an error (a rollback undoes it in PostgreSQL too).
+        self._startup_path: tuple[str, ...] | None = None
+        self._path_pending: tuple[str, ...] | None = None
         # A guard check in flight (R3.4): client messages wait here, in order, until it answers.
         self._held: list[tuple[int, bytes]] | None = None
         self._verdict: Any = None  # the answer, for the message at the head of _held
@@ -505,15 +501,12 @@ class ClientSession(asyncio.Protocol):
             key = name.lower()
             if key in PGWARDEN_SETTINGS:
                 own[key] = value
-            elif key in STARTUP_SETTINGS:
-                if key == "standard_conforming_strings" and value.lower() not in ("on", "true", "1", "yes"):
-                    raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE,
-                                     "pgwarden: standard_conforming_strings must stay on")
-                forward[name] = value
             else:
-                raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE,
-                                 f"pgwarden: {how} {name!r} is not allowed; "
-                                 f"allowed settings: {', '.join(sorted(STARTUP_SETTINGS))}")
+                # Exactly what SET allows (rules.settings): one list, whichever way a setting comes.
+                why = setting_problem(key, value)
+                if why is not None:
+                    raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE, f"{why} (as a {how})")
+                forward[name] = value
 
         for name, value in startup.params.items():
             low = name.lower()
@@ -590,6 +583,7 @@ class ClientSession(asyncio.Protocol):
                 from rules.catalog import parse_search_path
 
                 self._context["search_path"] = parse_search_path(sp, self.server.config.upstream.user)
+                self._startup_path = self._context["search_path"]
         try:
             transport, proto, login = await upstream.connect(self.server.config.upstream, params,
                                                             self.server.config.max_message_size)
@@ -868,6 +862,9 @@ class ClientSession(asyncio.Protocol):
             return self._audit_refusal()
         d = self._analysed(text)
         reading = d.reading
+        if reading is not None and reading.search_path is not None and self.tx_status != "I":
+            return refuse("pgwarden: SET search_path only outside a transaction block (pgwarden follows the "
+                          "session's path, and a rollback would undo it)", reason="search_path in a transaction")
         if self._scope is not None and d.action == "rewrite" and d.tables and reading is not None and (
                 "PrepareStmt" in reading.kinds or reading.hold):
             # They would outlive the ticket; the protocol's prepared statements are checked when they run.
@@ -1303,6 +1300,8 @@ class ClientSession(asyncio.Protocol):
             return None if slip is None else slip + codec.message(t, payload)  # the receipt, then this message
         if t == _M_READY:
             self.tx_status = chr(payload[0]) if payload else "I"
+            if self._path_pending is not None and self.tx_status == "I":
+                self._follow_search_path(self._path_pending)
             if expect and expect[0].kind in (_S, _Q, _F):
                 expect.popleft()
             if expect:
@@ -1330,8 +1329,20 @@ class ClientSession(asyncio.Protocol):
             return None
         return None
 
+    def _follow_search_path(self, path: tuple[str, ...]) -> None:
+        """A SET search_path took effect (its transaction ended without an error): resolve names with it."""
+        self._path_pending = None
+        if path == ():
+            self._context.pop("search_path", None)
+            if self._startup_path is not None:
+                self._context["search_path"] = self._startup_path
+        else:
+            user = self.server.config.upstream.user
+            self._context["search_path"] = tuple(user if s == "$user" else s for s in path)
+
     def _on_error(self, payload: bytes) -> bytes | None:
         err = codec.decode_error(payload)
+        self._path_pending = None  # a SET search_path before it is rolled back with its transaction
         if err.severity in ("FATAL", "PANIC"):
             self._upstream_fatal = True
         expect = self._expect
@@ -1443,6 +1454,10 @@ class ClientSession(asyncio.Protocol):
             fields["error"] = err.message
         d = run.decision
         slip: bytes | None = None
+        if d is not None and d.reading is not None and d.reading.search_path is not None and outcome == "ok":
+            self._path_pending = d.reading.search_path
+        elif tag is not None and tag[0] == "ROLLBACK":
+            self._path_pending = None
         if d is not None and d.action == "rewrite":
             fields["decision"] = "rewrite"
             fields["rewritten"] = d.redacted_sql if d.redacted else d.sql

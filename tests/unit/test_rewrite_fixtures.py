@@ -7,7 +7,7 @@ and followed by header lines, the input SQL and optionally the exact output::
     -- user: alice                 a demo user (proxy/demo.py DEMO_USERS): role, department, attributes
     -- decision: rewrite           allow | rewrite | refuse
     -- message: may not read      optional; refuse: a substring the message must contain
-    -- contains: OFFSET 0          optional, repeatable: substrings the rewritten SQL must contain
+    -- contains: OFFSET 0          optional, repeatable: substrings the SQL sent must contain
     -- not-contains: "phone"       optional, repeatable: substrings it must not contain
     -- tables: public.cs_records   optional: Decision.tables, comma-separated, in any order
     -- search_path: other, public  optional: the session's search_path (default: the catalog's)
@@ -189,8 +189,8 @@ def parse_fixture(path: Path) -> list[Case]:
             problems.append(f"unknown user {case.user!r}")
         if case.decision not in ("allow", "rewrite", "refuse"):
             problems.append(f"decision must be allow, rewrite or refuse, not {case.decision!r}")
-        if case.decision != "rewrite" and (case.contains or case.not_contains or case.expect is not None):
-            problems.append("contains / not-contains / expect need decision: rewrite")
+        if case.decision == "refuse" and (case.contains or case.not_contains or case.expect is not None):
+            problems.append("contains / not-contains / expect need decision: allow or rewrite (the text sent)")
         if case.decision != "refuse" and case.message is not None:
             problems.append("message needs decision: refuse")
         if not case.sql:
