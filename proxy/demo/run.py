@@ -151,6 +151,8 @@ def run_demo(port: int = 6432, tour: bool = False, records: int = 200_000, workd
     cluster = PgCluster(Path(workdir) if workdir else None)
     cluster.start()
     try:
+        assert cluster.binaries is not None
+        print(f"  {cluster.binaries.describe()}", flush=True)
         print(f"pgwarden demo: loading the hotel sample data ({records} customer-service records) ...", flush=True)
         counts = load_sample_sync(cluster.dsn(cluster.superuser, cluster.superuser_password), cs_records=records)
         print("  " + ", ".join(f"{t}={n}" for t, n in counts.items()))

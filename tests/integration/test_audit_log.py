@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -200,7 +201,7 @@ def test_receipt_in_psql_for_each_statement_of_a_query(guarded: Proxy) -> None:
     guarded.take_events()
     r = subprocess.run(["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(guarded.port), "-U", "bob", "-d", "hotel",
                         "-c", "SELECT count(*) FROM cs_records; SELECT 2"],
-                       env={"PGPASSWORD": "demo", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                       env={"PGPASSWORD": "demo", "PATH": os.environ["PATH"]}, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
     evs = guarded.take_events()

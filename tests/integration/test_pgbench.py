@@ -115,7 +115,9 @@ def tls_proxy(cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> I
 def test_pgbench_prepared_over_tls(tls_proxy: Proxy, bench_db: str) -> None:
     tls_proxy.take_events(None)
     env = {**os.environ, "PGPASSWORD": "demo", "PGCONNECT_TIMEOUT": "10", "PGSSLMODE": "require"}
-    r = subprocess.run(["pgbench", "-h", "127.0.0.1", "-p", str(tls_proxy.port), "-U", "dave", "-n", "-S",
+    from tests.integration.fix_tls import client_with_tls
+
+    r = subprocess.run([client_with_tls("pgbench"), "-h", "127.0.0.1", "-p", str(tls_proxy.port), "-U", "dave", "-n", "-S",
                         "-M", "prepared", "-c", "4", "-j", "2", "-t", "250", bench_db],
                        env=env, capture_output=True, text=True, timeout=120)
     check_summary(r, 1000)

