@@ -7,6 +7,7 @@ clear text): ``pgwarden passwd`` prints them.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -218,7 +219,7 @@ def _parse_state(d: Any, upstream: UpstreamConfig, loc: Located) -> Any:
 
 def parse_config(data: Any, loc: Located) -> Config:
     d = _check_keys(data, {"listen", "tls", "upstream", "auth", "audit", "limits", "users", "secret", "rules",
-                           "state", "metrics", "shutdown_grace", "admin_users"}, loc, ())
+                           "state", "metrics", "shutdown_grace", "admin_users", "analysis"}, loc, ())
     listen = _check_keys(d.get("listen") or {}, {"host", "port"}, loc, ("listen",))
     up = _check_keys(d.get("upstream") or {}, {"host", "port", "user", "password", "sslmode", "connect_timeout"},
                      loc, ("upstream",))
@@ -401,6 +402,7 @@ def effective_config(cfg: Config) -> dict[str, Any]:
         "metrics": {"listen": f"{cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"} if cfg.metrics_listen else None,
         "shutdown_grace": cfg.shutdown_grace,
         "admin_users": list(cfg.admin_users),
+        "analysis": dataclasses.asdict(cfg.analysis),
         "secret": HIDDEN,
         "state": "off" if cfg.guards_off else None if cfg.state is None else {
             "host": cfg.state.host, "port": cfg.state.port, "database": cfg.state.database, "user": cfg.state.user,

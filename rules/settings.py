@@ -22,11 +22,14 @@ SESSION_SETTINGS = frozenset({
 _ON = frozenset({"on", "true", "1", "yes", "'on'", "'true'", "'1'", "'yes'"})
 
 
-def setting_problem(name: str, value: str | None) -> str | None:
-    """Why this setting may not be changed to ``value`` (None: it may). ``name`` in lower case."""
+def setting_problem(name: str, value: str | None, how: str | None = None) -> str | None:
+    """Why this setting may not be changed to ``value`` (None: it may). ``name`` in lower case;
+    ``how``: "startup parameter" or "startup option" at login, None for SET."""
     if name not in SESSION_SETTINGS:
-        return (f"pgwarden: changing setting {name} is not allowed; allowed settings: "
-                f"{', '.join(sorted(SESSION_SETTINGS))}")
+        allowed = ", ".join(sorted(SESSION_SETTINGS))
+        if how is not None:
+            return f"pgwarden: {how} {name!r} is not allowed; allowed settings: {allowed}"
+        return f"pgwarden: changing setting {name} is not allowed; refused (allowed settings: {allowed})"
     if name == "standard_conforming_strings" and value is not None and value.strip().lower() not in _ON:
         return "pgwarden: standard_conforming_strings must stay on (backslashes in strings would be read differently)"
     return None

@@ -503,9 +503,9 @@ class ClientSession(asyncio.Protocol):
                 own[key] = value
             else:
                 # Exactly what SET allows (rules.settings): one list, whichever way a setting comes.
-                why = setting_problem(key, value)
+                why = setting_problem(key, value, how)
                 if why is not None:
-                    raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE, f"{why} (as a {how})")
+                    raise LoginError(SqlState.INSUFFICIENT_PRIVILEGE, why)
                 forward[name] = value
 
         for name, value in startup.params.items():

@@ -172,7 +172,7 @@ users:
 class TestErrorLines:
     def test_unknown_top_level_key(self) -> None:
         text = "# comment\n\nupstream:\n  host: h\nlisen: 1\n"
-        assert_error(text, 5, "unknown key 'lisen' (expected one of: admin_users, audit, auth, limits, listen, metrics, rules, secret, shutdown_grace, state, tls, upstream, users)")
+        assert_error(text, 5, "unknown key 'lisen' (expected one of: admin_users, analysis, audit, auth, limits, listen, metrics, rules, secret, shutdown_grace, state, tls, upstream, users)")
 
     def test_unknown_upstream_key(self) -> None:
         text = "upstream:\n  host: h\n  # a comment\n  hots: x\n"
@@ -408,3 +408,11 @@ users:
 """
     assert parse(text).users["ann"].certificates == ("ab" * 31 + "cd", "0" * 64)
     assert_error(text.replace(fp, "abc"), 6, "64 hex digits")
+
+
+def test_analysis_limits_are_read_and_checked() -> None:
+    cfg = parse("upstream: {host: h}\nanalysis: {max_statement_bytes: 4096, timeout: 2.5, workers: 2}\n")
+    assert (cfg.analysis.max_statement_bytes, cfg.analysis.timeout, cfg.analysis.workers) == (4096, 2.5, 2)
+    assert cfg.analysis.offload_bytes == 2048  # defaults for what is not given
+    assert_error("upstream: {host: h}\nanalysis:\n  timeout: 0\n", 3, "timeout must be between 0.1 and 3600")
+    assert_error("upstream: {host: h}\nanalysis:\n  workerz: 1\n", 3, "unknown key 'workerz'")
