@@ -617,6 +617,46 @@ def pgbench_run(target: Target, mode: str, args: argparse.Namespace, rnd: int, s
     return res
 
 
+ISOLATION_ITEMS = 30_000
+
+
+def isolation_run(target: Target, workdir: Path, seconds: int) -> dict[str, Any]:
+    """One client sends a 30,000-item IN list without pause (a new literal each time, so no cache
+    helps); another sends SELECT 1. Returns the second one's latency percentiles (issue 11: an
+    analysis never blocks other sessions) and how many large statements were answered."""
+    d = workdir / f"isolation-{target.name}"
+    d.mkdir(exist_ok=True)
+    big = d / "big.sql"
+    big.write_text("\\set r random(1, 1000000000)\n"
+                   "SELECT count(*) FROM pgbench_accounts WHERE abalance IN (:r, "
+                   + ", ".join(str(i) for i in range(1, ISOLATION_ITEMS)) + ");\n")
+    one = d / "one.sql"
+    one.write_text("SELECT 1;\n")
+    base = ["-n", "-M", "simple", "-c", "1", "-h", "127.0.0.1", "-p", str(target.port), "-U", target.user]
+    env = clean_env(PGPASSWORD=target.password)
+    hammer = subprocess.Popen(["pgbench", *base, "-f", str(big), "-T", str(seconds + 2), BENCH_DB],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env)
+    try:
+        time.sleep(1)  # the first large statement is being analysed
+        probe = run(["pgbench", *base, "-f", str(one), "-T", str(seconds), "-l", "--log-prefix",
+                     str(d / "probe"), BENCH_DB], timeout=seconds + 60, env=env, check=False)
+        out, _ = hammer.communicate(timeout=seconds + 120)
+    finally:
+        if hammer.poll() is None:
+            hammer.kill()
+            hammer.wait(timeout=10)
+    lat = sorted(int(line.split()[2]) / 1000.0 for f in d.glob("probe*") for line in f.read_text().splitlines()
+                 if len(line.split()) >= 3)
+    m = re.search(r"number of transactions actually processed: (\d+)", out)
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    if not lat or probe.returncode != 0:
+        return {"error": f"probe failed (exit {probe.returncode}): {probe.stdout[-500:]} {probe.stderr[-500:]}"}
+    return {"select1_p50_ms": lat[len(lat) // 2], "select1_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+            "select1_max_ms": lat[-1], "select1_n": len(lat),
+            "large_statements": int(m.group(1)) if m else None, "large_failed": int(failed.group(1)) if failed else None}
+
+
 def count_lines(path: Path | None) -> int:
     if path is None:
         return 0
@@ -796,6 +836,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + ",".join(TARGETS))
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured seconds per target before round 1 (0: none)")
     ap.add_argument("--json", type=Path, help="write machine, settings, every run and the summary here")
+    ap.add_argument("--isolation", type=int, default=8,
+                    help="seconds of the isolation run (0: none): while one client sends 30,000-item IN lists "
+                         "without pause, another's SELECT 1 latency (p50/p99/max), per target")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -901,11 +944,29 @@ def main(argv: list[str] | None = None) -> int:
                     trim_audit(t)
 
         summary = summarize(results, args.mode_list, args.target_list)
+        isolation: dict[str, Any] = {}
+        if args.isolation > 0:
+            for name in ("direct", "pgbouncer", "pgwarden", "rules"):
+                if name in targets:
+                    log(f"isolation run through {name} ({args.isolation}s) ...")
+                    isolation[name] = isolation_run(targets[name], workdir, args.isolation)
+                    trim_audit(targets[name])
         print_report(summary, results, machine, args, args.target_list)
+        if isolation:
+            print(f"\nIsolation: one client sends {ISOLATION_ITEMS:,}-item IN lists without pause (a new literal "
+                  f"each time); another's SELECT 1 latency:")
+            print(f"{'target':<10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'SELECT 1':>9} {'large answered':>15}")
+            for name, iso in isolation.items():
+                if "error" in iso:
+                    print(f"{name:<10} FAILED: {iso['error']}")
+                    status = 1
+                    continue
+                print(f"{name:<10} {iso['select1_p50_ms']:>8.2f} {iso['select1_p99_ms']:>8.2f} "
+                      f"{iso['select1_max_ms']:>8.2f} {iso['select1_n']:>9} {iso['large_statements'] or 0:>15}")
         if args.json:
             settings = {k: v for k, v in vars(args).items() if k != "json"}
             args.json.write_text(json.dumps(
-                {"machine": machine, "settings": settings, "summary": summary,
+                {"machine": machine, "settings": settings, "summary": summary, "isolation": isolation,
                  "runs": [{k: v for k, v in asdict(r).items() if k != "output" or not r.ok} for r in results]},
                 indent=2, default=str))
             log(f"wrote {args.json}")
