@@ -27,6 +27,7 @@ with the decision, so a cache hit costs nothing here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,7 @@ _TOP_KINDS = frozenset({
     "VariableShowStmt", "TransactionStmt",
 })
 _DML = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt"})
-_BODY_CACHE: dict[str, str] = {}
+_BODY_CACHE: dict[str, bytes] = {}
 _BODY_CACHE_MAX = 8192
 
 
@@ -121,20 +122,16 @@ def _names(items: Sequence[dict[str, Any]] | None) -> tuple[str, ...]:
     return tuple(i["String"]["sval"] for i in items or () if "String" in i)
 
 
-def _strip(node: Any) -> Any:
-    """The tree without source positions: equal trees mean equal statements."""
-    if isinstance(node, dict):
-        return {k: _strip(v) for k, v in node.items() if k != "location"}
-    if isinstance(node, list):
-        return [_strip(v) for v in node]
-    return node
+_LOCATION = re.compile(rb',"location":-?\d+|"location":-?\d+,?')
 
 
-def _canonical(node: dict[str, Any]) -> str:
-    return orjson.dumps(_strip(node), option=orjson.OPT_SORT_KEYS).decode()
+def _canonical(node: dict[str, Any]) -> bytes:
+    """The tree without source positions: equal trees mean equal statements (libpg_query writes a
+    node type's fields in one order, so equal trees serialise to equal bytes)."""
+    return _LOCATION.sub(b"", orjson.dumps(node))
 
 
-def _body_canonical(sql: str) -> str:
+def _body_canonical(sql: str) -> bytes:
     """A SELECT pgwarden built, as PostgreSQL's tree (cached: the same fences recur)."""
     hit = _BODY_CACHE.get(sql)
     if hit is None:
