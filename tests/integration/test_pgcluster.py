@@ -11,13 +11,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-
-asyncpg = pytest.importorskip("asyncpg")
-
-from proxy.demo.pgcluster import PgCluster  # noqa: E402
-from proxy.demo.sampledata import TABLES, load_sample_sync, partition_bounds  # noqa: E402
+from proxy.demo.pgcluster import PgCluster
+from proxy.demo.sampledata import TABLES, load_sample_sync, partition_bounds
 
 
 N_RECORDS = 20_000
