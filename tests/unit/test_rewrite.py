@@ -474,7 +474,7 @@ def test_explain_of_a_select_is_rewritten(grants: StatementGrants, cat: Catalog)
 def test_explain_without_protected_tables_is_allowed(grants: StatementGrants, cat: Catalog) -> None:
     assert rewrite("EXPLAIN SELECT 1", grants, cat).action == "allow"
     # VERBOSE would print the policy derived table's expressions, mask parameters included
-    assert rewrite("EXPLAIN VERBOSE SELECT 1", grants, cat).action == "refuse"
+    refused(rewrite("EXPLAIN VERBOSE SELECT 1", grants, cat))
 
 
 def test_declare_cursor_is_rewritten(grants: StatementGrants, cat: Catalog) -> None:
