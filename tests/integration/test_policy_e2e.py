@@ -62,10 +62,10 @@ ALICE_SEES = (f"department = 'FO' AND NOT legal_hold AND created_at >= {SHIFT_ST
               "AND created_at <= statement_timestamp()")
 
 
-def planted_records(c: PgCluster, rows: list[tuple[str, str, str, bool]]) -> list[int]:
-    """cs_records inserted directly, created now: (department, phone, id_number, legal_hold) each."""
-    values = ", ".join(f"(1, '{d}', 'request', 'normal', 'phone', 'desk', '王小明', '{p}', '{i}', 'planted', {h}, now())"
-                       for d, p, i, h in rows)
+def planted_records(c: PgCluster, rows: list[tuple[str, str, str, bool, str]]) -> list[int]:
+    """cs_records inserted directly: (department, phone, id_number, legal_hold, created_at SQL) each."""
+    values = ", ".join(f"(1, '{d}', 'request', 'normal', 'phone', 'desk', '王小明', '{p}', '{i}', 'planted', {h}, {t})"
+                       for d, p, i, h, t in rows)
     with psycopg.connect(c.dsn(c.superuser, c.superuser_password)) as conn:
         ids = conn.execute("INSERT INTO cs_records (guest_id, department, category, severity, channel, agent, "
                            "guest_name, phone, id_number, content, legal_hold, created_at) VALUES "
@@ -76,12 +76,16 @@ def planted_records(c: PgCluster, rows: list[tuple[str, str, str, bool]]) -> lis
 def test_front_desk_masks(guarded: Proxy, cluster: PgCluster) -> None:
     from masking import mask_value
 
-    # The current shift may have just begun: plant two records of it (and two alice may not see) so the
-    # masks are checked on rows that are surely there.
-    planted = planted_records(cluster, [("FO", "13912345678", "11010119900307123X", False),
-                                        ("FO", "13698765432", "440301198512240011", False),
-                                        ("HK", "13711112222", "310101197001010022", False),
-                                        ("FO", "13533334444", "320101197001010033", True)])
+    # The current shift may have just begun: plant two records of it (and four alice may not see: another
+    # department's, one under legal hold, one from just before the shift began, one from the future) so the
+    # masks are checked on rows that are surely there, and the newest rows include what must stay out.
+    planted = planted_records(cluster, [("FO", "13912345678", "11010119900307123X", False, "now()"),
+                                        ("FO", "13698765432", "440301198512240011", False, "now()"),
+                                        ("HK", "13711112222", "310101197001010022", False, "now()"),
+                                        ("FO", "13533334444", "320101197001010033", True, "now()"),
+                                        ("FO", "13655556666", "320101197001010044", False,
+                                         f"{SHIFT_START} - interval '1 minute'"),
+                                        ("FO", "13677778888", "320101197001010055", False, "now() + interval '1 hour'")])
     try:
         for _ in range(3):  # again if a shift boundary fell between the two queries
             # the newest 50 (a shift can hold more than alice's row cap of 200)
