@@ -100,11 +100,19 @@ def auth_code(payload: bytes) -> int:
     return struct.unpack_from("!i", payload, 0)[0]
 
 
+class LoginRefused(AssertionError):
+    """The server answered the login with an ErrorResponse (kept whole: SQLSTATE, severity, message)."""
+
+    def __init__(self, error: ErrorResponse) -> None:
+        super().__init__(f"login refused: {error.sqlstate} {error.message}")
+        self.error = error
+
+
 async def authenticate(conn: RawConn, user: str, password: str) -> list[tuple[int, bytes]]:
     """Answer whatever authentication the proxy asks for (trust, SCRAM, md5, cleartext) up to ReadyForQuery.
 
     Returns every message received on the way (ParameterStatus, BackendKeyData, ...).
-    Raises AssertionError with the server's error if the login is refused.
+    Raises LoginRefused (an AssertionError) with the server's error if the login is refused.
     """
     seen: list[tuple[int, bytes]] = []
     scram: scramp.ScramClient | None = None
@@ -114,8 +122,7 @@ async def authenticate(conn: RawConn, user: str, password: str) -> list[tuple[in
         seen.append(m)
         t, payload = m
         if t == B.ERROR_RESPONSE:
-            err = codec.decode_error(payload)
-            raise AssertionError(f"login refused: {err.sqlstate} {err.message}")
+            raise LoginRefused(codec.decode_error(payload))
         if t == B.BACKEND_KEY_DATA:
             conn.backend_pid = struct.unpack_from("!i", payload, 0)[0]
         if t == B.READY_FOR_QUERY:
@@ -171,6 +178,30 @@ async def login(port: int, user: str = "dave", password: str = "demo", database:
     conn.send(codec.startup_message({"user": user, "database": database, **params}, PROTOCOL_3_0))
     await authenticate(conn, user, password)
     return conn
+
+
+async def refused_login(port: int, user: str = "dave", password: str = "demo", database: str = "hotel",
+                        **params: str) -> ErrorResponse:
+    """The ErrorResponse a login is refused with, as sent on the wire; the test fails if it succeeds.
+
+    libpq-based clients (psql, psycopg) do not expose the SQLSTATE of a login error: read it here.
+    """
+    conn = await open_raw(port)
+    try:
+        conn.send(codec.startup_message({"user": user, "database": database, **params}, PROTOCOL_3_0))
+        try:
+            await authenticate(conn, user, password)
+        except LoginRefused as exc:
+            return exc.error
+        raise AssertionError(f"the login of {user} with {params} was not refused")
+    finally:
+        await conn.close()
+
+
+def login_refusal(port: int, user: str = "dave", password: str = "demo", database: str = "hotel",
+                  **params: str) -> ErrorResponse:
+    """``refused_login`` for tests that are not coroutines."""
+    return asyncio.run(refused_login(port, user, password, database, **params))
 
 
 async def simple_query(conn: RawConn, sql: str) -> list[tuple[int, bytes]]:

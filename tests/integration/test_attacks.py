@@ -252,12 +252,22 @@ def test_search_path_startup_option_does_not_redirect(guarded: Proxy, first_gues
     assert phones and all(PHONE_MASK.fullmatch(v) for v in phones), phones
 
 
-@pytest.mark.parametrize("opt", ["role=postgres", "session_authorization=postgres", "standard_conforming_strings=off",
-                                 "default_transaction_read_only=off -c row_security=off", "search_path=x -c role=x"])
-def test_dangerous_startup_options_refused(guarded: Proxy, opt: str) -> None:  # noqa: F811
+@pytest.mark.parametrize("opt,message", [
+    ("role=postgres", "startup option 'role' is not allowed; allowed settings: "),
+    ("session_authorization=postgres", "startup option 'session_authorization' is not allowed; allowed settings: "),
+    ("standard_conforming_strings=off", "standard_conforming_strings must stay on"),
+    ("default_transaction_read_only=off -c row_security=off", "startup option 'row_security' is not allowed; "),
+    ("search_path=x -c role=x", "startup option 'role' is not allowed; "),
+])
+def test_dangerous_startup_options_refused(guarded: Proxy, opt: str, message: str) -> None:  # noqa: F811
+    from tests.integration.fix_wire import login_refusal
+
     with pytest.raises(psycopg.OperationalError) as ei:
         psycopg.connect(guarded.dsn("alice") + f" options='-c {opt}'")
-    assert "not allowed" in str(ei.value) or "must stay on" in str(ei.value)
+    assert f"FATAL:  pgwarden: {message}" in str(ei.value), str(ei.value)
+    # libpq keeps no SQLSTATE for a login error: the same startup on the wire is refused with 42501
+    err = login_refusal(guarded.port, "alice", options=f"-c {opt}")
+    assert (err.severity, err.sqlstate) == ("FATAL", "42501") and err.message.startswith(f"pgwarden: {message}")
 
 
 # ---------------------------------------------------------------------------
@@ -291,12 +301,27 @@ def test_whole_row_reference_is_the_policy_row(guarded: Proxy, cluster: PgCluste
     assert rows and not any(p in r[0] for r in rows for p in clear)
 
 
+BOB_SEES = "department = 'FO' AND NOT legal_hold AND created_at >= statement_timestamp() - interval '72 hours'"
+
+
 def test_partition_inherits_the_parent_rules(guarded: Proxy, cluster: PgCluster, old_partition: str) -> None:  # noqa: F811
+    (old_rows,), = direct(cluster, f"SELECT count(*) FROM {old_partition}")
+    assert old_rows > 0, "the old partition must have rows for its filter to matter"
     assert run(guarded, "bob", f"SELECT count(*) FROM {old_partition}") == [(0,)]
     assert run(guarded, "bob", f"SELECT count(*) FROM public.{old_partition} AS c") == [(0,)]
-    assert run(guarded, "gina", f"SELECT count(*) FROM {old_partition}") == direct(
-        cluster, f"SELECT count(*) FROM {old_partition} WHERE category = 'consultation' AND NOT legal_hold")
-    assert run(guarded, "bob", "SELECT count(*) FROM ONLY cs_records") == [(0,)]
+    consultations = direct(cluster, f"SELECT count(*) FROM {old_partition} WHERE category = 'consultation' "
+                                    "AND NOT legal_hold")
+    assert consultations != [(old_rows,)], "the partition must hold rows sales may not see"
+    assert run(guarded, "gina", f"SELECT count(*) FROM {old_partition}") == consultations
+    # ONLY on a partition (a leaf: its own rows) is fenced like the partition itself. (ONLY on the
+    # partitioned parent reads no rows at all in PostgreSQL, so it could not show a leak.)
+    assert run(guarded, "gina", f"SELECT count(*) FROM ONLY {old_partition}") == consultations
+    (recent,), = direct(cluster, "SELECT tableoid::regclass::text FROM cs_records WHERE " + BOB_SEES
+                                 + " GROUP BY 1 ORDER BY count(*) DESC LIMIT 1")
+    want = direct(cluster, f"SELECT count(*) FROM {recent} WHERE {BOB_SEES}")
+    assert want[0][0] > 0 and want != direct(cluster, f"SELECT count(*) FROM {recent}")
+    assert run(guarded, "bob", f"SELECT count(*) FROM ONLY {recent}") == want
+    assert run(guarded, "bob", f"SELECT count(*) FROM ONLY public.{recent} AS c") == want
     assert_refused(attempt(guarded, "bob", f"SELECT count(*) FROM {old_partition} TABLESAMPLE BERNOULLI (100)"))
 
 
@@ -450,15 +475,19 @@ def test_utility_statements(guarded: Proxy, sql: str) -> None:  # noqa: F811
     assert_refused(attempt(guarded, "carol", sql))
 
 
-def test_prepare_execute_and_cursors_stay_masked(guarded: Proxy) -> None:  # noqa: F811
+def test_prepare_execute_and_cursors_stay_masked(guarded: Proxy, cluster: PgCluster) -> None:  # noqa: F811
+    from masking import mask_value
+
     # bob has lookup quotas and a row budget: SQL PREPARE's EXECUTEs could not be counted, so it is refused.
     assert_refused(attempt(guarded, "bob", "PREPARE p0 AS SELECT phone FROM cs_records WHERE guest_id = 3"))
-    with psycopg.connect(guarded.dsn("frank"), autocommit=True) as c:
+    clear = direct(cluster, "SELECT phone FROM cs_records ORDER BY id LIMIT 5")
+    with psycopg.connect(guarded.dsn("frank"), autocommit=True) as c:  # security director: every row, masked
         c.execute("PREPARE p1 AS SELECT phone FROM cs_records ORDER BY id LIMIT 5")
-        rows = c.execute("EXECUTE p1").fetchall()
-        assert rows and all(PHONE_MASK.fullmatch(r[0]) for r in rows)
+        assert c.execute("EXECUTE p1").fetchall() == [(mask_value("mobile", p),) for (p,) in clear]
+        # a clear phone that is in the table matches nothing: the predicate sees the masked value
+        assert direct(cluster, f"SELECT count(*) > 0 FROM cs_records WHERE phone = '{clear[0][0]}'") == [(True,)]
         c.execute("PREPARE p2 (text) AS SELECT count(*) FROM cs_records WHERE phone = $1")
-        assert c.execute("EXECUTE p2 ('13800001111')").fetchall() == [(0,)]
+        assert c.execute(f"EXECUTE p2 ('{clear[0][0]}')").fetchall() == [(0,)]
         c.execute("BEGIN")
         c.execute("DECLARE cur SCROLL CURSOR WITH HOLD FOR SELECT phone, id_number FROM cs_records ORDER BY id")
         c.execute("COMMIT")
@@ -530,9 +559,8 @@ async def test_asyncpg_parameters(guarded: Proxy) -> None:  # noqa: F811
         await conn.close()
 
 
-def test_function_call_message_refused(guarded: Proxy) -> None:  # noqa: F811
-    # psycopg has no fastpath API; the FunctionCall message is covered in test_robustness. Here: no
-    # function named like a table or column slips through attribute notation.
+def test_functions_named_like_columns_are_refused(guarded: Proxy) -> None:  # noqa: F811
+    # No function named like a table or column slips through attribute notation.
     assert_refused(attempt(guarded, "bob", "SELECT id_number(g) FROM guests g"))
     assert_refused(attempt(guarded, "carol", "SELECT (g).id_number FROM guests g"))
 
@@ -610,3 +638,61 @@ def test_what_is_sent_for_a_restricted_role_is_pgwardens_own_text(guarded: Proxy
     assert result["got"] == [("", 42)], result
     assert seen, "the statement was not seen running"
     assert "the client's comment" not in seen[0][0] and "pg_sleep" in seen[0][0].lower(), seen
+
+
+def function_call(oid: int, *text_args: str) -> bytes:
+    """A FunctionCall ('F') message: call a function by OID, text arguments, text result."""
+    import struct
+
+    from proxy.wire import codec
+    from proxy.wire.codes import F
+
+    body = struct.pack("!IhhH", oid, 1, 0, len(text_args))  # one format code (text) for every argument
+    for a in text_args:
+        raw = a.encode()
+        body += struct.pack("!i", len(raw)) + raw
+    return codec.message(F.FUNCTION_CALL, body + struct.pack("!h", 0))
+
+
+async def call_by_oid(port: int, user: str, password: str, oid: int, *args: str) -> tuple[list[tuple[int, bytes]],
+                                                                                         list[tuple[int, bytes]]]:
+    """Log in over a raw socket, send one FunctionCall, then ``SELECT 1``: the answers to each."""
+    from proxy.wire.codes import B
+    from tests.integration.fix_wire import login, simple_query
+
+    conn = await login(port, user=user, password=password)
+    try:
+        conn.send(function_call(oid, *args))
+        answer = await conn.recv_until(B.READY_FOR_QUERY)
+        return answer, await simple_query(conn, "SELECT 1")
+    finally:
+        await conn.close()
+
+
+async def test_function_call_message_refused(guarded: Proxy, cluster: PgCluster) -> None:  # noqa: F811
+    # The FunctionCall message calls a function by OID, with no SQL for the rules to see: refused for
+    # everyone, before PostgreSQL runs anything. nextval() shows whether it ran: the service login may
+    # call it (so a refusal can only be pgwarden's), and a call moves the sequence.
+    from proxy.wire.codes import B
+    from tests.integration.fix_wire import data_rows, errors
+
+    cluster.psql("DROP SEQUENCE IF EXISTS fc_probe; CREATE SEQUENCE fc_probe; "
+                 f"GRANT USAGE, SELECT, UPDATE ON SEQUENCE fc_probe TO {cluster.service_user}")
+    (oid,), = direct(cluster, "SELECT 'pg_catalog.nextval(regclass)'::regprocedure::oid::int")
+    guarded.take_events(None)
+    for user in ("dave", "carol"):  # the general manager (unmasked, every table) and IT ops
+        answer, after = await call_by_oid(guarded.port, user, "demo", oid, "fc_probe")
+        assert [t for t, _ in answer] == [B.ERROR_RESPONSE, B.READY_FOR_QUERY], answer
+        (err,) = errors(answer)
+        assert (err.severity, err.sqlstate, err.message) == (
+            "ERROR", "42501", "pgwarden: the FunctionCall protocol message is not allowed")
+        assert answer[-1][1] == b"I"  # idle, as after any refused statement outside a transaction
+        assert data_rows(after) == [[b"1"]]  # and the session goes on
+    assert direct(cluster, "SELECT last_value, is_called FROM fc_probe") == [(1, False)]  # never called
+    refusals = [e for e in guarded.take_events() if e["outcome"] == "refused"]
+    assert [(e["user"], e["sqlstate"]) for e in refusals] == [("dave", "42501"), ("carol", "42501")]
+    # The same message sent to PostgreSQL itself does run the function: the test's message is a real call.
+    answer, _ = await call_by_oid(cluster.port, cluster.superuser, cluster.superuser_password, oid, "fc_probe")
+    calls = [p for t, p in answer if t == B.FUNCTION_CALL_RESPONSE]
+    assert calls == [b"\x00\x00\x00\x011"], answer  # length 1, the text "1"
+    assert direct(cluster, "SELECT last_value, is_called FROM fc_probe") == [(1, True)]

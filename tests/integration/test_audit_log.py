@@ -74,6 +74,99 @@ def test_restricted_statements_are_refused_while_the_log_cannot_be_written(
     assert "replica test: intact, 4 events, seq 1..4" in r.stdout
 
 
+BOB_SEES = "department = 'FO' AND NOT legal_hold AND created_at >= statement_timestamp() - interval '72 hours'"
+
+
+def direct(c: PgCluster, sql: str) -> list[tuple]:
+    with psycopg.connect(c.dsn(c.superuser, c.superuser_password)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def verify(*paths: Path, from_start: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PGWARDEN, "audit", "verify", *(["--from-start"] if from_start else []),
+                           *map(str, paths)], capture_output=True, text=True, timeout=60)
+
+
+def test_on_failure_continue_runs_restricted_statements_and_writes_them_later(cluster: PgCluster,
+                                                                              tmp_path: Path) -> None:
+    link = tmp_path / "audit.jsonl"
+    link.symlink_to("/dev/full")
+    proxy = start_proxy(cluster, str(tmp_path), rules=str(HOTEL), audit={"path": str(link), "on_failure": "continue"})
+    try:
+        audit = proxy.thread.server.audit  # type: ignore[union-attr]
+        with psycopg.connect(proxy.dsn("bob"), autocommit=True) as c:
+            wait_for(lambda: not audit.healthy, "the login event's write to fail")
+            assert not audit.refusing
+            # bob is restricted (rows, masks, quotas): with `continue` his statements run, with their exact rows
+            assert c.execute("SELECT count(*) FROM cs_records").fetchall() == direct(
+                cluster, f"SELECT count(*) FROM cs_records WHERE {BOB_SEES}")
+            assert c.execute("SELECT id FROM cs_records ORDER BY id LIMIT 3").fetchall() == direct(
+                cluster, f"SELECT id FROM cs_records WHERE {BOB_SEES} ORDER BY id LIMIT 3")
+            assert not audit.healthy  # (the path is still /dev/full: nothing was written)
+            link.unlink()  # the path is writable again
+            wait_for(lambda: audit.healthy, "the held-back events to be written", timeout=5)
+        wait_for(lambda: any(e.get("event") == "disconnect" for e in events(link)), "the disconnect event")
+    finally:
+        proxy.thread.stop()
+    evs = events(link)
+    assert [(e["event"], e.get("statement"), e.get("outcome")) for e in evs] == [
+        ("login", None, None), ("statement", "SELECT count(*) FROM cs_records", "ok"),
+        ("statement", "SELECT id FROM cs_records ORDER BY id LIMIT 3", "ok"), ("disconnect", None, None),
+        ("audit_closed", None, None)]
+    r = verify(link, from_start=True)
+    assert r.returncode == 0 and "replica test: intact, 5 events, seq 1..5" in r.stdout, r.stdout + r.stderr
+
+
+def test_events_past_the_hold_back_limit_go_to_stderr_and_verify_reports_them_missing(
+        cluster: PgCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    import proxy.audit.log as audit_log
+    from proxy.audit.chain import hash_of, parse_line
+
+    assert audit_log.MAX_UNWRITTEN == 64 << 20  # what the README promises; 4 KiB here, not 64 MiB of events
+    monkeypatch.setattr(audit_log, "MAX_UNWRITTEN", 4096)
+    link = tmp_path / "audit.jsonl"
+    link.symlink_to("/dev/full")
+    proxy = start_proxy(cluster, str(tmp_path), rules=str(HOTEL), audit={"path": str(link), "on_failure": "continue"})
+    try:
+        audit = proxy.thread.server.audit  # type: ignore[union-attr]
+        with psycopg.connect(proxy.dsn("dave"), autocommit=True) as c:
+            for i in range(40):  # about 20 KiB of events while the file cannot be written
+                assert c.execute(f"SELECT {i} AS n").fetchall() == [(i,)]
+            # The held-back bytes are cut to the limit when a write fails (retried every 0.5 s).
+            captured: list[str] = []
+            marker = "pgwarden: AUDIT EVENTS NOT IN THE FILE (held back too long); they follow\n"
+            wait_for(lambda: captured.append(capfd.readouterr().err) or marker in "".join(captured),
+                     "the oldest events to go to stderr")
+            assert not audit.healthy
+            link.unlink()
+            wait_for(lambda: audit.healthy, "the held-back events to be written", timeout=5)
+        wait_for(lambda: any(e.get("event") == "disconnect" for e in events(link)), "the disconnect event")
+    finally:
+        proxy.thread.stop()
+    err = "".join(captured) + capfd.readouterr().err
+    dropped = [parse_line(line.encode()) for line in err.splitlines() if line.startswith("{")]
+    kept = events(link)
+    assert dropped and kept and all(e is not None and hash_of(e) == e["hash"] for e in dropped)
+    # The oldest went to stderr, whole and in order; the file has the rest; none lost, none twice.
+    k = len(dropped)
+    assert [e["seq"] for e in dropped] == list(range(1, k + 1))  # type: ignore[index]
+    assert [e["seq"] for e in kept] == list(range(k + 1, k + 1 + len(kept)))
+    assert [e["event"] for e in kept][-2:] == ["disconnect", "audit_closed"]
+    assert k + len(kept) == 1 + 40 + 1 + 1  # login, 40 statements, disconnect, audit_closed
+    # verify sees that the chain in the file does not begin at seq 1 ...
+    r = verify(link)
+    assert r.returncode == 0 and f"the chain begins at seq {k + 1}" in r.stdout, r.stdout
+    r = verify(link, from_start=True)
+    assert r.returncode == 1 and r.stdout.startswith(
+        f"replica test: FAILED at {link}:1: missing: the chain begins at seq {k + 1} "), r.stdout
+    # ... and the lines from stderr, put back in front, are exactly what is missing
+    whole = tmp_path / "recovered.jsonl"
+    whole.write_bytes(b"".join(line.encode() + b"\n" for line in err.splitlines() if line.startswith("{"))
+                      + link.read_bytes())
+    r = verify(whole, from_start=True)
+    assert r.returncode == 0 and f"intact, {k + len(kept)} events, seq 1..{k + len(kept)}" in r.stdout, r.stdout
+
+
 def _serve_config(cluster: PgCluster, tmp_path: Path, audit: str) -> Path:
     verifier = make_scram_verifier("demo")
     cfg = tmp_path / "pgwarden.yaml"

@@ -8,9 +8,7 @@ carry is what proxy/session.py writes).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ import pytest
 from proxy.audit.log import AuditLog
 from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy, start_proxy
+from tests.integration.fix_clients import program
 
 ROOT = Path(__file__).resolve().parents[2]
 HOTEL = ROOT / "deploy" / "rules" / "hotel.yaml"
@@ -148,8 +147,6 @@ def test_search_by_receipt_guest_decision_and_time(month: tuple[Path, list[dict]
     assert r.returncode == 2 and "--guest needs --rules" in r.stderr
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
 def test_report_renders_in_headless_chromium(month: tuple[Path, list[dict]], tmp_path: Path) -> None:
@@ -168,11 +165,7 @@ def test_report_renders_in_headless_chromium(month: tuple[Path, list[dict]], tmp
     text = page.read_text(encoding="utf-8")
     assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "https://" not in text and "<script" not in text
-    exe = chromium()
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed: .ci/run must install it")
-        pytest.skip("chromium is not installed (CI installs it)")
+    exe = program("chromium", "chromium-browser", "google-chrome", install="apt-get install chromium")
     profile = tmp_path / "profile"
     flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]

@@ -89,6 +89,23 @@ def sqlstate(r: list[tuple] | psycopg.Error) -> str | None:
     return r.sqlstate if isinstance(r, psycopg.Error) else None
 
 
+def locked_out(p: Proxy, user: str) -> bool:
+    """True when ``user`` is refused at login for a lockout (28000, saying until when); False if let in."""
+    state, message = login_error(p, user)
+    if state == "":
+        return False
+    assert state == "28000" and message.startswith(f"pgwarden: user {user} is locked out until "), (state, message)
+    return True
+
+
+BOB_SEES = "department = 'FO' AND NOT legal_hold AND created_at >= statement_timestamp() - interval '72 hours'"
+
+
+def bob_count(cluster: PgCluster, where: str) -> list[tuple]:
+    """What bob (supervisor, FO) counts in cs_records with ``where``, read directly."""
+    return direct(cluster, f"SELECT count(*) FROM cs_records WHERE ({where}) AND {BOB_SEES}")
+
+
 def wait_until(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while not cond():
@@ -109,7 +126,7 @@ def test_three_refusals_lock_out_on_every_replica_until_security_unlocks(
     # The other replica refuses at once, statements and logins, saying until when and what to do.
     with psycopg.connect(b.dsn("carol"), autocommit=True):
         pass  # others are not affected
-    wait_until(lambda: isinstance(attempt(b, "gina", "SELECT 1"), psycopg.Error))
+    wait_until(lambda: locked_out(b, "gina"))
     state, message = login_error(b, "gina")
     assert state == "28000" and LOCKED in message and "pgwarden unlock gina" in message
     with psycopg.connect(a.dsn("frank"), autocommit=True) as sec:
@@ -140,8 +157,9 @@ def test_three_refusals_lock_out_on_every_replica_until_security_unlocks(
     ok = subprocess.run([sys.executable, "-m", "proxy.cli", "unlock", "gina", "--config", str(cfg), "--as", "frank"],
                         env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "gina: unlocked" in ok.stdout, ok.stderr
-    wait_until(lambda: attempt(b, "gina", "SELECT 1") == [(1,)])
+    wait_until(lambda: not locked_out(b, "gina"))
     assert attempt(a, "gina", "SELECT 1") == [(1,)]
+    assert direct(cluster, f"SELECT count(*) FROM {schema}.lockouts") == [(0,)]
     events = [json.loads(line) for line in (tmp_path / "cli-audit.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["unlock", "audit_closed"]  # the chain ends with a clean stop
     assert events[0]["replica"].endswith(":unlock")  # a chain of its own, apart from the proxy's
@@ -149,16 +167,22 @@ def test_three_refusals_lock_out_on_every_replica_until_security_unlocks(
     assert [(e["event"], e["user"], e["target"], e["lifted"]) for e in unlocks] == [("unlock", "frank", "gina", True)]
 
 
-def test_an_allowed_statement_breaks_the_streak(pair: tuple[Proxy, Proxy]) -> None:
+def test_an_allowed_statement_breaks_the_streak(pair: tuple[Proxy, Proxy], cluster: PgCluster, schema: str) -> None:
     a, b = pair
+
+    def streak() -> list[tuple]:
+        return direct(cluster, f"SELECT streak FROM {schema}.refusal_streaks WHERE user_name = 'gina'")
+
     for p in (a, b):
         assert sqlstate(attempt(p, "gina", "SELECT * FROM guests")) == "42501"
+    wait_until(lambda: streak() == [(2,)])
     assert attempt(a, "gina", "SELECT 1") == [(1,)]
-    time.sleep(0.5)  # the reset travels to the store without the client waiting for it
+    wait_until(lambda: streak() == [(0,)])  # the reset travels to the store without the client waiting for it
     for p in (b, a):
         assert sqlstate(attempt(p, "gina", "SELECT * FROM guests")) == "42501"
-    time.sleep(0.5)
+    wait_until(lambda: streak() == [(2,)])
     assert attempt(b, "gina", "SELECT 1") == [(1,)]
+    assert direct(cluster, f"SELECT count(*) FROM {schema}.lockouts") == [(0,)]
 
 
 # ---------------------------------------------------------------------------
@@ -183,18 +207,24 @@ def test_fourth_lookup_of_a_guest_is_refused_whatever_the_replica_or_shape(
                            "AND NOT legal_hold AND created_at >= statement_timestamp() - interval '72 hours'")
     assert attempt(a, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = {g}") == want          # literal
     assert attempt(b, "bob", "SELECT count(*) FROM cs_records WHERE guest_id = %s", (g,)) == want      # parameter
-    assert attempt(a, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id IN ({g}, {other})") != []  # IN list
+    assert attempt(a, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id IN ({g}, {other})") == bob_count(
+        cluster, f"guest_id IN ({g}, {other})")                                                            # IN list
     err = attempt(b, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = '{g}'")
     assert isinstance(err, psycopg.Error) and err.sqlstate == "42501", err
     assert f"looked up guest {g} 3 times this month" in str(err) and "ticket" in str(err)
     err = attempt(a, "bob", "SELECT count(*) FROM cs_records WHERE guest_id = %s", (g,))
-    assert sqlstate(err) == "42501"
+    assert sqlstate(err) == "42501" and f"looked up guest {g} 3 times this month" in str(err)
     # The other guest has had one lookup: two more are fine.
-    assert attempt(a, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = {other}") != []
+    assert attempt(a, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = {other}") == bob_count(
+        cluster, f"guest_id = {other}")
     counts = dict(direct(cluster, f"SELECT guest, lookups FROM {schema}.guest_lookups WHERE user_name = 'bob'"))
     assert counts == {str(g): 3, str(other): 2}
-    ev = [e for e in a.take_events() + b.take_events() if e.get("guard")]
-    assert {e["guard"]["lookups"].get(str(g)) for e in ev} >= {1, 2, 3}
+    ev = a.take_events() + b.take_events()
+    # each allowed statement's event carries the counts after it: lookups of g, of the other guest
+    assert sorted((e["guard"]["lookups"].get(str(g), 0), e["guard"]["lookups"].get(str(other), 0))
+                  for e in ev if e["outcome"] == "ok") == [(0, 2), (1, 0), (2, 0), (3, 1)]
+    assert [(e["sqlstate"], e["reason"]) for e in ev if e["outcome"] == "refused"] == [
+        ("42501", "guest lookup quota (R3.4)")] * 2
 
 
 @pytest.mark.parametrize("sql", [
@@ -317,7 +347,8 @@ def test_unreachable_store_refuses_restricted_roles_and_recovers(cluster: PgClus
     p = start_proxy(cluster, str(tmp_path), rules=str(HOTEL), state=state)
     try:
         (g,) = visible_guests(cluster, 1)
-        assert attempt(p, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = {g}") != []
+        want = bob_count(cluster, f"guest_id = {g}")
+        assert attempt(p, "bob", f"SELECT count(*) FROM cs_records WHERE guest_id = {g}") == want
         with psycopg.connect(p.dsn("bob"), autocommit=True) as held:
             relay.down()
             wait_until(lambda: any(e["event"] == "state_store_down" for e in p.take_events(None)))
@@ -328,7 +359,7 @@ def test_unreachable_store_refuses_restricted_roles_and_recovers(cluster: PgClus
             assert ei.value.sqlstate == "42501" and "state store cannot be reached" in str(ei.value)
             relay.up()
             wait_until(lambda: attempt(p, "bob", "SELECT 1") == [(1,)], timeout=20)
-            assert held.execute(f"SELECT count(*) FROM cs_records WHERE guest_id = {g}").fetchone() is not None
+            assert held.execute(f"SELECT count(*) FROM cs_records WHERE guest_id = {g}").fetchall() == want
         assert direct(cluster, f"SELECT lookups FROM {schema}.guest_lookups WHERE guest = '{g}'") == [(2,)]
     finally:
         p.thread.stop()
@@ -480,9 +511,37 @@ def test_a_client_certificate_as_second_factor(cluster: PgCluster, tmp_path: Pat
             except psycopg.Error as e:
                 return str(e)
 
+        def refusal(user: str, cert: str | None = None, key: str | None = None) -> tuple[str, str]:
+            """(SQLSTATE, message) of the login over TLS, read with asyncpg (libpq keeps no SQLSTATE)."""
+            import ssl
+
+            import asyncpg
+
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            if cert is not None:
+                ctx.load_cert_chain(cert, key)
+
+            async def go() -> tuple[str, str]:
+                try:
+                    conn = await asyncpg.connect(host="127.0.0.1", port=p.port, user=user, password="demo",
+                                                 database="hotel", ssl=ctx)
+                except asyncpg.PostgresError as e:
+                    return e.sqlstate, str(e)
+                await conn.close()
+                return "", ""
+
+            return asyncio.run(go())
+
         assert connect("bob", sslcert=mine, sslkey=mine_key) == [(1,)]
         assert "must also present their client certificate (TLS), and presented none" in str(connect("bob"))
         assert "and this one is not theirs" in str(connect("bob", sslcert=other, sslkey=other_key))
+        assert refusal("bob") == ("28000", "pgwarden: user bob must also present their client certificate (TLS), "
+                                           "and presented none")
+        assert refusal("bob", other, other_key) == (
+            "28000", "pgwarden: user bob must also present their client certificate (TLS), and this one is not theirs")
+        assert refusal("bob", mine, mine_key) == ("", "")
         assert connect("dave") == [(1,)]  # no certificate bound: the password alone
     finally:
         p.thread.stop()
@@ -522,14 +581,16 @@ def test_a_sql_cursor_portal_cannot_be_executed_uncounted(budget_pair: tuple[Pro
     assert err.sqlstate == "42501" and "may Execute only statements prepared through the protocol" in err.message
 
 
-def test_a_lockout_stops_statements_prepared_before_it(pair: tuple[Proxy, Proxy]) -> None:
+def test_a_lockout_stops_statements_prepared_before_it(pair: tuple[Proxy, Proxy], cluster: PgCluster) -> None:
     a, b = pair
     q = "SELECT count(*) FROM cs_records WHERE category = %s"
     with psycopg.connect(a.dsn("bob"), autocommit=True) as held:
-        assert held.execute(q, ("complaint",), prepare=True).fetchall()  # Parse + Bind + Execute
+        want = bob_count(cluster, "category = 'complaint'")
+        assert want[0][0] > 0
+        assert held.execute(q, ("complaint",), prepare=True).fetchall() == want  # Parse + Bind + Execute
         for _ in range(3):
             assert sqlstate(attempt(b, "bob", "SELECT * FROM guests")) == "42501"
-        wait_until(lambda: isinstance(attempt(a, "bob", "SELECT 1"), psycopg.Error))
+        wait_until(lambda: locked_out(a, "bob"))
         with pytest.raises(psycopg.Error) as ei:
             held.execute(q, ("complaint",), prepare=True)  # Bind + Execute only, of the earlier Parse
         assert ei.value.sqlstate == "42501" and LOCKED in str(ei.value)
@@ -539,16 +600,17 @@ def test_a_forged_notify_neither_unlocks_nor_locks(pair: tuple[Proxy, Proxy], cl
                                                    schema: str) -> None:
     a, _ = pair
     for _ in range(3):
-        attempt(a, "gina", "SELECT * FROM guests")
-    wait_until(lambda: isinstance(attempt(a, "gina", "SELECT 1"), psycopg.Error))
+        assert sqlstate(attempt(a, "gina", "SELECT * FROM guests")) == "42501"
+    wait_until(lambda: locked_out(a, "gina"))
     # Any database login may NOTIFY on any channel (here the service account clients run as).
     with psycopg.connect(cluster.dsn(cluster.service_user), autocommit=True) as svc:
         svc.execute("SELECT pg_notify(%s, %s)", (f"{schema}_guards", json.dumps({"kind": "unlock", "user": "gina"})))
         svc.execute("SELECT pg_notify(%s, %s)", (f"{schema}_guards",
                                                  json.dumps({"kind": "lock", "user": "frank", "until": 4102444800})))
     time.sleep(1.0)
-    assert isinstance(attempt(a, "gina", "SELECT 1"), psycopg.Error)  # still locked out
-    assert attempt(a, "frank", "SELECT 1") == [(1,)]                  # never locked out
+    assert locked_out(a, "gina")              # still locked out
+    assert attempt(a, "frank", "SELECT 1") == [(1,)]  # never locked out
+    assert direct(cluster, f"SELECT user_name FROM {schema}.lockouts") == [("gina",)]
 
 
 def test_one_guest_spelled_many_ways_is_one_guest(pair: tuple[Proxy, Proxy], cluster: PgCluster,
@@ -559,8 +621,9 @@ def test_one_guest_spelled_many_ways_is_one_guest(pair: tuple[Proxy, Proxy], clu
     spellings = [(a, f"SELECT count(*) FROM cs_records WHERE guest_id = {g}.0", None),
                  (b, "SELECT count(*) FROM cs_records WHERE guest_id = %s", (f" +{g}",)),
                  (a, f"SELECT count(*) FROM cs_records WHERE guest_id IN ('0{g}')", None)]
+    want = bob_count(cluster, f"guest_id = {g}")
     for p, sql, params in spellings:
-        assert isinstance(attempt(p, "bob", sql, params), list), sql
+        assert attempt(p, "bob", sql, params) == want, sql
     err = attempt(b, "bob", "SELECT count(*) FROM cs_records WHERE guest_id = %s", (f"{g}",))
     assert sqlstate(err) == "42501" and "3 times this month" in str(err)
     assert direct(cluster, f"SELECT guest, lookups FROM {schema}.guest_lookups") == [(str(g), 3)]
@@ -575,3 +638,119 @@ def test_dml_subqueries_cannot_read_the_target_row_unmasked(pair: tuple[Proxy, P
                 c.execute(sql)
             assert ei.value.sqlstate == "42501", sql
             c.rollback()
+
+
+# ---------------------------------------------------------------------------
+# time moved in the state store instead of waited for
+# ---------------------------------------------------------------------------
+
+
+def as_state_owner(cluster: PgCluster, sql: str) -> list[tuple]:
+    """SQL on the state schema as its owner (the login pgwarden's state: section names), directly."""
+    with psycopg.connect(cluster.dsn(cluster.state_user, cluster.state_password), autocommit=True) as c:
+        cur = c.execute(sql)
+        return cur.fetchall() if cur.description else []
+
+
+def test_a_lockout_ends_by_itself_when_its_time_is_up(pair: tuple[Proxy, Proxy], cluster: PgCluster,
+                                                       schema: str) -> None:
+    a, b = pair
+    held = [psycopg.connect(p.dsn("gina"), autocommit=True) for p in (a, b)]  # sessions from before the lockout
+    try:
+        for _ in range(3):
+            assert sqlstate(attempt(a, "gina", "SELECT * FROM guests")) == "42501"
+        wait_until(lambda: locked_out(b, "gina"))
+        for c in held:
+            with pytest.raises(psycopg.Error) as ei:
+                c.execute("SELECT 1")
+            assert ei.value.sqlstate == "42501" and LOCKED in str(ei.value)
+        # The 30 minutes pass: the lockout is moved to end in 2 seconds, and the replicas told to re-read it.
+        as_state_owner(cluster, f"UPDATE {schema}.lockouts SET locked_until = now() + interval '2 seconds' "
+                                f"WHERE user_name = 'gina'; SELECT pg_notify('{schema}_guards', 'moved')")
+        t0 = time.monotonic()
+        assert locked_out(a, "gina") and locked_out(b, "gina")  # not over yet
+        wait_until(lambda: not locked_out(b, "gina"))
+        assert time.monotonic() - t0 > 1.0, "the lockout ended before its time"
+        # ... on every replica, for logins and for the sessions that were open, with no unlock from anyone
+        assert not locked_out(a, "gina")
+        for c in held:
+            assert c.execute("SELECT 1").fetchall() == [(1,)]
+        # ... and the streak starts again from nothing: one refusal does not lock gina out again
+        assert sqlstate(attempt(b, "gina", "SELECT * FROM guests")) == "42501"
+        wait_until(lambda: direct(cluster, f"SELECT streak FROM {schema}.refusal_streaks") == [(1,)])
+        assert not locked_out(a, "gina")
+    finally:
+        for c in held:
+            c.close()
+    assert [e["user"] for e in a.take_events("lockout") + b.take_events("lockout")] == ["gina"]
+
+
+@pytest.fixture
+def day_budget_pair(cluster: PgCluster, schema: str, tmp_path: Path) -> Iterator[tuple[Proxy, Proxy]]:
+    """Sales (gina) with a cap of 10 rows per statement, 20 rows per hour and 30 per day."""
+    rules = hotel_with(tmp_path, ("  sales:                           # 销售部: consultations, never complaints\n",
+                                  "  sales:\n    row_cap: 10\n    row_budget: {hour: 20, day: 30}\n"))
+    a, b = replicas(cluster, schema, tmp_path, rules)
+    try:
+        yield a, b
+    finally:
+        a.thread.stop()
+        b.thread.stop()
+
+
+def test_the_day_budget_outlasts_the_hour(day_budget_pair: tuple[Proxy, Proxy], cluster: PgCluster,
+                                          schema: str) -> None:
+    a, b = day_budget_pair
+    q = "SELECT id FROM cs_records ORDER BY id LIMIT 5"
+    want = direct(cluster, "SELECT id FROM cs_records WHERE category = 'consultation' AND NOT legal_hold "
+                           "ORDER BY id LIMIT 5")
+    for i, p in enumerate((a, b, a, b)):
+        assert attempt(p, "gina", q) == want
+        wait_until(lambda: used_rows(cluster, schema, "gina") == 5 * (i + 1))
+    err = attempt(a, "gina", q)
+    assert sqlstate(err) == "42501" and "gina has 0 rows left of role sales's row budget this hour" in str(err)
+    # An hour passes (the usage is moved two hours back): the hour's budget is free, the day's is not.
+    as_state_owner(cluster, f"UPDATE {schema}.row_usage SET minute = minute - interval '2 hours'")
+    assert attempt(b, "gina", q) == want
+    wait_until(lambda: used_rows(cluster, schema, "gina") == 25)
+    assert attempt(a, "gina", q) == want  # 5 left of the day: decided again with 5 as its cap
+    wait_until(lambda: used_rows(cluster, schema, "gina") == 30)
+    err = attempt(b, "gina", "SELECT id FROM cs_records ORDER BY id LIMIT 1")
+    assert sqlstate(err) == "42501" and "gina has 0 rows left of role sales's row budget this day" in str(err)
+    # A day passes: usage older than a day no longer counts (and is deleted at the next reservation).
+    as_state_owner(cluster, f"UPDATE {schema}.row_usage SET minute = minute - interval '1 day'")
+    assert attempt(a, "gina", q) == want
+    wait_until(lambda: used_rows(cluster, schema, "gina") == 5)
+    ev = [e["guard"] for e in a.take_events() + b.take_events() if e.get("guard") and e["outcome"] == "ok"]
+    # (used this hour, this day, with the reservation; reserved): the cap of 10, or what was left
+    assert sorted((g["rows_hour"], g["rows_day"], g["rows_reserved"]) for g in ev) == sorted(
+        [(10, 10, 10), (15, 15, 10), (20, 20, 10), (20, 20, 5), (10, 30, 10), (10, 30, 5), (10, 10, 10)])
+
+
+def test_concurrent_migrate_applies_each_version_once(cluster: PgCluster, schema: str, tmp_path: Path) -> None:
+    """Four `pgwarden migrate` processes on a fresh schema, released at the same moment."""
+    from proxy.guards.statestore import latest_version
+
+    cfg = tmp_path / "pgwarden.yaml"
+    write_config(cfg, cluster, schema)
+    run = [sys.executable, "-m", "proxy.cli", "migrate", "--config", str(cfg)]
+    with psycopg.connect(cluster.dsn(cluster.state_user, cluster.state_password), autocommit=True) as gate:
+        # Hold the migrations' own lock so all four are waiting for it before any of them starts.
+        gate.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"pgwarden-migrate:{schema}",))
+        procs = [subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        try:
+            wait_until(lambda: direct(cluster, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                               "AND NOT granted") == [(4,)], timeout=60)
+            gate.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"pgwarden-migrate:{schema}",))
+            outs = [p.communicate(timeout=60) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    versions = list(range(1, latest_version(schema) + 1))
+    assert sorted(out.strip() for out, _ in outs) == sorted(
+        [f"state schema {schema}: applied {versions} (version {versions[-1]})"]
+        + [f"state schema {schema}: up to date (version {versions[-1]})"] * 3)
+    assert direct(cluster, f"SELECT version FROM {schema}.schema_migrations ORDER BY version") == [
+        (v,) for v in versions]

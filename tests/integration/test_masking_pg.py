@@ -18,15 +18,12 @@ from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
+from sqlglot import exp
 
-
-psycopg = pytest.importorskip("psycopg")
-
-from sqlglot import exp  # noqa: E402
-
-from masking import MaskSpec, can_mask, mask_sql, mask_value, parse_mask  # noqa: E402
-from proxy.demo.pgcluster import PgCluster  # noqa: E402
+from masking import MaskSpec, can_mask, mask_sql, mask_value, parse_mask
+from proxy.demo.pgcluster import PgCluster
 
 
 SALT = "pgwarden-test-salt"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 
@@ -16,21 +15,25 @@ import pytest
 
 from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy
+from tests.integration.fix_clients import program
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("pgbench") is None, reason="pgbench is not on PATH (install postgresql-client)"),
-]
+pytestmark = [pytest.mark.slow]
 
 BENCH_DB = "bench"
 
 
 @pytest.fixture(scope="module")
-def bench_db(cluster: PgCluster) -> Iterator[str]:
+def pgbench_exe() -> str:
+    """pgbench on PATH; without it: skip, or fail under CI=true."""
+    return program("pgbench", install="PostgreSQL's pgbench; Debian 12: postgresql-15")
+
+
+@pytest.fixture(scope="module")
+def bench_db(cluster: PgCluster, pgbench_exe: str) -> Iterator[str]:
     cluster.psql(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)", database="postgres")
     cluster.psql(f"CREATE DATABASE {BENCH_DB}", database="postgres")
     env = {**os.environ, "PGPASSWORD": cluster.superuser_password}
-    r = subprocess.run(["pgbench", "-i", "-s", "1", "-q", "-h", cluster.host, "-p", str(cluster.port),
+    r = subprocess.run([pgbench_exe, "-i", "-s", "1", "-q", "-h", cluster.host, "-p", str(cluster.port),
                         "-U", cluster.superuser, BENCH_DB], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     svc = cluster.service_user

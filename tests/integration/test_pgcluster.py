@@ -13,12 +13,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-
-asyncpg = pytest.importorskip("asyncpg")
-
-from proxy.demo.pgcluster import (  # noqa: E402
+from proxy.demo.pgcluster import (
     ClusterError,
     PgBinaries,
     PgCluster,
@@ -26,7 +24,7 @@ from proxy.demo.pgcluster import (  # noqa: E402
     embedded_binaries,
     find_postgres,
 )
-from proxy.demo.sampledata import TABLES, load_sample_sync, partition_bounds  # noqa: E402
+from proxy.demo.sampledata import TABLES, load_sample_sync, partition_bounds
 
 
 N_RECORDS = 20_000

@@ -16,8 +16,6 @@ from tests.conftest import Proxy, start_proxy
 
 HOTEL = Path(__file__).resolve().parents[2] / "deploy" / "rules" / "hotel.yaml"
 
-pytest.importorskip("rules.rewrite", reason="the SQL rewriter has not landed yet")
-
 
 @pytest.fixture(scope="module")
 def guarded(cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
@@ -55,16 +53,61 @@ def test_supervisor_sees_own_department_last_72_hours(guarded: Proxy, cluster: P
     assert got == want and len(got) > 0
 
 
-def test_front_desk_masks(guarded: Proxy) -> None:
-    pytest.importorskip("masking.kinds", reason="masks land with the masking package")
-    rows = run(guarded, "alice", "SELECT phone, id_number, department FROM cs_records LIMIT 20")
-    for phone, id_number, dept in rows:
-        assert dept == "FO"
-        assert re.fullmatch(r"\d{3}\*{4}\d{4}", phone), phone
-        assert re.fullmatch(r"\d{3}\*+[\dX]{4}", id_number), id_number
+# The start of the current shift in the hotel rules (07-15, 15-23, 23-07 Asia/Shanghai), written apart
+# from the rules engine's own formulation.
+SHIFT_START = ("(SELECT (CASE WHEN t::time >= '23:00' THEN date_trunc('day', t) + interval '23 hours' "
+               "WHEN t::time < '07:00' THEN date_trunc('day', t) - interval '1 hour' "
+               "WHEN t::time >= '15:00' THEN date_trunc('day', t) + interval '15 hours' "
+               "ELSE date_trunc('day', t) + interval '7 hours' END) AT TIME ZONE 'Asia/Shanghai' "
+               "FROM (SELECT statement_timestamp() AT TIME ZONE 'Asia/Shanghai' AS t) l)")
+ALICE_SEES = (f"department = 'FO' AND NOT legal_hold AND created_at >= {SHIFT_START} "
+              "AND created_at <= statement_timestamp()")
+
+
+def planted_records(c: PgCluster, rows: list[tuple[str, str, str, bool, str]]) -> list[int]:
+    """cs_records inserted directly: (department, phone, id_number, legal_hold, created_at SQL) each."""
+    values = ", ".join(f"(1, '{d}', 'request', 'normal', 'phone', 'desk', '王小明', '{p}', '{i}', 'planted', {h}, {t})"
+                       for d, p, i, h, t in rows)
+    with psycopg.connect(c.dsn(c.superuser, c.superuser_password)) as conn:
+        ids = conn.execute("INSERT INTO cs_records (guest_id, department, category, severity, channel, agent, "
+                           "guest_name, phone, id_number, content, legal_hold, created_at) VALUES "
+                           f"{values} RETURNING id").fetchall()
+    return [i for (i,) in ids]
+
+
+def test_front_desk_masks(guarded: Proxy, cluster: PgCluster) -> None:
+    from masking import mask_value
+
+    # The current shift may have just begun: plant two records of it (and four alice may not see: another
+    # department's, one under legal hold, one from just before the shift began, one from the future) so the
+    # masks are checked on rows that are surely there, and the newest rows include what must stay out.
+    planted = planted_records(cluster, [("FO", "13912345678", "11010119900307123X", False, "now()"),
+                                        ("FO", "13698765432", "440301198512240011", False, "now()"),
+                                        ("HK", "13711112222", "310101197001010022", False, "now()"),
+                                        ("FO", "13533334444", "320101197001010033", True, "now()"),
+                                        ("FO", "13655556666", "320101197001010044", False,
+                                         f"{SHIFT_START} - interval '1 minute'"),
+                                        ("FO", "13677778888", "320101197001010055", False, "now() + interval '1 hour'")])
+    try:
+        for _ in range(3):  # again if a shift boundary fell between the two queries
+            # the newest 50 (a shift can hold more than alice's row cap of 200)
+            got = run(guarded, "alice", "SELECT id, phone, id_number, department FROM cs_records "
+                                        "ORDER BY id DESC LIMIT 50")
+            clear = direct(cluster, f"SELECT id, phone, id_number, department FROM cs_records WHERE {ALICE_SEES} "
+                                    "ORDER BY id DESC LIMIT 50")
+            if [r[0] for r in got] == [r[0] for r in clear]:
+                break
+        assert [r[0] for r in got] == [r[0] for r in clear]
+        assert {r[0] for r in got} & set(planted) == set(planted[:2])
+        assert got == [(i, mask_value("mobile", p), mask_value("resident_id", n), d) for i, p, n, d in clear]
+        assert [r[1:3] for r in got if r[0] in planted] == [("136****5432", "440***********0011"),
+                                                           ("139****5678", "110***********123X")]
+    finally:
+        cluster.psql(f"DELETE FROM cs_records WHERE id IN ({', '.join(map(str, planted))})")
 
 
 def test_sales_never_sees_complaints(guarded: Proxy, cluster: PgCluster) -> None:
+    assert direct(cluster, "SELECT count(*) > 0 FROM cs_records WHERE category = 'complaint'") == [(True,)]
     assert run(guarded, "gina", "SELECT count(*) FROM cs_records WHERE category = 'complaint'") == [(0,)]
     assert run(guarded, "gina", "SELECT count(*) FROM cs_records") == direct(
         cluster, "SELECT count(*) FROM cs_records WHERE category = 'consultation' AND NOT legal_hold")
@@ -103,11 +146,15 @@ def test_trainee_reads_training_dialogs(guarded: Proxy, cluster: PgCluster) -> N
         cluster, "SELECT count(*) FROM training_dialogs")
 
 
-def test_division_oracle_does_not_leak_filtered_rows(guarded: Proxy) -> None:
+BOB_SEES = "department = 'FO' AND NOT legal_hold AND created_at >= statement_timestamp() - interval '72 hours'"
+
+
+def test_division_oracle_does_not_leak_filtered_rows(guarded: Proxy, cluster: PgCluster) -> None:
     # Rows of other departments would raise division by zero if the user's predicate saw them.
     rows = run(guarded, "bob", "SELECT count(*) FROM cs_records "
                                "WHERE 1 / (CASE WHEN department = 'FO' THEN 1 ELSE 0 END) = 1")
-    assert rows[0][0] > 0
+    want = direct(cluster, f"SELECT count(*) FROM cs_records WHERE {BOB_SEES}")
+    assert rows == want and want[0][0] > 0
 
 
 def test_extended_protocol_parameters(guarded: Proxy, cluster: PgCluster) -> None:
@@ -148,13 +195,13 @@ def test_reload_on_file_change_keeps_connections(cluster: PgCluster, tmp_path: P
                 except psycopg.Error:
                     assert time.monotonic() < deadline, "new rules never applied"
                     time.sleep(0.3)
-            assert n is not None and n[0] > 0
+            assert n == direct(cluster, "SELECT count(*) FROM training_dialogs")[0] and n[0] > 0
             # invalid rules: refused, the old (new) rules stay, the connection stays
             rules.write_text(text + "roles: [broken\n", encoding="utf-8")
             time.sleep(4)
             assert c.execute("SELECT count(*) FROM training_dialogs").fetchone() == n
         failed = [e for e in p.take_events(None) if e["event"] == "rules_reload_failed"]
-        assert failed and f"{rules}:" in failed[0]["error"]
+        assert len(failed) == 1 and failed[0]["error"].startswith(f"{rules}:"), failed
     finally:
         p.thread.stop()
 
@@ -219,28 +266,51 @@ def test_general_manager_bi_workload_matches_direct(guarded: Proxy, cluster: PgC
     assert run(guarded, "dave", sql) == direct(cluster, sql)
 
 
-def test_pms_inserts_and_reads_back_only_its_own_records_of_today(guarded: Proxy) -> None:
+# The start of today in the hotel's time zone, as the PMS's `today` condition means it.
+TODAY_STARTS = "(date_trunc('day', statement_timestamp() AT TIME ZONE 'Asia/Shanghai') AT TIME ZONE 'Asia/Shanghai')"
+
+
+def test_pms_inserts_and_reads_back_only_its_own_records_of_today(guarded: Proxy, cluster: PgCluster) -> None:
     # The legacy PMS: md5 login, no TLS, simple protocol, GBK text.
     import subprocess
 
+    from masking import mask_value
+
+    # Records it must not read back: its own of yesterday (hotel time), and another agent's of today.
+    with psycopg.connect(cluster.dsn(cluster.superuser, cluster.superuser_password)) as c:
+        planted = [i for (i,) in c.execute(
+            "INSERT INTO cs_records (guest_id, department, category, severity, channel, agent, guest_name, content, "
+            f"created_at) VALUES (1, 'FO', 'request', 'normal', 'phone', 'pms', '李雷', 'yesterday', "
+            f"{TODAY_STARTS} - interval '1 minute'), (1, 'FO', 'request', 'normal', 'phone', 'desk', '韩梅梅', "
+            "'another agent', now()) RETURNING id").fetchall()]
     env = {"PGPASSWORD": "demo", "PGCLIENTENCODING": "GBK", "PATH": os.environ["PATH"]}
     conn = f"host=127.0.0.1 port={guarded.port} dbname=hotel user=pms sslmode=disable"
-    ins = ("INSERT INTO cs_records (guest_id, department, category, severity, channel, agent, guest_name, phone, "
-           "id_number, content, created_at) VALUES (1, 'FO', 'request', 'normal', 'front_desk', 'pms', '王小明', "
-           "'13800001111', '110101199003077777', '客人要求加床', now())")
-    r = subprocess.run(["psql", "-X", "-A", "-t", conn, "-c", ins.encode("gbk")], env=env, capture_output=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr.decode("gbk", "replace")
-    r = subprocess.run(["psql", "-X", "-A", "-t", conn, "-c", "SELECT agent, guest_name, content FROM cs_records"],
-                       env=env, capture_output=True, timeout=60)
-    assert r.returncode == 0, r.stderr.decode("gbk", "replace")
-    rows = [line.split("|") for line in r.stdout.decode("gbk").strip().splitlines()]
-    assert rows and all(agent == "pms" for agent, _, _ in rows)
-    assert ["pms", "王**", "客人要求加床"] in rows
-    r = subprocess.run(["psql", "-X", "-A", "-t", conn, "-c", "DELETE FROM cs_records"], env=env,
-                       capture_output=True, timeout=60)
-    assert r.returncode != 0 and b"42501" not in r.stdout  # refused
-    assert "refused" in r.stderr.decode("gbk", "replace") or "may not" in r.stderr.decode("gbk", "replace")
+    try:
+        ins = ("INSERT INTO cs_records (guest_id, department, category, severity, channel, agent, guest_name, phone, "
+               "id_number, content, created_at) VALUES (1, 'FO', 'request', 'normal', 'front_desk', 'pms', '王小明', "
+               "'13800001111', '110101199003077777', '客人要求加床', now()) RETURNING id")
+        r = subprocess.run(["psql", "-X", "-A", "-t", "-q", conn, "-c", ins.encode("gbk")], env=env,
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode("gbk", "replace")
+        new_id = int(r.stdout.decode("gbk").strip())
+        r = subprocess.run(["psql", "-X", "-A", "-t", conn, "-c",
+                            "SELECT id, agent, guest_name, content FROM cs_records ORDER BY id"],
+                           env=env, capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode("gbk", "replace")
+        rows = [tuple(line.split("|")) for line in r.stdout.decode("gbk").strip().splitlines()]
+        want = direct(cluster, "SELECT id, agent, guest_name, content FROM cs_records WHERE agent = 'pms' "
+                               f"AND created_at >= {TODAY_STARTS} ORDER BY id")
+        assert rows == [(str(i), a, mask_value("name", n), mask_value("redact_text", t)) for i, a, n, t in want]
+        assert (str(new_id), "pms", "王**", "客人要求加床") in rows
+        assert not {str(i) for i in planted} & {r[0] for r in rows}
+        # DELETE is not among the PMS's statements: refused with 42501 (VERBOSITY=verbose shows the SQLSTATE)
+        r = subprocess.run(["psql", "-X", "-A", "-t", "-v", "VERBOSITY=verbose", conn, "-c", "DELETE FROM cs_records"],
+                           env=env, capture_output=True, timeout=60)
+        assert r.returncode == 1
+        assert r.stderr.decode("gbk").startswith("ERROR:  42501: pgwarden: role pms_integration may not "), r.stderr
+        assert direct(cluster, f"SELECT count(*) FROM cs_records WHERE id = {new_id}") == [(1,)]  # nothing deleted
+    finally:
+        cluster.psql(f"DELETE FROM cs_records WHERE id IN ({planted[0]}, {planted[1]})")
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +364,7 @@ async def test_row_cap_holds_across_execute_max_rows(capped: Proxy) -> None:
         await conn.close()
 
 
-def test_rejoined_multi_statement_query_keeps_statement_boundaries(guarded: Proxy) -> None:
+def test_rejoined_multi_statement_query_keeps_statement_boundaries(guarded: Proxy, cluster: PgCluster) -> None:
     # The first statement ends in a line comment; when pgwarden rewrites the second and rejoins
     # the Query, the comment must not swallow the separator.
     with psycopg.connect(guarded.dsn("bob"), autocommit=True) as c:
@@ -302,7 +372,8 @@ def test_rejoined_multi_statement_query_keeps_statement_boundaries(guarded: Prox
         cur.execute("SELECT 1 AS one -- trailing comment\n; SELECT count(*) FROM cs_records")
         assert cur.fetchall() == [(1,)]
         assert cur.nextset()
-        assert cur.fetchone()[0] > 0
+        assert cur.fetchall() == direct(cluster, f"SELECT count(*) FROM cs_records WHERE {BOB_SEES}")
+        assert not cur.nextset()
 
 
 def test_audit_event_names_masks_and_flags(guarded: Proxy) -> None:
@@ -311,5 +382,6 @@ def test_audit_event_names_masks_and_flags(guarded: Proxy) -> None:
     run(guarded, "dave", "SELECT count(*) FROM crisis_reports")
     alice, dave = guarded.take_events()[-2:]
     assert alice["decision"] == "rewrite" and alice["tables"] == ["public.cs_records"]
-    assert "public.cs_records.phone" in alice["masked"] and "public.cs_records.id_number" in alice["masked"]
+    assert alice["masked"] == ["public.cs_records.guest_name", "public.cs_records.phone",
+                               "public.cs_records.id_number", "public.cs_records.bank_card", "public.cs_records.content"]
     assert dave["flags"] == ["internal_audit"]  # the general manager's every access is flagged

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.conftest import Proxy
+from tests.integration.fix_wire import login_refusal
 
 
 def psql(proxy: Proxy, sql: str, user: str = "dave", password: str = "demo", *args: str, check: bool = True,
@@ -76,8 +77,9 @@ def test_copy_from_stdin_and_back(proxy: Proxy, cluster) -> None:
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert psql(proxy, "SELECT count(*), sum(id) FROM copy_target").stdout.strip() == "1000|499500"
-    copy_events = [e for e in proxy.take_events() if e["statement_type"] == "COPY"]
-    assert copy_events and copy_events[0]["rows"] == 1000
+    copy_events = [(e["statement"], e["outcome"], e["rows"]) for e in proxy.take_events()
+                   if e["statement_type"] == "COPY"]
+    assert copy_events == [("COPY  copy_target FROM STDIN", "ok", 1000)]
 
 
 def test_gbk_client_encoding_round_trip(proxy: Proxy) -> None:
@@ -94,13 +96,16 @@ def test_gbk_client_encoding_round_trip(proxy: Proxy) -> None:
 
 @pytest.mark.parametrize("opt,needle", [
     ("-c role=postgres", "startup option 'role' is not allowed"),
-    ("-c session_authorization=postgres", "not allowed"),
+    ("-c session_authorization=postgres", "startup option 'session_authorization' is not allowed"),
     ("-c standard_conforming_strings=off", "standard_conforming_strings must stay on"),
 ])
 def test_dangerous_startup_options_refused(proxy: Proxy, opt: str, needle: str) -> None:
     r = psql(proxy, "SELECT 1", check=False, options=f"'{opt}'")
-    assert r.returncode != 0
-    assert needle in r.stderr
+    assert r.returncode == 2 and f"FATAL:  pgwarden: {needle}" in r.stderr, r.stderr
+    # psql does not print a login error's SQLSTATE: the same login on the wire says 42501
+    err = login_refusal(proxy.port, "dave", options=opt)
+    assert (err.severity, err.sqlstate) == ("FATAL", "42501") and err.message.startswith(f"pgwarden: {needle}")
+    assert [e["user"] for e in proxy.take_events("login")] == []  # neither login got through
 
 
 def test_allowed_startup_option_forwarded(proxy: Proxy) -> None:
@@ -108,9 +113,14 @@ def test_allowed_startup_option_forwarded(proxy: Proxy) -> None:
     assert r.stdout.strip() == "1234ms"
 
 
-def test_replication_refused(proxy: Proxy) -> None:
-    r = psql(proxy, "IDENTIFY_SYSTEM", check=False, replication="database")
-    assert r.returncode != 0 and "replication connections are not allowed" in r.stderr
+@pytest.mark.parametrize("mode", ["database", "true"])
+def test_replication_refused(proxy: Proxy, mode: str) -> None:
+    r = psql(proxy, "IDENTIFY_SYSTEM", check=False, replication=mode)
+    assert r.returncode == 2 and "FATAL:  pgwarden: replication connections are not allowed" in r.stderr, r.stderr
+    err = login_refusal(proxy.port, "dave", replication=mode)
+    assert (err.severity, err.sqlstate, err.message) == (
+        "FATAL", "42501", "pgwarden: replication connections are not allowed")
+    assert [e["user"] for e in proxy.take_events("login")] == []
 
 
 def test_unknown_database_error_relayed(proxy: Proxy) -> None:

@@ -19,7 +19,8 @@ import pytest
 
 from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy
-from tests.integration.test_guards import replicas, schema, write_config  # noqa: F401 - fixture
+from tests.integration.fix_wire import login_refusal
+from tests.integration.test_guards import as_state_owner, replicas, schema, write_config  # noqa: F401 - fixture
 from tests.integration.test_policy_e2e import direct
 
 BOB_SEES = ("department = 'FO' AND NOT legal_hold AND created_at >= statement_timestamp() - interval '72 hours'")
@@ -71,6 +72,20 @@ def rows(p: Proxy, sql: str, *setup: str, user: str = "bob", **dsn: str) -> list
         return e
 
 
+def refused_42501(r: list[tuple] | psycopg.Error, message: str) -> None:
+    """A statement refused by pgwarden: SQLSTATE 42501 and the message that says why."""
+    assert isinstance(r, psycopg.Error), f"not refused: {r!r:.300}"
+    assert (r.sqlstate, r.diag.message_primary) == ("42501", message), (r.sqlstate, str(r))
+
+
+def masked_phones(cluster: PgCluster, where: str) -> list[tuple[str]]:
+    """The phones of cs_records matching ``where`` (ordered by id), masked as every role here sees them."""
+    from masking import mask_value
+
+    return [(mask_value("mobile", p),) for (p,) in direct(cluster, f"SELECT phone FROM cs_records WHERE {where} "
+                                                                   "ORDER BY id")]
+
+
 def request(cfg: Path, guest: int, *extra: str, who: str = "bob") -> str:
     tid = ok(cli(cfg, who, "request", "--table", "cs_records", "--scope", f"guest {guest}", "--from", "2020-01-01",
                  "--reason", "VIP complaint #123", *extra))
@@ -89,8 +104,7 @@ def test_lifecycle_two_approvers_then_use_on_either_replica_then_close(env: tupl
     use = f"SET pgwarden.ticket = '{tid}'"
 
     # Pending: not usable; the requester cannot approve; a role that does not approve cannot either.
-    err = rows(a, q, use)
-    assert isinstance(err, psycopg.Error) and err.sqlstate == "42501" and "pending, not approved" in str(err)
+    refused_42501(rows(a, q, use), f"pgwarden: ticket {tid} is pending, not approved")
     refused_with(cli(cfg, "bob", "approve", tid), "never approve or reject their own ticket")
     refused_with(cli(cfg, "gina", "approve", tid), "role sales does not approve tickets")
     assert ok(cli(cfg, "judy", "approve", tid, "--comment", "ok")) == \
@@ -102,25 +116,28 @@ def test_lifecycle_two_approvers_then_use_on_either_replica_then_close(env: tupl
     want = direct(cluster, f"SELECT id FROM cs_records WHERE guest_id = {g} AND ({BOB_SEES} OR "
                            "(created_at >= '2020-01-01' AND NOT legal_hold)) ORDER BY id")
     assert len(want) > len(before), "the guest must have records outside bob's window"
+    a.take_events()
     for p in (a, b):
         assert rows(p, q, use) == want
     # ... only that guest's: everything else stays as before
     every = "SELECT count(*) FROM cs_records"
     assert rows(a, every, use)[0][0] == rows(a, every)[0][0] + len(want) - len(before)  # type: ignore[index]
     # ... and phones stay masked
-    phones = rows(a, f"SELECT phone FROM cs_records WHERE guest_id = {g}", use)
-    assert isinstance(phones, list) and phones and all("****" in p for (p,) in phones)
+    phones = rows(a, f"SELECT phone FROM cs_records WHERE guest_id = {g} ORDER BY id", use)
+    assert phones == masked_phones(cluster, f"guest_id = {g} AND ({BOB_SEES} OR (created_at >= '2020-01-01' "
+                                            "AND NOT legal_hold))")
     # ... and in the connection string, for BI tools
     assert rows(b, q, options=f"-cpgwarden.ticket={tid}") == want
-    err = rows(b, q, options="-cpgwarden.ticket=T-1999-000009")
-    assert isinstance(err, psycopg.Error) and "there is no ticket T-1999-000009" in str(err)
-    # ... every statement under it names it in the audit log
-    ev = [e for e in a.take_events() if e.get("ticket") == tid]
-    assert ev and all(e["ticket"] == tid for e in ev)
+    err = login_refusal(b.port, "bob", options="-cpgwarden.ticket=T-1999-000009")
+    assert (err.sqlstate, err.message) == ("42501", "pgwarden: there is no ticket T-1999-000009")
+    # ... every statement under it names it in the audit log, and no other does
+    ev = [(e["statement"], e.get("ticket")) for e in a.take_events()]
+    assert ev == [(use, tid), (q, tid), (use, tid), (every, tid), (every, None), (use, tid),
+                  (f"SELECT phone FROM cs_records WHERE guest_id = {g} ORDER BY id", tid)]
 
     # Someone else cannot use it.
-    err = rows(a, q, use, user="alice")
-    assert isinstance(err, psycopg.Error) and "is not yours" in str(err)
+    refused_42501(rows(a, q, use, user="alice"), f"pgwarden: ticket {tid} is not yours; a ticket is used only by "
+                                                 "the person who requested it")
 
     # Close (on the command line) ends it for a session using it on another replica.
     wide, narrow = rows(a, every, use), rows(a, every)
@@ -135,10 +152,12 @@ def test_lifecycle_two_approvers_then_use_on_either_replica_then_close(env: tupl
             assert time.monotonic() < deadline, "a closed ticket still widened a session"
             time.sleep(0.2)
     shown = json.loads(ok(cli(cfg, "frank", "show", tid)))
-    assert shown["status"] == "closed" and shown["summary"]["statements"] >= 1
+    # the summary is read from replica a's log: every statement event there that names the ticket
+    logged = [json.loads(line) for line in Path(a.audit_path).read_text(encoding="utf-8").splitlines()]
+    under = [e for e in logged if e["event"] == "statement" and e.get("ticket") == tid]
+    assert shown["status"] == "closed" and shown["summary"]["statements"] == len(under) == 8  # 6 above and the 2 of "wide"
     assert [(d["approver"], d["approve"]) for d in shown["decisions"]] == [("judy", True), ("frank", True)]
-    err = rows(a, q, use)
-    assert isinstance(err, psycopg.Error) and "closed, not approved" in str(err)
+    refused_42501(rows(a, q, use), f"pgwarden: ticket {tid} is closed, not approved")
 
 
 def test_legal_hold_needs_a_legal_coapprover(env: tuple[Proxy, Proxy, Path], cluster: PgCluster) -> None:
@@ -168,9 +187,12 @@ def test_a_rejection_ends_it_and_expired_tickets_are_refused(env: tuple[Proxy, P
     t2 = request(cfg, g)
     ok(cli(cfg, "judy", "approve", t2))
     ok(cli(cfg, "frank", "approve", t2))
-    cluster.psql(f"UPDATE {schema}.tickets SET expires_at = now() - interval '1 minute' WHERE id = '{t2}'")
-    err = rows(a, "SELECT 1", f"SET pgwarden.ticket = '{t2}'")
-    assert isinstance(err, psycopg.Error) and "expired" in str(err)
+    assert rows(a, "SELECT 1", f"SET pgwarden.ticket = '{t2}'") == [(1,)]  # approved and in force
+    (expires,), = as_state_owner(cluster, f"UPDATE {schema}.tickets SET expires_at = now() - interval '1 minute' "
+                                          f"WHERE id = '{t2}' RETURNING expires_at")
+    refused_42501(rows(a, "SELECT 1", f"SET pgwarden.ticket = '{t2}'"), f"pgwarden: ticket {t2} expired at {expires}")
+    refused_42501(rows(a, "SELECT 1", f"SET pgwarden.ticket = '{tid}'"), f"pgwarden: ticket {tid} is rejected, "
+                                                                          "not approved")
     refused_with(cli(cfg, "bob", "show", "T-1999-000001"), "no ticket")
 
 
@@ -180,12 +202,15 @@ def test_named_guests_past_the_monthly_quota(env: tuple[Proxy, Proxy, Path], clu
                             "LIMIT 1")
     q = f"SELECT count(*) FROM cs_records WHERE guest_id = {g}"
     for _ in range(3):
-        assert isinstance(rows(a, q), list)
-    assert isinstance(rows(b, q), psycopg.Error)  # the 4th lookup
+        assert rows(a, q) == direct(cluster, f"{q} AND {BOB_SEES}")
+    refused_42501(rows(b, q), f"pgwarden: bob has looked up guest {g} 3 times this month, the limit for role "
+                              "supervisor; a further lookup needs an approved ticket")  # the 4th lookup
     tid = request(cfg, g)
     ok(cli(cfg, "judy", "approve", tid))
     ok(cli(cfg, "frank", "approve", tid))
-    assert isinstance(rows(b, q, f"SET pgwarden.ticket = '{tid}'"), list)
+    for _ in range(2):  # past the quota, as often as needed, with the ticket's rows added
+        assert rows(b, q, f"SET pgwarden.ticket = '{tid}'") == direct(
+            cluster, f"{q} AND ({BOB_SEES} OR (created_at >= '2020-01-01' AND NOT legal_hold))")
 
 
 def test_break_glass_at_once_flagged_and_overdue_without_a_ticket(env: tuple[Proxy, Proxy, Path],
@@ -195,14 +220,13 @@ def test_break_glass_at_once_flagged_and_overdue_without_a_ticket(env: tuple[Pro
     assert rows(a, every) == direct(cluster, f"SELECT count(*) FROM cs_records WHERE {BOB_SEES}")
     glass = "SET pgwarden.emergency = 'guest collapsed in the lobby'"
     assert rows(a, every, glass) == direct(cluster, "SELECT count(*) FROM cs_records WHERE NOT legal_hold")
-    ev = [e for e in a.take_events() if e.get("emergency")]
-    assert ev and all("emergency" in e.get("flags", []) for e in ev if e.get("tables"))
-    err = rows(a, every, glass, user="gina")  # sales has no break-glass scope
-    assert isinstance(err, psycopg.Error) and "no break-glass scope" in str(err)
+    (eid,), = direct(cluster, f"SELECT id FROM {schema}.emergencies")
+    ev = [(e["statement"], e.get("emergency"), e.get("flags")) for e in a.take_events()]
+    assert ev == [(every, None, None), (glass, f"E-{eid}", None), (every, f"E-{eid}", ["emergency"])]
+    refused_42501(rows(a, every, glass, user="gina"), "pgwarden: role sales has no break-glass scope in the rules")
     # Not backed by a ticket within a day: overdue (the start is moved back instead of waiting).
     assert ok(cli(cfg, "frank", "overdue")) == ""
-    cluster.psql(f"UPDATE {schema}.emergencies SET started_at = now() - interval '25 hours'")
-    (eid,), = direct(cluster, f"SELECT id FROM {schema}.emergencies")
+    as_state_owner(cluster, f"UPDATE {schema}.emergencies SET started_at = now() - interval '25 hours'")
     lines = ok(cli(cfg, "frank", "overdue")).splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"E-{eid}  bob") and "lobby" in lines[0]
     refused_with(cli(cfg, "judy", "request", "--table", "cs_records", "--reason", "x", "--emergency", str(eid)),
@@ -227,8 +251,11 @@ def test_cross_region_needs_a_headquarters_approver_and_opens_only_that_region(e
     assert ok(cli(cfg, "frank", "approve", tid)) == f"{tid}: approved"
     got = rows(a, "SELECT region, count(*) FROM guests GROUP BY region", f"SET pgwarden.ticket = '{tid}'")
     assert got == direct(cluster, "SELECT region, count(*) FROM guests WHERE region = 'north' GROUP BY region")
-    names = rows(a, "SELECT name, phone FROM guests LIMIT 5", f"SET pgwarden.ticket = '{tid}'")
-    assert isinstance(names, list) and all(n.endswith("*") and "****" in p for n, p in names)  # masks stay
+    names = rows(a, "SELECT name, phone FROM guests ORDER BY id LIMIT 5", f"SET pgwarden.ticket = '{tid}'")
+    from masking import mask_value
+
+    assert names == [(mask_value("name", n), mask_value("mobile", p)) for n, p in direct(  # masks stay
+        cluster, "SELECT name, phone FROM guests WHERE region = 'north' ORDER BY id LIMIT 5")]
 
 
 def approved(cfg: Path, who: str, *args: str) -> str:
@@ -248,8 +275,8 @@ def test_second_review_findings(env: tuple[Proxy, Proxy, Path], cluster: PgClust
     narrow, wide = rows(a, every), rows(a, every, use)
     assert narrow != wide
     # 1. two own settings in one Query: refused at once (each would wait for the store in turn)
-    err = rows(a, "SELECT 1", f"{use}; SET pgwarden.emergency = 'x'")
-    assert isinstance(err, psycopg.Error) and "one SET pgwarden" in str(err)
+    refused_42501(rows(a, "SELECT 1", f"{use}; SET pgwarden.emergency = 'x'"),
+                  "pgwarden: one SET pgwarden.ticket / pgwarden.emergency per query")
     # 2. a statement prepared under the ticket does not outlive it
     with psycopg.connect(a.dsn("bob"), autocommit=True) as c:
         c.execute(use)
@@ -279,7 +306,8 @@ def test_second_review_findings(env: tuple[Proxy, Proxy, Path], cluster: PgClust
         c.execute("SELECT 1")
         with pytest.raises(psycopg.Error) as ei:
             c.execute(use)
-        assert "outside a transaction block" in str(ei.value)
+        refused_42501(ei.value, "pgwarden: set or reset pgwarden.ticket / pgwarden.emergency outside a transaction "
+                                "block")
         c.rollback()
     # 5. break-glass is not renewed by asking again: another session joins the one in force
     glass = "SET pgwarden.emergency = 'fire'"
@@ -287,3 +315,110 @@ def test_second_review_findings(env: tuple[Proxy, Proxy, Path], cluster: PgClust
     rows(b, "SELECT 1", "SET pgwarden.emergency = 'another fire'")
     ids = {e["ticket"] for p in (a, b) for e in p.take_events(None) if e.get("event") == "emergency_started"}
     assert len(ids) == 1, ids
+
+
+# ---------------------------------------------------------------------------
+# expiry and purging: time moved in the state store instead of waited for
+# ---------------------------------------------------------------------------
+
+
+def wait_for_rows(c: psycopg.Connection, sql: str, want: list[tuple], timeout: float = 15.0) -> float:
+    """Run ``sql`` on ``c`` until it returns ``want``; the seconds that took.
+
+    Never prepared (psycopg prepares a query it has run five times): a statement prepared under a
+    ticket is refused once the ticket ends, which is not what this waits for.
+    """
+    import time
+
+    t0 = time.monotonic()
+    while (got := c.execute(sql, prepare=False).fetchall()) != want:
+        assert time.monotonic() - t0 < timeout, f"still {got}, never {want}"
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def test_a_ticket_expiring_mid_session_stops_widening_at_the_next_statement(
+        env: tuple[Proxy, Proxy, Path], cluster: PgCluster, schema: str) -> None:  # noqa: F811
+    a, _, cfg = env
+    g = old_guest(cluster)
+    tid = approved(cfg, "bob", "--table", "cs_records", "--scope", f"guest {g}", "--from", "2020-01-01",
+                   "--reason", "complaint", "--hours", "8")
+    use = f"SET pgwarden.ticket = '{tid}'"
+    every = "SELECT count(*) FROM cs_records"
+    narrow = direct(cluster, f"{every} WHERE {BOB_SEES}")
+    wide = direct(cluster, f"{every} WHERE {BOB_SEES} OR (guest_id = {g} AND created_at >= '2020-01-01' "
+                           "AND NOT legal_hold)")
+    assert wide != narrow
+    # Its 8 hours are nearly over: the ticket is moved to expire 3 seconds from now.
+    as_state_owner(cluster, f"UPDATE {schema}.tickets SET expires_at = now() + interval '3 seconds' "
+                            f"WHERE id = '{tid}'")
+    a.take_events(None)
+    with psycopg.connect(a.dsn("bob"), autocommit=True) as c:
+        c.execute(use)
+        assert c.execute(every).fetchall() == wide
+        q = "SELECT count(*) FROM cs_records WHERE category = %s"
+        assert c.execute(q, ("complaint",), prepare=True).fetchall() == direct(
+            cluster, f"SELECT count(*) FROM cs_records WHERE category = 'complaint' AND ({BOB_SEES} OR "
+                     f"(guest_id = {g} AND created_at >= '2020-01-01' AND NOT legal_hold))")
+        waited = wait_for_rows(c, every, narrow)  # the same session, no RESET, no reconnect
+        assert waited > 1.0, "the ticket stopped widening before it expired"
+        with pytest.raises(psycopg.Error) as ei:  # prepared under the ticket: it does not outlive it
+            c.execute(q, ("complaint",), prepare=True)
+        assert ei.value.sqlstate == "42501" and "no longer in force" in str(ei.value)
+        refused_42501(rows(a, "SELECT 1", use), f"pgwarden: ticket {tid} expired at "
+                      f"{as_state_owner(cluster, f'SELECT expires_at FROM {schema}.tickets')[0][0]}")
+    events = a.take_events(None)
+    assert [e["ticket"] for e in events if e["event"] == "ticket_released"] == [tid]
+    counts = [e.get("ticket") for e in events if e["event"] == "statement" and e["statement"] == every]
+    assert counts[0] == tid and counts[-1] is None
+
+
+def test_break_glass_ends_when_its_hours_are_up_and_is_never_renewed(
+        env: tuple[Proxy, Proxy, Path], cluster: PgCluster, schema: str) -> None:  # noqa: F811
+    a, b, _ = env
+    glass = "SET pgwarden.emergency = 'fire alarm, room 1204'"
+    every = "SELECT count(*) FROM cs_records"
+    narrow = direct(cluster, f"{every} WHERE {BOB_SEES}")
+    wide = direct(cluster, f"{every} WHERE NOT legal_hold")
+    assert rows(a, every, glass) == wide
+    (eid, hours), = as_state_owner(cluster, f"SELECT id, extract(epoch FROM expires_at - started_at)::int / 3600 "
+                                            f"FROM {schema}.emergencies")
+    assert hours == 2  # the supervisor's emergency: hours in the rules
+    # The two hours are nearly over: moved to end 3 seconds from now. Another session (another replica)
+    # asking again joins the emergency as it is, with its end: asking does not renew it.
+    as_state_owner(cluster, f"UPDATE {schema}.emergencies SET expires_at = now() + interval '3 seconds'")
+    with psycopg.connect(b.dsn("bob"), autocommit=True) as c:
+        c.execute(glass)
+        assert c.execute(every).fetchall() == wide
+        assert wait_for_rows(c, every, narrow) > 1.0
+    events = b.take_events()
+    assert [(e["statement"], e.get("emergency")) for e in events][:2] == [(glass, f"E-{eid}"), (every, f"E-{eid}")]
+    assert (events[-1]["statement"], events[-1].get("emergency"), events[-1].get("flags")) == (every, None, None)
+    # Once it has ended, break-glass again is a new emergency, on record for the overdue report.
+    assert rows(a, every, glass) == wide
+    assert as_state_owner(cluster, f"SELECT id, expires_at > now() FROM {schema}.emergencies ORDER BY id") == [
+        (eid, False), (eid + 1, True)]
+
+
+def test_closed_tickets_are_purged_after_keep_closed_days(env: tuple[Proxy, Proxy, Path], cluster: PgCluster,
+                                                          schema: str) -> None:  # noqa: F811
+    _, _, cfg = env
+    g = old_guest(cluster)
+    args = ("--table", "cs_records", "--scope", f"guest {g}", "--reason", "complaint")
+    old, kept, last = (approved(cfg, "bob", *args) for _ in range(3))
+    for tid in (old, kept):
+        assert ok(cli(cfg, "bob", "close", tid)).startswith(f"{tid}: closed;")
+    rejected = ok(cli(cfg, "bob", "request", *args))
+    assert ok(cli(cfg, "judy", "reject", rejected)) == f"{rejected}: rejected"
+    # keep_closed_days is 92 in the hotel rules: move two closings past it and one just inside it.
+    as_state_owner(cluster, f"UPDATE {schema}.tickets SET closed_at = now() - interval '93 days' "
+                            f"WHERE id IN ('{old}', '{rejected}'); "
+                            f"UPDATE {schema}.tickets SET closed_at = now() - interval '91 days' WHERE id = '{kept}'")
+    out = ok(cli(cfg, "bob", "close", last))  # closing a ticket purges those past their keep time
+    assert out.startswith(f"{last}: closed;") and out.endswith("; 2 old tickets purged"), out
+    assert as_state_owner(cluster, f"SELECT id, status FROM {schema}.tickets ORDER BY id") == [
+        (kept, "closed"), (last, "closed")]
+    # their approvals go with them
+    assert as_state_owner(cluster, f"SELECT DISTINCT ticket FROM {schema}.ticket_decisions ORDER BY 1") == [
+        (kept,), (last,)]
+    refused_with(cli(cfg, "frank", "show", old), f"no ticket {old}")

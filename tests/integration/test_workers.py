@@ -75,16 +75,41 @@ def test_two_workers_share_the_port_and_route_foreign_cancels(cluster, tmp_path:
         assert sum(1 for e in events if e["event"] == "cancel_forwarded") >= 1
 
 
+def sys_params_counts(pw: Any, n: int) -> list[object]:
+    """alice's ``SELECT count(*) FROM sys_params`` on n fresh connections: the count, or the SQLSTATE."""
+    out: list[object] = []
+    for _ in range(n):
+        with psycopg.connect(pw.dsn(), autocommit=True) as c:
+            try:
+                out.append(c.execute("SELECT count(*) FROM sys_params").fetchone()[0])
+            except psycopg.Error as e:
+                out.append(e.sqlstate)
+    return out
+
+
 def test_sighup_and_sigterm_reach_every_worker_and_a_dead_worker_is_restarted(cluster, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text((Path(__file__).resolve().parents[2] / "deploy/rules/hotel.yaml").read_text(), encoding="utf-8")
+    hotel = (Path(__file__).resolve().parents[2] / "deploy/rules/hotel.yaml").read_text(encoding="utf-8")
+    rules.write_text(hotel, encoding="utf-8")
     cfg = write_config(cluster, tmp_path, rules=str(rules))
+    (n_params,) = cluster.psql("SELECT count(*) FROM sys_params").split()
     with served(cfg, "--workers", "2") as pw:
         pids = worker_pids(pw)
         os.kill(pids[0], signal.SIGKILL)
         line = pw.wait_line("worker 1 restarted pid ", timeout=30)
         new_pid = int(line.split()[-1])
         assert new_pid not in pids
+        # alice (no training on record: a trainee) may not read sys_params, on either worker
+        assert sys_params_counts(pw, 6) == ["42501"] * 6
+        # The rules grant trainees sys_params; the file's time is put back, so that only SIGHUP (not the
+        # workers' watch on the file) can make them read it again.
+        grant = "      public.training_dialogs: {}\n"
+        assert hotel.count(grant) == 1
+        st = os.stat(rules)
+        rules.write_text(hotel.replace(grant, grant + "      public.sys_params: {}\n"), encoding="utf-8")
+        os.utime(rules, ns=(st.st_atime_ns, st.st_mtime_ns))
+        time.sleep(2.5)  # longer than the watch interval: the workers still refuse
+        assert sys_params_counts(pw, 6) == ["42501"] * 6
         pw.signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         reloads: dict[int, int] = {}
@@ -95,8 +120,12 @@ def test_sighup_and_sigterm_reach_every_worker_and_a_dead_worker_is_restarted(cl
                 break
             time.sleep(0.1)
         assert reloads == {1: 1, 2: 1}
-        with psycopg.connect(pw.dsn(), autocommit=True) as c:
-            assert c.execute("SELECT 1").fetchone() == (1,)
+        # both workers apply the new rules (20 connections: the kernel spreads them over both)
+        assert sys_params_counts(pw, 20) == [int(n_params)] * 20
+        time.sleep(0.2)  # audit lines are written a few ms after the answers
+        ok = {w: sum(1 for e in audit_events(tmp_path / f"audit-w{w}.jsonl") if e.get("statement")
+                     == "SELECT count(*) FROM sys_params" and e["outcome"] == "ok") for w in (1, 2)}
+        assert ok[1] + ok[2] == 20 and ok[1] > 0 and ok[2] > 0, ok
         pw.signal(signal.SIGTERM)
         assert pw.proc.wait(20) == 0
         for pid in (new_pid, pids[1]):
