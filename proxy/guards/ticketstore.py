@@ -213,3 +213,20 @@ def when(text: str | None) -> datetime | None:
         raise TicketError(f"{text!r} is not a date (YYYY-MM-DD) or an ISO time") from None
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
+
+
+async def open_scope(store: Any, rules: Any, principal: Any, name: str, value: str) -> Any:
+    """The scope ``SET pgwarden.ticket = value`` (name "ticket") or ``SET pgwarden.emergency =
+    why`` (name "emergency") opens for this person; TicketError says why not."""
+    from rules.model import effective_role
+
+    if not store.healthy:
+        raise TicketError(f"the guard state store cannot be reached ({store.problem})")
+    pool = store._require()
+    if name == "ticket":
+        return await scope_of(pool, store.schema, value.strip(), principal.user)
+    role, _ = effective_role(rules, principal) if rules is not None else (None, "")
+    if role is None or not role.emergency_tables:
+        raise TicketError(f"role {principal.role} has no break-glass scope in the rules")
+    return await start_emergency(pool, store.schema, principal.user, role.name, value, role.emergency_hours,
+                                 role.emergency_tables)

@@ -4,7 +4,6 @@ independent queries run directly on PostgreSQL (R1, R2, R3.1, R6.4)."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
