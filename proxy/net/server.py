@@ -22,7 +22,7 @@ from proxy.audit.log import AuditLog, default_replica
 from proxy.config import Config
 from proxy.guards.checks import Guards
 from proxy.ops.metrics import Stats
-from proxy.session.client import ClientSession
+from proxy.net.client import ClientSession
 
 # sqlglot warns on stderr for every statement it falls back on ("unsupported syntax"): any client
 # could flood the log that way. Its failures reach pgwarden as exceptions, and refusals as audit events.

@@ -19,7 +19,7 @@ from proxy.wire import codec
 from proxy.wire.codes import Auth, B, SqlState
 
 if TYPE_CHECKING:
-    from proxy.session.client import ClientSession
+    from proxy.net.client import ClientSession
 
 
 class UpstreamError(Exception):

@@ -19,7 +19,7 @@ from proxy.wire.codes import F, SqlState
 if TYPE_CHECKING:
     from rules.principal import Principal
     from proxy.net.server import Server
-    from proxy.session.client import ClientSession
+    from proxy.net.client import ClientSession
 
 DATABASE = "pgwarden"
 SYNTAX_ERROR = "42601"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.session.client import LoginError, parse_options, split_options
+from proxy.session.startup import LoginError, parse_options, split_options
 
 
 @pytest.mark.parametrize("raw,words", [
