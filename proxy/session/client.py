@@ -117,11 +117,12 @@ def _quote_literal(value: str) -> str:
 class Run:
     """One statement on its way through the server, for its audit event."""
 
-    __slots__ = ("text", "start", "decision", "done", "guard", "reserved")
+    __slots__ = ("text", "start", "decision", "done", "guard", "reserved", "intent")
 
     def __init__(self, text: str = "", decision: Decision | None = None) -> None:
         self.text = text  # decoded with the session's client_encoding
         self.start = 0.0
+        self.intent = 0  # seq of its durable statement_start (write-ahead), 0: none; the outcome names it
         self.decision = decision
         self.done = False
         self.guard: dict[str, Any] | None = None  # guard counters for the audit event
@@ -146,6 +147,10 @@ class Expect:
 # Answers that carry no state of their own are shared (rows0 is written but never read on them).
 _EXPECT_BIND, _EXPECT_SYNC, _EXPECT_DESCRIBE, _EXPECT_CLOSE = Expect(_B), Expect(_S), Expect(_D), Expect(_C)
 _F_BIND, _F_EXECUTE, _F_SYNC = F.BIND, F.EXECUTE, F.SYNC
+_F_QUERY = F.QUERY
+_NAMES = {F.BIND: "Bind", F.CLOSE: "Close", F.DESCRIBE: "Describe", F.EXECUTE: "Execute", F.PARSE: "Parse",
+          F.QUERY: "Query", F.SYNC: "Sync", F.FLUSH: "Flush", F.FUNCTION_CALL: "FunctionCall",
+          F.TERMINATE: "Terminate", F.COPY_DATA: "CopyData", F.COPY_DONE: "CopyDone", F.COPY_FAIL: "CopyFail"}
 
 
 class _Suspend(Exception):
@@ -284,6 +289,11 @@ class ClientSession(asyncio.Protocol):
         self._stmt_epoch: dict[bytes, int] = {}  # prepared under a scope -> the epoch it was prepared in
         self._portal_epoch: dict[bytes, int] = {}
         self._scope_source = ""  # the statement that activated it (re-run after a guard wait: not again)
+        # Endings (issue 14): why runs still open at teardown end ("shutdown" once the server drains), whether
+        # the client half-closed (its last statements are still answered), whether a fatal error was sent.
+        self._ending = ""
+        self._client_eof = False
+        self._fatal_sent = False
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -311,6 +321,11 @@ class ClientSession(asyncio.Protocol):
             w.set_result(None)
 
     def eof_received(self) -> bool | None:
+        # Hook (issue 14): a client that sent a Query and then shutdown(SHUT_WR) still gets its answer, as from
+        # PostgreSQL: keep the socket open for writing until the server has answered what was sent.
+        if self.relaying and self.busy():
+            self._client_eof = True
+            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -632,12 +647,14 @@ class ClientSession(asyncio.Protocol):
     # --- relay: client -> server --------------------------------------------------------------
 
     def _on_client_data(self, data: bytes) -> None:
+        if self._fatal_sent:
+            return
         reader = self._reader
         whole = not reader._buf
         try:
             msgs = reader.feed(data)
         except codec.ProtocolError as exc:
-            self._fatal(SqlState.PROTOCOL_VIOLATION, f"pgwarden: invalid message from client: {exc}")
+            self._fatal(SqlState.PROTOCOL_VIOLATION, f"pgwarden: invalid message from client: {exc}", cause="framing")
             return
         if msgs:
             self._handle_client(msgs, data if whole and not reader._buf else None)
@@ -652,6 +669,7 @@ class ClientSession(asyncio.Protocol):
         now = time.perf_counter()
         for i, (t, payload) in enumerate(msgs):
             replacement: bytes | None = None
+            queued = len(expect)
             try:
                 if t == _F_BIND:
                     a = payload.find(b"\x00")
@@ -721,12 +739,27 @@ class ClientSession(asyncio.Protocol):
                                                   "pgwarden: the FunctionCall protocol message is not allowed"),
                         now, kind=_F)
                 else:
-                    self._fatal(SqlState.PROTOCOL_VIOLATION, f"invalid frontend message type {t}")
+                    self._fatal(SqlState.PROTOCOL_VIOLATION, f"invalid frontend message type {t}", cause="type")
                     return
             except _Suspend as s:
                 self._forward_parts(changed, None, msgs[:i])
                 self._held = list(msgs[i:])
                 self._wait_for_guard(s.check)
+                return
+            except codec.ProtocolError as exc:  # a malformed Parse, Close, ...: FATAL 08P01, never a traceback
+                self._fatal(SqlState.PROTOCOL_VIOLATION,
+                            f"pgwarden: invalid {_NAMES.get(t, 'frontend')} message: {exc}", cause=_NAMES.get(t, "?"))
+                return
+            except Exception as exc:  # noqa: BLE001 - fail closed: the session ends, the proxy serves on
+                self._internal_error(exc, _NAMES.get(t, "?"))
+                return
+            if self._fatal_sent:
+                return
+            if (t == _F_EXECUTE or t == _F_QUERY) and len(expect) > queued and self._needs_intent(expect[-1]):
+                # Write-ahead: what came before goes on; this statement waits for its durable statement_start.
+                self._forward_parts(changed, None, msgs[:i])
+                self._held = list(msgs[i + 1:])
+                self._wait_for_intent(expect[-1], replacement if replacement is not None else codec.message(t, payload))
                 return
             if replacement is not None:
                 if changed is None:
@@ -1173,6 +1206,63 @@ class ClientSession(asyncio.Protocol):
         self._expect.append(Expect(_P, [run], refusal=err, sql=text))
         return codec.message(F.PARSE, b"pgwarden_refused\x00" + POISON_SQL + b"\x00\x00")
 
+    # --- write-ahead (issue 14): evidence before effect ---------------------------------------
+    # Hook for the sans-IO core: a statement of a restricted role is held, with everything the client sent
+    # after it, until its statement_start is durable in the audit log; then it goes upstream, or, if the log
+    # could not be written, it is refused in place (42501) and the server never sees it. Keep: (1) the
+    # Expect entry is queued before the wait, so answers to earlier messages are matched while it waits;
+    # (2) later client messages wait in ``_held`` in order; (3) every Run carries ``intent`` (the seq of its
+    # statement_start) into its outcome event (``start``), whatever the outcome.
+
+    def _needs_intent(self, e: Expect) -> bool:
+        """Will this statement reach the server for a restricted role (so its intent must be durable first)?"""
+        if e.refusal is not None or not e.runs or not self.server.audit.write_ahead:
+            return False
+        if not self.server.engine.restricted(self.principal):
+            return False
+        return any(r.decision is None or r.decision.action != "refuse" for r in e.runs)
+
+    def _wait_for_intent(self, e: Expect, out: bytes) -> None:
+        """Write each run's statement_start, hold the client until they are durable, then send ``out``."""
+        assert e.runs is not None
+        audit = self.server.audit
+        seqs, durable = audit.intent(self._audit_base, [
+            {"statement": r.text, "statement_type": statement_type(r.text)} for r in e.runs])
+        for r, seq in zip(e.runs, seqs):
+            r.intent = seq
+        if self.transport is not None and not self._client_paused:
+            self.transport.pause_reading()
+
+        def go_on(fut: asyncio.Future[bool]) -> None:
+            if self.closed:
+                return  # the runs were ended by the teardown (their events name their starts)
+            try:
+                ok = fut.result()
+            except BaseException:  # noqa: BLE001 - cancelled with the loop: fail closed
+                ok = False
+            self._forward_parts([out if ok else self._refused_for_audit(e)], None, [])
+            held, self._held = self._held or [], None
+            if self.transport is not None and not self._client_paused:
+                self.transport.resume_reading()
+            if held:
+                self._handle_client(held, None)
+            elif self._client_eof and not self.busy():
+                self._close_client()
+
+        durable.add_done_callback(go_on)
+
+    def _refused_for_audit(self, e: Expect) -> bytes:
+        """The intent could not be written (disk full, file system gone): the statement does not run."""
+        assert e.runs is not None
+        d = self._audit_refusal()
+        for r in e.runs:
+            r.decision = d
+        e.refusal = codec.error_response(SqlState.INSUFFICIENT_PRIVILEGE, AUDIT_FAILING)
+        if e.kind == _Q:
+            return codec.query_message(POISON_SQL[:-1])
+        e.kind, e.sql = _P, e.runs[0].text  # answered like a refused Execute: the server skips to Sync
+        return codec.message(F.PARSE, b"pgwarden_refused\x00" + POISON_SQL + b"\x00\x00")
+
     def _wait_for_guard(self, check: Any) -> None:
         """Hold the client's messages until the state store answers, then go on where we stopped."""
         if self.transport is not None and not self._client_paused:
@@ -1211,18 +1301,23 @@ class ClientSession(asyncio.Protocol):
         try:
             out, events = self._scanner.feed(data)
         except codec.ProtocolError as exc:
-            self._fatal(SqlState.PROTOCOL_VIOLATION, f"pgwarden: invalid message from the server: {exc}")
+            self._fatal(SqlState.PROTOCOL_VIOLATION, f"pgwarden: invalid message from the server: {exc}",
+                        cause="server")
             return
         pieces: list[bytes] | None = None
         last = 0
-        for t, payload, rows, start, end in events:
-            replace = self._on_backend(t, payload, rows)
-            if replace is not None:
-                if pieces is None:
-                    pieces = []
-                pieces.append(out[last:start])
-                pieces.append(replace)
-                last = end
+        try:
+            for t, payload, rows, start, end in events:
+                replace = self._on_backend(t, payload, rows)
+                if replace is not None:
+                    if pieces is None:
+                        pieces = []
+                    pieces.append(out[last:start])
+                    pieces.append(replace)
+                    last = end
+        except Exception as exc:  # noqa: BLE001 - fail closed: the session ends, the proxy serves on
+            self._internal_error(exc, "server")
+            return
         if self.transport is None or self.transport.is_closing():
             return
         if pieces is None:
@@ -1231,6 +1326,8 @@ class ClientSession(asyncio.Protocol):
         else:
             pieces.append(out[last:])
             self.transport.write(b"".join(pieces))
+        if self._client_eof and not self.busy():
+            self._close_client()  # a half-closed client has had every answer (writes are flushed first)
 
     def _on_backend(self, t: int, payload: bytes, rows: int) -> bytes | None:
         """Advance the expectation queue; return bytes to send instead of this message, if any."""
@@ -1312,11 +1409,14 @@ class ClientSession(asyncio.Protocol):
             runs = head.runs or [Run()]
             if head.index < len(runs):
                 run = runs[head.index]
+                rest = runs[head.index + 1:]
                 head.index = len(runs)  # the rest of the Query is not run
                 if late is not None:
                     run.decision = late
                 sent = max(self._scanner.rows - head.rows0, 0) if refusal is None else 0  # rows before the error
                 self._finish(run, "refused" if refusal else "error", None, sent, None if refusal else err)
+                for r in rest:  # one event per statement: PostgreSQL skipped these after the error
+                    self._finish(r, "refused" if head.refusal is not None else "skipped", None, 0, None)
             return replacement
         # Extended protocol: the server now skips everything up to Sync.
         failed: Run | None = None
@@ -1328,6 +1428,8 @@ class ClientSession(asyncio.Protocol):
             # Parse, Bind or Describe failed before any Execute of this batch.
             failed = Run(head.sql or "")
             failed.start = time.perf_counter()
+            if head.runs:
+                failed.intent = head.runs[0].intent  # an Execute refused after its intent was written
         if late is not None:
             failed.decision = late
             self._finish(failed, "refused", None, 0, None)
@@ -1395,6 +1497,8 @@ class ClientSession(asyncio.Protocol):
             "statement_type": stype, "statement": text, "outcome": outcome, "rows": rows,
             "duration_ms": round(dur, 3),
         }
+        if run.intent:
+            fields["start"] = run.intent
         if err is not None:
             fields["sqlstate"] = err.sqlstate
             fields["error"] = err.message
@@ -1436,10 +1540,34 @@ class ClientSession(asyncio.Protocol):
 
     # --- endings ------------------------------------------------------------------------------
 
-    def _fatal(self, sqlstate: str, message: str) -> None:
-        """A protocol violation: tell the client why, then close both sides."""
+    def _fatal(self, sqlstate: str, message: str, cause: str = "other") -> None:
+        """A protocol violation: tell the client why (FATAL), one protocol_error event, then close both sides.
+
+        stderr gets one line per cause per interval (any logged-in user can send malformed messages)."""
+        if self._fatal_sent:
+            return
+        self._fatal_sent = True
         self._send(codec.error_response(sqlstate, message, severity="FATAL"))
-        self.server.audit.emit("protocol_error", self.principal, sqlstate=sqlstate, error=message)
+        self.server.audit.emit("protocol_error", self.principal, sqlstate=sqlstate, error=message[:500])
+        from proxy.ops.stderr import say
+
+        say(f"protocol:{cause}", f"pgwarden: protocol error from {self.client_addr} "
+                                 f"({self.principal.user if self.principal else '?'}): {message[:200]}")
+        self._close_client()
+
+    def _internal_error(self, exc: BaseException, where: str) -> None:
+        """A bug met an input: fail closed for this session only, one event, one rate-limited line, no traceback."""
+        if self._fatal_sent:
+            return
+        self._fatal_sent = True
+        self._send(codec.error_response(SqlState.INTERNAL_ERROR,
+                                        "pgwarden: internal error; the connection is closed", severity="FATAL"))
+        self.server.audit.emit("internal_error", self.principal, error=f"{type(exc).__name__}: {exc}"[:300],
+                               message_type=where)
+        from proxy.ops.stderr import say
+
+        say(f"internal:{type(exc).__name__}:{where}",
+            f"pgwarden: internal error on a {where} message ({type(exc).__name__}: {str(exc)[:200]}); session closed")
         self._close_client()
 
     def _close_client(self) -> None:
@@ -1475,10 +1603,13 @@ class ClientSession(asyncio.Protocol):
                     r.done = True
                     text = r.text
                     # The session's own fields (ticket or break-glass in force included), as for any statement.
-                    self.server.audit.emit_with("statement", self._audit_base or principal_fields(self.principal), {
-                        "statement_type": statement_type(text), "statement": text, "outcome": outcome,
-                        "sqlstate": sqlstate, "rows": None,
-                        "duration_ms": round((time.perf_counter() - r.start) * 1000.0, 3)})
+                    fields = {"statement_type": statement_type(text), "statement": text, "outcome": outcome,
+                              "sqlstate": sqlstate, "rows": None,
+                              "duration_ms": round((time.perf_counter() - r.start) * 1000.0, 3)}
+                    if r.intent:
+                        fields["start"] = r.intent
+                    self.server.audit.emit_with("statement", self._audit_base or principal_fields(self.principal),
+                                                fields)
                     if self.server.stats is not None:
                         self.server.stats.statement(outcome, r.decision, time.perf_counter() - r.start, sqlstate)
 
@@ -1489,7 +1620,10 @@ class ClientSession(asyncio.Protocol):
             cfg = self.server.config.upstream
             self.server.spawn(upstream.send_cancel(cfg, self.up_pid, self.up_secret))
         if busy:
-            self._abandon_runs("client_disconnected", SqlState.CONNECTION_FAILURE)
+            if self._ending == "shutdown":  # cut by the shutdown grace, not by the client
+                self._abandon_runs("shutdown", SqlState.ADMIN_SHUTDOWN)
+            else:
+                self._abandon_runs("client_disconnected", SqlState.CONNECTION_FAILURE)
         self._close_upstream()
         if self.key is not None:
             self.server.cancel_keys.pop(self.key, None)
@@ -1498,8 +1632,8 @@ class ClientSession(asyncio.Protocol):
             self.server.audit.emit("disconnect", self.principal, statements=self.statements)
 
     def busy(self) -> bool:
-        """Is the server still to answer something this client sent (a statement running)?"""
-        return bool(self._expect)
+        """Is the server still to answer something this client sent (a statement running, or held)?"""
+        return bool(self._expect) or self._held is not None
 
     async def shutdown(self, linger: float = 1.0) -> None:
         """Server is stopping: tell the client, as PostgreSQL does on a fast shutdown.
@@ -1509,11 +1643,16 @@ class ClientSession(asyncio.Protocol):
         whatever the client still sends, and close once it has gone (at most ``linger`` s).
         """
         t = self.transport
+        self._ending = "shutdown"  # hook (issue 14): statements still running when the session ends were cut by it
         self._send(codec.error_response(SqlState.ADMIN_SHUTDOWN,
                                         "terminating connection due to administrator command", severity="FATAL"))
+        if self._held:  # statements waiting behind a guard check or an intent: they will not run
+            self._refuse_unrun(self._held)
+            self._held = []
         if t is None or t.is_closing() or self.closed:
             return
-        self._on_client_data = self._discard  # type: ignore[method-assign]  # nothing more is relayed
+        # Nothing more is relayed; what still arrives is logged as refused (hook, issue 14).
+        self._on_client_data = self._after_shutdown  # type: ignore[method-assign]
         gone = self.loop.create_future()
         self._waiter = gone  # connection_lost sets it
         if t.can_write_eof():
@@ -1530,3 +1669,48 @@ class ClientSession(asyncio.Protocol):
 
     def _discard(self, data: bytes) -> None:
         pass
+
+    def _after_shutdown(self, data: bytes) -> None:
+        """Bytes after the drain notice (57P01): statements in them are not run, and each gets an event."""
+        if not self.relaying:
+            return
+        try:
+            msgs = self._reader.feed(data)
+        except codec.ProtocolError:
+            self._on_client_data = self._discard  # type: ignore[method-assign]
+            return
+        self._refuse_unrun(msgs)
+
+    def _refuse_unrun(self, msgs: list[tuple[int, bytes]]) -> None:
+        """One event (refused: shutting down) per statement the client sent that will never reach the server."""
+        for t, payload in msgs:
+            try:
+                if t == F.QUERY:
+                    text = self._decode(payload[:-1] if payload.endswith(b"\x00") else payload)
+                    for part in split_statements(text) or [text]:
+                        self._shutdown_event(part)
+                elif t == F.PARSE:
+                    m = codec.decode_parse(payload)
+                    self._statements[m.name] = (self._decode(m.sql), None)
+                elif t == _F_BIND:
+                    portal, name = codec.bind_names(payload)
+                    self._portals[portal] = self._statements.get(name)
+                elif t == _F_EXECUTE:
+                    end = payload.find(b"\x00")
+                    st = self._portals.get(payload[:end] if end >= 0 else payload)
+                    self._shutdown_event(st[0] if st else "")
+            except codec.ProtocolError:
+                return
+
+    def _shutdown_event(self, text: str) -> None:
+        logged = text
+        try:  # the text as the log may show it (sensitive literals redacted): the engine's own reading
+            if self.principal is not None and text:
+                d = self.server.engine.decide(self.principal, text, self.catalog, self._context)
+                logged = d.redacted or text
+        except Exception:  # noqa: BLE001 - unreadable: never logged in clear
+            logged = "<statement not analysed; not logged in clear>"
+        self.statements += 1
+        self.server.audit.emit_with("statement", self._audit_base or principal_fields(self.principal), {
+            "statement_type": statement_type(logged), "statement": logged, "outcome": "refused",
+            "sqlstate": SqlState.ADMIN_SHUTDOWN, "reason": "shutting down", "rows": 0, "duration_ms": 0.0})
