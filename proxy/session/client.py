@@ -325,8 +325,23 @@ class ClientSession(asyncio.Protocol):
         # PostgreSQL: keep the socket open for writing until the server has answered what was sent.
         if self.relaying and self.busy():
             self._client_eof = True
+            self.server.spawn(self._probe_half_closed())
             return True
         return False
+
+    async def _probe_half_closed(self, every: float = 0.5) -> None:
+        """A FIN means shutdown(SHUT_WR) or a closed socket; only a write tells them apart. While the answer is
+        pending, send the client a ParameterStatus it already has (a no-op for every driver), between whole
+        messages: a closed socket answers it with a reset, the next write fails, and the teardown cancels the
+        statement instead of letting it run for nobody."""
+        name = "client_encoding" if "client_encoding" in self.parameters else next(iter(self.parameters), None)
+        while name is not None and self._client_eof and not self.closed and self.busy():
+            await asyncio.sleep(every)
+            t = self.transport
+            if t is None or t.is_closing() or self.closed or not self.busy():
+                return
+            if self._scanner._skip == 0 and t.get_write_buffer_size() == 0:
+                t.write(codec.parameter_status(name, self.parameters[name]))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

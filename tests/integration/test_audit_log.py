@@ -62,15 +62,17 @@ def test_restricted_statements_are_refused_while_the_log_cannot_be_written(
         assert c.execute("SELECT 1 + 1").fetchone() == (2,)
     wait_for(lambda: any(e.get("event") == "disconnect" for e in events(link)), "the disconnect event")
     evs = events(link)
-    assert [e["event"] for e in evs] == ["login", "statement", "statement", "disconnect"]
-    assert [e["seq"] for e in evs] == [1, 2, 3, 4]
+    # The refused statement never reached the server (no intent); the next one was durable before it ran.
+    assert [e["event"] for e in evs] == ["login", "statement", "statement_start", "statement", "disconnect"]
+    assert [e["seq"] for e in evs] == [1, 2, 3, 4, 5]
     refused = evs[1]
     assert (refused["outcome"], refused["sqlstate"], refused["reason"]) == (
         "refused", "42501", "audit log cannot be written: No space left on device (ENOSPC)")
-    assert (evs[2]["outcome"], evs[2]["statement"]) == ("ok", "SELECT 1 + 1")
+    assert evs[2]["statement"] == "SELECT 1 + 1" and "start" not in refused
+    assert (evs[3]["outcome"], evs[3]["statement"], evs[3]["start"]) == ("ok", "SELECT 1 + 1", 3)
     r = subprocess.run([*PGWARDEN, "audit", "verify", str(link)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "replica test: intact, 4 events, seq 1..4" in r.stdout
+    assert "replica test: intact, 5 events, seq 1..5" in r.stdout
 
 
 def _serve_config(cluster: PgCluster, tmp_path: Path, audit: str) -> Path:
@@ -131,8 +133,12 @@ def test_sigterm_writes_every_event_of_busy_sessions(cluster: PgCluster, tmp_pat
     evs = events(files[0])
     stmts = [e for e in evs if e["event"] == "statement" and e.get("outcome") == "ok"]
     assert len(stmts) == 8 * 50
-    assert sorted(e["statement"] for e in evs if e.get("outcome") == "client_disconnected") == [
-        "SELECT pg_sleep(60)"]
+    # Cut by the shutdown grace: labelled as such, not as the client's doing.
+    assert [(e["statement"], e["sqlstate"]) for e in evs if e.get("outcome") == "shutdown"] == [
+        ("SELECT pg_sleep(60)", "57P01")]
+    assert not [e for e in evs if e.get("outcome") == "client_disconnected"]
+    starts = {e["seq"] for e in evs if e["event"] == "statement_start"}  # bob and dave are restricted roles
+    assert len(starts) == 8 * 50 + 1 and starts == {e["start"] for e in evs if "start" in e}
     assert sum(1 for e in evs if e["event"] == "disconnect") == 9
     assert evs[-1]["event"] == "audit_closed"
     r = subprocess.run([*PGWARDEN, "audit", "verify", str(tmp_path)], capture_output=True, text=True, timeout=60)
