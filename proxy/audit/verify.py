@@ -237,29 +237,35 @@ class _Walker:
         return c
 
     def _check_anchors(self) -> None:
+        """Each anchor must be in the files: a different hash at its seq first (re-chained), then the newest
+        anchor past the files' end (a cut tail)."""
         c = self.chain
+        c.anchors = len(self.anchors)
+        if c.problem is not None or not self.anchors:
+            return
         for a in sorted(self.anchors, key=lambda a: a.seq):
-            c.anchors += 1
-            if c.problem is not None:
-                return
             when = f" (anchored {a.at})" if a.at else ""
-            if c.events == 0 or a.seq > c.last_seq:
-                end = f"the files end at seq {c.last_seq} ({c.last_where})" if c.events else "no event is in the files"
-                if self.partial:
-                    c.notes.append(f"anchor at seq {a.seq}{when} lies past the files given (--partial)")
-                    return
-                c.problem = Problem(c.replica, "truncated", c.last_where or "?",
-                                    f"the state store holds an anchor at seq {a.seq}{when}, but {end}: "
-                                    f"events {c.last_seq + 1}..{a.seq} at least were deleted (the tail was cut, or "
-                                    "newer files were not given: --partial checks a part of the log)")
-            elif a.seq < c.first_seq:
+            if c.events and a.seq < c.first_seq:
                 if self.from_start:
                     c.problem = Problem(c.replica, "missing", "?",
                                         f"anchor seq {a.seq}{when} lies before the first event in the files")
-            elif a.hash not in self.seen.get(a.seq, ()):
+                    return
+            elif c.events and a.seq <= c.last_seq and a.hash not in self.seen.get(a.seq, ()):
                 c.problem = Problem(c.replica, "re-chained", "?",
                                     f"seq {a.seq} in the files does not carry the hash anchored in the state store"
                                     f"{when} ({a.hash[:16]}...): the chain was rewritten at or before seq {a.seq}")
+                return
+        newest = max(self.anchors, key=lambda a: a.seq)
+        if c.events == 0 or newest.seq > c.last_seq:
+            when = f" (anchored {newest.at})" if newest.at else ""
+            end = f"the files end at seq {c.last_seq} ({c.last_where})" if c.events else "no event is in the files"
+            if self.partial:
+                c.notes.append(f"anchor at seq {newest.seq}{when} lies past the files given (--partial)")
+                return
+            c.problem = Problem(c.replica, "truncated", c.last_where or "?",
+                                f"the state store holds an anchor at seq {newest.seq}{when}, but {end}: "
+                                f"events {c.last_seq + 1}..{newest.seq} at least were deleted (the tail was cut, or "
+                                "newer files were not given: --partial checks a part of the log)")
 
 
 def verify(lines: Iterable[Line], *, from_start: bool = False, keys: Keys | None = None,
