@@ -323,11 +323,20 @@ class ClientSession(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # Hook (issue 14): a client that sent a Query and then shutdown(SHUT_WR) still gets its answer, as from
         # PostgreSQL: keep the socket open for writing until the server has answered what was sent.
-        if self.relaying and self.busy():
+        if self.relaying and self.busy() and self._answer_coming():
             self._client_eof = True
             self.server.spawn(self._probe_half_closed())
             return True
         return False
+
+    def _answer_coming(self) -> bool:
+        """Will the server answer without more input? Only if the last thing sent is whole and ends a request
+        (a Query, or a Sync): PostgreSQL, reading EOF after a Parse without Sync, answers nothing either."""
+        if self._reader.buffered:
+            return False
+        if self._held:
+            return self._held[-1][0] in (F.QUERY, F.SYNC)
+        return bool(self._expect) and self._expect[-1].kind in (_Q, _S, _F)
 
     async def _probe_half_closed(self, every: float = 0.5) -> None:
         """A FIN means shutdown(SHUT_WR) or a closed socket; only a write tells them apart. While the answer is
