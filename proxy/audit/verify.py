@@ -368,3 +368,26 @@ def render(result: Result) -> list[str]:
         for n in c.notes:
             out.append(f"  note ({rep}): {n}")
     return out
+
+
+def verdict(result: Result) -> tuple[str, str]:
+    """(status, one line) for a report's header: ``verified`` / ``INCOMPLETE`` / ``FAILED`` / ``none``, and
+    against what (keys, anchors), so a reader knows how far the pages below can be trusted."""
+    if not result.chains and not result.broken:
+        return "none", "no chained events in the files given"
+    failed = [r for r, c in sorted(result.chains.items()) if c.problem is not None] + \
+        [p.where for p in result.broken]
+    incomplete = [r for r, c in sorted(result.chains.items()) if c.problem is None and not c.complete]
+    keyed = all(c.key_ids and not c.unchecked for c in result.chains.values())
+    how = ("keyed chains, MACs checked" if keyed else
+           "NOT all chains keyed and checked (plain SHA-256 can be recomputed by anyone with write access)")
+    anchors = sum(c.anchors for c in result.chains.values())
+    how += f"; {anchors} anchors checked against {result.anchored}" if result.anchored else \
+        "; no anchors checked (a cut tail would not show)"
+    n = len(result.chains)
+    if failed:
+        return "FAILED", f"chain verification FAILED for {', '.join(failed)} ({how})"
+    if incomplete:
+        return "INCOMPLETE", (f"{n} chain(s) intact but INCOMPLETE (unclean stops or statements with no outcome) "
+                              f"for {', '.join(incomplete)} ({how})")
+    return "verified", f"{n} chain(s) verified intact ({how})"

@@ -187,14 +187,22 @@ def _audit_report(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)
         return 2
+    from proxy.audit.verify import render as render_verify, verdict
+
+    try:  # R5.2 and issue 14: a report says whether what it counts was verified, and against what
+        result = _verification(args, args.files)
+        status, line = verdict(result)
+        details = render_verify(result)
+    except (OSError, ConfigError) as exc:
+        status, line, details = "NOT VERIFIED", f"the chain could not be verified: {exc}", []
     summary = summarise(events(args.files), since=since, until=until, tz=tz, tz_name=tz_name, keys=keys,
                         shifts=shifts, user_shifts=user_shifts, off_hours=off)
-    page = render_html(summary)
+    page = render_html(summary, verification=(status, line, details))
     with open(args.html, "w", encoding="utf-8") as f:
         f.write(page)
     print(f"{args.html}: {summary.statements} statements by {len(summary.users)} people, "
           f"{len(summary.refusals)} refused, {len(summary.off_shift)} off shift, "
-          f"{len(summary.general_manager)} general-manager accesses")
+          f"{len(summary.general_manager)} general-manager accesses; {line}")
     return 0
 
 
@@ -290,6 +298,7 @@ def add_commands(sub: Any) -> None:
     rp.add_argument("--config", "-c", help="pgwarden configuration: users' shift attributes")
     rp.add_argument("--off-hours", default="23:00-07:00",
                     help="local window counted as off shift for people without a shift (default 23:00-07:00)")
+    _verify_options(rp)
     rp.set_defaults(fn=_audit_report)
 
     r = sub.add_parser("retention", help="delete rows past their retention period (plan: dry run)")

@@ -111,8 +111,17 @@ def test_a_cut_tail_is_found_by_the_anchors(cluster: PgCluster, tmp_path: Path) 
     assert "replica crash-test: intact" in r.stdout and "ends with a clean stop" in r.stdout
     assert "MACs checked;" in r.stdout and "anchors checked against the state store" in r.stdout
     log = cfg.parent / "log" / "audit.jsonl"
+    page = tmp_path / "report.html"
+    report = [*PGWARDEN, "audit", "report", str(log), "--config", str(cfg), "--html", str(page)]
+    rep = subprocess.run(report, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert rep.returncode == 0, rep.stderr
+    assert "; 1 chain(s) verified intact (keyed chains, MACs checked; " in rep.stdout, rep.stdout
+    assert "anchors checked against the state store pgwarden_state@" in rep.stdout
     raw = log.read_bytes().splitlines()
     log.write_bytes(b"\n".join(raw[:-12]) + b"\n")  # the last 12 events deleted: the chain alone looks fine
+    rep = subprocess.run(report, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "; chain verification FAILED for crash-test (keyed chains, MACs checked; " in rep.stdout, rep.stdout
+    assert 'id="verdict" data-status="FAILED"' in page.read_text()
     plain = subprocess.run([*PGWARDEN, "audit", "verify", str(log), "--no-anchors", "--config", str(cfg)],
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert plain.returncode == 0 and "without a clean stop" in plain.stdout  # what the file alone can tell
