@@ -254,3 +254,14 @@ def test_prepared_statements_are_refused_too_once_the_file_stops_growing(cluster
             proc.wait(10)
     assert "CANNOT BE WRITTEN: File too large (EFBIG)" in err
     assert (tmp_path / "audit.jsonl").stat().st_size <= 16 << 10
+    # Write-ahead: every Execute that ran had its statement_start in the file before it reached PostgreSQL,
+    # so the statements that ran are exactly those the file can show; the first failed write refused its own.
+    starts = []
+    for line in (tmp_path / "audit.jsonl").read_bytes().splitlines():
+        try:
+            ev = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # the line the size limit cut
+        if ev.get("event") == "statement_start":
+            starts.append(ev)
+    assert len(starts) == refused_at, (len(starts), refused_at)

@@ -202,3 +202,21 @@ def test_a_key_file_beside_the_log_is_refused(tmp_path: Path) -> None:
     data, loc = load_yaml_text(doc, "<config>")
     with pytest.raises(ConfigError, match="must not live beside the audit log"):
         parse_config(data, loc)
+
+
+def test_audit_key_from_the_environment_is_hidden_in_config_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.config import ConfigError, effective_config, parse_config
+    from rules.yamlfile import load_yaml_text
+
+    doc = "upstream: {host: 127.0.0.1}\naudit: {path: /var/log/pgwarden/audit.jsonl, key: 'env:PGW_TEST_KEY'}\n"
+    monkeypatch.setenv("PGW_TEST_KEY", KEY.decode())
+    cfg = parse_config(*load_yaml_text(doc, "<config>"))
+    assert cfg.audit_key == KEY and cfg.audit_write_ahead and (cfg.audit_anchor_every, cfg.audit_anchor_seconds) == (
+        1000, 5.0)
+    shown = effective_config(cfg)["audit"]["key"]
+    assert shown == "env:PGW_TEST_KEY (<hidden>)" and KEY.decode() not in str(effective_config(cfg))
+    monkeypatch.setenv("PGW_TEST_KEY", "short")
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        parse_config(*load_yaml_text(doc, "<config>"))
+    with pytest.raises(ConfigError, match="env:VARIABLE or file:"):
+        parse_config(*load_yaml_text(doc.replace("'env:PGW_TEST_KEY'", "'" + KEY.decode() + "'"), "<config>"))
