@@ -294,6 +294,10 @@ class ClientSession(asyncio.Protocol):
         self._ending = ""
         self._client_eof = False
         self._fatal_sent = False
+        # Write-ahead: bytes held back with a statement waiting for its intent, sent with the next upstream
+        # write (one write, as the client sent them); whether reading was paused because more arrived meanwhile.
+        self._out_prefix = b""
+        self._hold_paused = False
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -686,7 +690,10 @@ class ClientSession(asyncio.Protocol):
     def _handle_client(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         """Track and police each message; forward ``raw`` as is unless something changed."""
         if self._held is not None:
-            self._held.extend(msgs)  # a guard check is in flight: keep the order
+            self._held.extend(msgs)  # a guard check or an intent is in flight: keep the order
+            if not self._hold_paused and self.transport is not None and not self._client_paused:
+                self._hold_paused = True  # and read no more until it is answered
+                self.transport.pause_reading()
             return
         changed: list[bytes] | None = None
         expect = self._expect
@@ -780,10 +787,13 @@ class ClientSession(asyncio.Protocol):
             if self._fatal_sent:
                 return
             if (t == _F_EXECUTE or t == _F_QUERY) and len(expect) > queued and self._needs_intent(expect[-1]):
-                # Write-ahead: what came before goes on; this statement waits for its durable statement_start.
-                self._forward_parts(changed, None, msgs[:i])
+                # Write-ahead: this statement, and what came before it in this read, wait for its durable
+                # statement_start; what came after waits in _held.
+                before = b"".join(changed) if changed is not None else \
+                    b"".join([codec.message(tt, pp) for tt, pp in msgs[:i]])
                 self._held = list(msgs[i + 1:])
-                self._wait_for_intent(expect[-1], replacement if replacement is not None else codec.message(t, payload))
+                self._wait_for_intent(expect[-1], before,
+                                      replacement if replacement is not None else codec.message(t, payload))
                 return
             if replacement is not None:
                 if changed is None:
@@ -795,14 +805,19 @@ class ClientSession(asyncio.Protocol):
 
     def _forward_parts(self, changed: list[bytes] | None, raw: bytes | None, msgs: list[tuple[int, bytes]]) -> None:
         t = self.up_transport
+        pre, self._out_prefix = self._out_prefix, b""
         if t is None or t.is_closing():
             return
         if changed is not None:
-            t.write(b"".join(changed))
+            data = b"".join(changed)
         elif raw is not None:
-            t.write(raw)
+            data = raw
         else:
-            t.write(b"".join([codec.message(tt, pp) for tt, pp in msgs]))
+            data = b"".join([codec.message(tt, pp) for tt, pp in msgs])
+        if pre:
+            data = pre + data
+        if data:
+            t.write(data)
 
     def _decode(self, sql: bytes) -> str:
         """Statement text as the server will read it. Bytes that do not decode are noted: for a
@@ -1246,16 +1261,18 @@ class ClientSession(asyncio.Protocol):
             return False
         return any(r.decision is None or r.decision.action != "refuse" for r in e.runs)
 
-    def _wait_for_intent(self, e: Expect, out: bytes) -> None:
-        """Write each run's statement_start, hold the client until they are durable, then send ``out``."""
+    def _wait_for_intent(self, e: Expect, before: bytes, out: bytes) -> None:
+        """Write each run's statement_start; once they are durable send ``before`` + ``out`` upstream (with
+        whatever the client sent meanwhile, in one write), or the refusal if they could not be written."""
         assert e.runs is not None
         audit = self.server.audit
         seqs, durable = audit.intent(self._audit_base, [
             {"statement": r.text, "statement_type": statement_type(r.text)} for r in e.runs])
         for r, seq in zip(e.runs, seqs):
             r.intent = seq
-        if self.transport is not None and not self._client_paused:
-            self.transport.pause_reading()
+        if self._out_prefix:  # a statement made durable just before (a pipelined client): it goes now
+            self._forward_parts(None, b"", [])
+        self._out_prefix = before  # the messages before it keep their place: they go with it
 
         def go_on(fut: asyncio.Future[bool]) -> None:
             if self.closed:
@@ -1264,13 +1281,20 @@ class ClientSession(asyncio.Protocol):
                 ok = fut.result()
             except BaseException:  # noqa: BLE001 - cancelled with the loop: fail closed
                 ok = False
-            self._forward_parts([out if ok else self._refused_for_audit(e)], None, [])
+            if not ok:
+                self._out_prefix += self._refused_for_audit(e)
+            elif not self._ending:  # after the shutdown notice nothing new starts: the teardown labels it
+                self._out_prefix += out
             held, self._held = self._held or [], None
-            if self.transport is not None and not self._client_paused:
-                self.transport.resume_reading()
+            if self._hold_paused:
+                self._hold_paused = False
+                if self.transport is not None and not self._client_paused:
+                    self.transport.resume_reading()
             if held:
                 self._handle_client(held, None)
-            elif self._client_eof and not self.busy():
+            if self._out_prefix and not self.closed:
+                self._forward_parts(None, b"", [])  # nothing after it was sent (or it waits again): send it now
+            if self._client_eof and not self.busy():
                 self._close_client()
 
         durable.add_done_callback(go_on)
@@ -1302,6 +1326,7 @@ class ClientSession(asyncio.Protocol):
             if self.closed:
                 return
             held, self._held = self._held or [], None
+            self._hold_paused = False
             if self.transport is not None and not self._client_paused:
                 self.transport.resume_reading()
             # The answer belongs to the message that asked (the head) and to no other.
