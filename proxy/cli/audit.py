@@ -235,7 +235,7 @@ def _retention(args: argparse.Namespace) -> int:
         else:
             conn = await asyncpg.connect(host=up.host, port=up.port, user=up.user, password=up.password,
                                          database=args.database, ssl=False if up.sslmode == "disable" else "prefer")
-        audit = AuditLog(cfg.audit_path, replica=default_replica() + ":retention")
+        audit = AuditLog(cfg.audit_path, replica=default_replica() + ":retention", key=cfg.audit_key)
         try:
             return await run(conn, retention, apply=apply, audit=audit, batch=args.batch, actor=getpass.getuser())
         finally:
