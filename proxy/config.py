@@ -82,6 +82,11 @@ class Config:
     audit_path: str = "-"  # "-" is stdout; %Y and %m make it a monthly template
     audit_replica: str | None = None  # this replica's chain name; default host:listen-port
     audit_on_failure: str = "refuse"  # refuse | continue: restricted roles while the log cannot be written
+    audit_key: bytes | None = None  # HMAC-SHA256 key of the chain (from env: or file:, never the file itself)
+    audit_key_source: str = ""  # "env:NAME" / "file:PATH", for config show
+    audit_write_ahead: bool = True  # restricted roles' statements wait until their statement_start is durable
+    audit_anchor_every: int = 1000  # anchor the chain head in the state store every N events ...
+    audit_anchor_seconds: float = 5.0  # ... or S seconds, whichever comes first (0: never)
     max_message_size: int = DEFAULT_MAX_MESSAGE
     max_connections: int = 1000
     secret: bytes = b""  # keys the fake SCRAM salts of unknown users; random per start if unset
@@ -191,6 +196,37 @@ def _secret(v: Any, loc: Located, path: tuple[Any, ...]) -> Any:
     return v
 
 
+def _audit_key(v: Any, audit_path: str, loc: Located) -> tuple[bytes | None, str]:
+    """The chain's HMAC key: ``env:NAME`` or ``file:PATH``; never written in the config itself, and never
+    a file beside the log (whoever can write the log must not be able to read the key)."""
+    from proxy.audit.chain import MIN_KEY_BYTES
+
+    path = ("audit", "key")
+    if v is None:
+        return None, ""
+    expect(isinstance(v, str) and (v.startswith("env:") or v.startswith("file:")), loc, path,
+           "key must be env:VARIABLE or file:/path/to/key (the key itself never goes in the config)")
+    if v.startswith("env:"):
+        raw = os.environ.get(v[4:])
+        expect(bool(raw), loc, path, f"environment variable {v[4:]} is not set (it holds the audit key)")
+        key = str(raw).strip().encode()
+    else:
+        kp = Path(v[5:])
+        if not kp.is_absolute() and loc.source not in ("<config>", "<demo>"):
+            kp = Path(loc.source).parent / kp
+        if audit_path not in ("-", "") and kp.resolve().parent == Path(audit_path).resolve().parent:
+            raise ConfigError(f"{loc.where(*path)}: the audit key file must not live beside the audit log "
+                              f"({kp.parent}): whoever can write the log could read the key")
+        try:
+            key = kp.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"{loc.where(*path)}: cannot read the audit key file: {exc}") from None
+        v = f"file:{kp}"
+    expect(len(key) >= MIN_KEY_BYTES, loc, path,
+           f"the audit key must be at least {MIN_KEY_BYTES} bytes (e.g. openssl rand -base64 48)")
+    return key, v
+
+
 def _parse_state(d: Any, upstream: UpstreamConfig, loc: Located) -> Any:
     """The guard state store: its own login (not the service account client sessions use)."""
     from proxy.guards.statestore import StateConfig
@@ -249,7 +285,12 @@ def parse_config(data: Any, loc: Located) -> Config:
             nets.append(ipaddress.ip_network(str(n), strict=False))
         except ValueError as exc:
             raise ConfigError(f"{loc.where('auth', 'trust', i)}: {exc}") from exc
-    audit = _check_keys(d.get("audit") or {}, {"path", "replica", "on_failure"}, loc, ("audit",))
+    audit = _check_keys(d.get("audit") or {}, {"path", "replica", "on_failure", "key", "write_ahead", "anchor_every",
+                                               "anchor_seconds"}, loc, ("audit",))
+    audit_key, audit_key_source = _audit_key(audit.get("key"), str(audit.get("path", "-")), loc)
+    write_ahead = audit.get("write_ahead", True)
+    expect(isinstance(write_ahead, bool), loc, ("audit", "write_ahead"),
+           "write_ahead must be true (restricted roles' statements wait for their durable statement_start) or false")
     on_failure = audit.get("on_failure", "refuse")
     expect(on_failure in ("refuse", "continue"), loc, ("audit", "on_failure"),
             "on_failure must be refuse (restricted roles' statements are refused while the audit log "
@@ -299,6 +340,9 @@ def parse_config(data: Any, loc: Located) -> Config:
         state=state, guards_off=guards_off, upstream=upstream, users=users, listen_host=str(listen.get("host", "127.0.0.1")),
         listen_port=_number(listen, "port", 6432, loc, ("listen",), high=65535), tls=tls, trust_networks=tuple(nets),
         audit_path=str(audit.get("path", "-")), audit_replica=replica, audit_on_failure=on_failure,
+        audit_key=audit_key, audit_key_source=audit_key_source, audit_write_ahead=write_ahead,
+        audit_anchor_every=_number(audit, "anchor_every", 1000, loc, ("audit",), low=1, high=10_000_000),
+        audit_anchor_seconds=_number(audit, "anchor_seconds", 5.0, loc, ("audit",), integer=False, low=0, high=86400),
         max_message_size=_number(limits, "max_message_size", DEFAULT_MAX_MESSAGE, loc, ("limits",), low=1024,
                                  high=1 << 30),
         max_connections=_number(limits, "max_connections", 1000, loc, ("limits",), low=1, high=1_000_000),
@@ -396,7 +440,9 @@ def effective_config(cfg: Config) -> dict[str, Any]:
                      "connect_timeout": up.connect_timeout},
         "tls": {"cert": cfg.tls.cert, "key": cfg.tls.key} if cfg.tls else None,
         "auth": {"trust": [str(n) for n in cfg.trust_networks]},
-        "audit": {"path": cfg.audit_path},
+        "audit": {"path": cfg.audit_path, "key": f"{cfg.audit_key_source} ({HIDDEN})" if cfg.audit_key else None,
+                  "write_ahead": cfg.audit_write_ahead, "anchor_every": cfg.audit_anchor_every,
+                  "anchor_seconds": cfg.audit_anchor_seconds},
         "limits": {"max_message_size": cfg.max_message_size, "max_connections": cfg.max_connections},
         "rules": cfg.rules_path,
         "metrics": {"listen": f"{cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"} if cfg.metrics_listen else None,

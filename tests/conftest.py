@@ -101,7 +101,8 @@ def start_proxy(cluster: PgCluster, tmp_dir: str, **extra: Any) -> Proxy:
     cfg = demo_config(upstream_host=cluster.host, upstream_port=cluster.port, service_user=cluster.service_user,
                       service_password=cluster.service_password, audit_path=audit_path, extra=extra or None)
     audit_path = cfg.audit_path
-    audit = AuditLog(audit_path, replica=cfg.audit_replica or "test", on_failure=cfg.audit_on_failure)
+    audit = AuditLog(audit_path, replica=cfg.audit_replica or "test", on_failure=cfg.audit_on_failure,
+                     key=cfg.audit_key, write_ahead=cfg.audit_write_ahead)
     thread = ServerThread(cfg, audit=audit)
     proxy = Proxy(thread=thread, audit_path=audit_path)
 

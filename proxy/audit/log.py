@@ -22,8 +22,24 @@ audit verify`` will report them as missing from the file.
 A path containing ``%Y`` and ``%m`` rotates monthly (UTC); each finished
 month is gzipped in a background thread. The chain continues across months
 and across restarts: on start the last event of this replica is read back
-from the newest file; a torn or corrupt last line is closed off with a
-newline and an explicit ``chain_restart`` event that says why.
+from the newest file. A chain that does not end in ``audit_closed`` (a clean
+stop) continues after an explicit ``chain_restart`` event with reason
+``unclean stop``; a torn last line (a crash mid-write) is first closed off
+with a newline.
+
+Write-ahead (evidence before effect). ``intent`` chains a ``statement_start``
+event and returns a future that resolves once that line is written *and
+fsync'd*; the session holds a restricted role's statement until then. One
+thread does the fsyncs, in groups: every intent that arrives while an fsync
+runs is made durable by the next one, so N sessions pay one fsync between
+them, and the event loop never waits on the disk. A failed write resolves
+the future with False (the statement is refused) and turns refusal on for
+every later statement at once.
+
+Keyed chains. With ``key`` set, events carry ``key_id`` and their ``hash`` is
+an HMAC-SHA256 (``proxy.audit.chain``); ``durable_head`` gives the
+anchorer (``proxy.audit.anchors``) the last fsync'd (seq, hash) to record in
+the state store, outside the file.
 """
 
 from __future__ import annotations
@@ -44,16 +60,19 @@ from typing import Any
 import structlog
 
 from proxy.audit import files as audit_files
-from proxy.audit.chain import GENESIS, hash_of, parse_line, seal
+from proxy.audit.chain import GENESIS, hash_of, key_id, parse_line, seal
 from rules.principal import Principal
 
 Listener = Callable[[dict[str, Any]], None]
 Clock = Callable[[], float]
+#: Called from the sync thread once a group is durable: (ok, seq, hash) of the durable head.
+SyncWaiter = Callable[[bool, int, str], None]
 
 FLUSH_DELAY = 0.002  # seconds an event may wait to be written together with others
 RETRY_DELAY = 0.5  # seconds between attempts while the file cannot be written
 MAX_UNWRITTEN = 64 << 20  # bytes kept in memory while the file cannot be written
 ON_FAILURE = ("refuse", "continue")
+UNCLEAN_STOP = "unclean stop"  # reason of the chain_restart after a stop that did not write audit_closed
 
 
 def principal_fields(p: Principal | None) -> dict[str, Any]:
@@ -84,6 +103,11 @@ class _Stamp:
         return ev
 
 
+def _settle(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
 def _hand_over(_logger: Any, _name: str, ev: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Last structlog processor: the writer gets the dict itself (it chains under its lock)."""
     return (ev,), {}
@@ -96,11 +120,20 @@ class _ChainedWriter:
     (``asyncio.get_running_loop()`` is not used to find out: it costs a getpid() system call.)
     """
 
-    def __init__(self, path: str, replica: str, clock: Clock) -> None:
+    def __init__(self, path: str, replica: str, clock: Clock, key: bytes | None = None) -> None:
         self.path = path  # "-" (stdout), a file, or a monthly template
         self.replica = replica
         self._clock = clock
+        self._key = key
+        self.key_id = key_id(key) if key is not None else None
+        self._keys = {self.key_id: key} if key is not None and self.key_id is not None else {}
         self._lock = threading.Lock()
+        # Group commit: waiters of the next fsync, and the thread that does them (started on first use).
+        self._sync_cv = threading.Condition(self._lock)
+        self._sync_waiters: list[SyncWaiter] = []
+        self._sync_thread: threading.Thread | None = None
+        self._sync_stop = False
+        self.fsyncs = 0  # group commits done (how many fsyncs the intents cost: the benchmark and tests read it)
         self._pending: list[bytes] = []
         self._unwritten = b""  # bytes a failed write left over, written first next time
         self._scheduled = False
@@ -149,6 +182,7 @@ class _ChainedWriter:
     def _resume(self) -> dict[str, Any] | None:
         for f in self._candidates():
             torn: str | None = None
+            torn_len = 0
             if not f.endswith(".gz") and not audit_files.ends_with_newline(f):
                 with open(f, "ab") as fix:  # close the torn line off: the next event starts a line of its own
                     fix.write(b"\n")
@@ -158,7 +192,13 @@ class _ChainedWriter:
                 if not line.strip():
                     continue
                 ev = parse_line(line)
-                if first and (ev is None or hash_of(ev) != ev["hash"]):
+                if first and torn is not None and ev is not None and self._matches(ev):
+                    torn = None  # the crash came right after a whole line: only its newline is missing
+                if first and torn is not None:
+                    torn_len = len(line)
+                    first = False
+                    continue  # a torn line: the chain continues from the last good event before it
+                if first and (ev is None or not self._matches(ev)):
                     # The last line is torn or altered: say so and link to the last good event, if any.
                     why = torn or ("is not a complete event" if ev is None else "does not match its hash")
                     found = self._last_good(f)
@@ -173,17 +213,35 @@ class _ChainedWriter:
                     return restart
                 first = False
                 if ev is not None and ev["replica"] == self.replica:
-                    if hash_of(ev) != ev["hash"]:
+                    if not self._matches(ev):
                         return {"reason": f"the last event of replica {self.replica} in {f} does not match "
                                           "its hash: a new chain starts", "file": f}
                     self.seq, self.prev_hash = ev["seq"], ev["hash"]
+                    if torn is not None:
+                        return {"reason": UNCLEAN_STOP, "file": f, "last_seq": ev["seq"],
+                                "detail": f"the last line of {f} ({torn_len} bytes) {torn}"}
+                    if ev.get("event") != "audit_closed":
+                        # Killed, crashed or powered off: whatever it had not written is lost. Say so in the chain.
+                        return {"reason": UNCLEAN_STOP, "file": f, "last_seq": ev["seq"],
+                                "detail": f"the chain of replica {self.replica} ends at seq {ev['seq']} "
+                                          f"({ev.get('event')}) without audit_closed: pgwarden was killed, crashed "
+                                          "or lost power; events it had not yet written are not in the log"}
                     return None
+            if torn is not None:  # nothing of this replica before the torn line: a chain starts after it
+                return {"reason": UNCLEAN_STOP, "file": f,
+                        "detail": f"the last line of {f} ({torn_len} bytes) {torn}; no earlier event of this "
+                                  "replica was found: a new chain starts"}
         return None
+
+    def _matches(self, ev: dict[str, Any]) -> bool:
+        """Does the event carry its own hash? A key this writer does not hold (rotated) cannot be checked here."""
+        want = hash_of(ev, self._keys)
+        return want is None or want == ev["hash"]
 
     def _last_good(self, path: str) -> tuple[int, str] | None:
         for line in audit_files.lines_backwards(path):
             ev = parse_line(line)
-            if ev is not None and ev["replica"] == self.replica and hash_of(ev) == ev["hash"]:
+            if ev is not None and ev["replica"] == self.replica and self._matches(ev):
                 return ev["seq"], ev["hash"]
         return None
 
@@ -211,7 +269,8 @@ class _ChainedWriter:
         self._loop = loop
         self._loop_thread = threading.get_ident() if loop is not None else 0
 
-    def msg(self, ev: dict[str, Any]) -> None:
+    def msg(self, ev: dict[str, Any]) -> int:
+        """Chain and queue one event; returns its seq."""
         with self._lock:
             if self._rotate_at and self._clock() >= self._rotate_at:
                 self._flush_locked()
@@ -219,13 +278,15 @@ class _ChainedWriter:
             ev["replica"] = self.replica
             ev["seq"] = self.seq + 1
             ev["prev_hash"] = self.prev_hash
+            if self.key_id is not None:
+                ev["key_id"] = self.key_id
             try:
-                line, digest = seal(ev)
+                line, digest = seal(ev, self._key)
             except (TypeError, ValueError, OverflowError) as exc:  # orjson.JSONEncodeError is a TypeError
                 # A value that cannot be serialised must not leave a gap in the chain: log that it happened.
-                ev = {k: ev[k] for k in ("replica", "seq", "prev_hash", "event") if k in ev}
+                ev = {k: ev[k] for k in ("replica", "seq", "prev_hash", "event", "key_id") if k in ev}
                 ev["unserialisable"] = f"{type(exc).__name__}: {exc}"[:300]
-                line, digest = seal(ev)
+                line, digest = seal(ev, self._key)
             self.seq += 1
             self.prev_hash = digest
             self._pending.append(line)
@@ -234,8 +295,75 @@ class _ChainedWriter:
             elif not self._scheduled:
                 self._scheduled = True
                 self._loop.call_later(FLUSH_DELAY, self.flush)
+            return self.seq
 
     info = msg
+
+    # --- durability: group commit ---------------------------------------------------------
+
+    def sync(self, waiter: SyncWaiter) -> None:
+        """Write everything chained so far and fsync it; ``waiter(ok, seq, hash)`` is called from the
+        sync thread once done (ok False: the write or the fsync failed, the events are held back)."""
+        with self._lock:
+            if self.closed or self._sync_stop:
+                self._flush_locked()
+                # After close() the file was fsync'd and closed: what was written is durable.
+                ok = not self._unwritten and (self.closed or self._fsync_locked())
+                head = (self.seq, self.prev_hash)
+                waiter(ok, *head)
+                return
+            self._sync_waiters.append(waiter)
+            if self._sync_thread is None:
+                self._sync_thread = threading.Thread(target=self._sync_loop, name="pgwarden-audit-sync", daemon=True)
+                self._sync_thread.start()
+            self._sync_cv.notify()
+
+    def _fsync_locked(self) -> bool:
+        if self._fd < 0:
+            return False
+        if self.path == "-":
+            return True  # a pipe: written is as durable as it gets; the log pipeline takes it from there
+        try:
+            os.fsync(self._fd)
+            return True
+        except OSError as exc:
+            self._failed(exc)
+            return False
+
+    def _sync_loop(self) -> None:
+        """One fsync per group: intents that arrive during an fsync wait for the next one, together."""
+        while True:
+            with self._lock:
+                while not self._sync_waiters and not self._sync_stop:
+                    self._sync_cv.wait()
+                if not self._sync_waiters:
+                    return
+                waiters, self._sync_waiters = self._sync_waiters, []
+                self._flush_locked()
+                ok = not self._unwritten and self._fd >= 0
+                head = (self.seq, self.prev_hash)
+                fd = -1
+                if ok and self.path != "-":
+                    try:
+                        fd = os.dup(self._fd)  # fsync outside the lock: chaining goes on meanwhile
+                    except OSError as exc:
+                        self._failed(exc)
+                        ok = False
+            if fd >= 0:
+                self.fsyncs += 1
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    ok = False
+                    with self._lock:
+                        self._failed(exc)
+                finally:
+                    os.close(fd)
+            for w in waiters:
+                try:
+                    w(ok, *head)
+                except Exception as exc:  # noqa: BLE001 - one broken waiter must not stop the others' commits
+                    sys.stderr.write(f"pgwarden: audit sync waiter failed: {type(exc).__name__}\n")
 
     def flush(self) -> None:
         with self._lock:
@@ -339,6 +467,11 @@ class _ChainedWriter:
 
     def close(self) -> None:
         with self._lock:
+            self._sync_stop = True
+            self._sync_cv.notify_all()
+        if self._sync_thread is not None:
+            self._sync_thread.join(30)  # its last group is written and fsync'd before it ends
+        with self._lock:
             self._flush_locked()
             if self._fd >= 0 and self.path != "-":
                 try:
@@ -360,12 +493,14 @@ class AuditLog:
     """Writes chained audit events to a file (or stdout); listeners see each event as a dict (tests, demo)."""
 
     def __init__(self, path: str = "-", *, replica: str | None = None, on_failure: str = "refuse",
-                 clock: Clock = time.time) -> None:
+                 clock: Clock = time.time, key: bytes | None = None, write_ahead: bool = True) -> None:
         if on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}")
         self.path = path
         self.on_failure = on_failure
-        self._writer = _ChainedWriter(path, replica or default_replica(), clock)
+        #: Hold restricted roles' statements until their statement_start is durable (the session reads it).
+        self.write_ahead = write_ahead
+        self._writer = _ChainedWriter(path, replica or default_replica(), clock, key)
         self._writer.on_state = self._state_changed
         # Read by the session for every statement: a plain attribute, not a property.
         self.refusing = False
@@ -383,6 +518,21 @@ class AuditLog:
     @property
     def replica(self) -> str:
         return self._writer.replica
+
+    @property
+    def key_id(self) -> str | None:
+        """Fingerprint of the chain's HMAC key; None: an unkeyed chain (not insider-proof)."""
+        return self._writer.key_id
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the last event chained (not necessarily written yet)."""
+        return self._writer.seq, self._writer.prev_hash
+
+    @property
+    def fsyncs(self) -> int:
+        """Group commits so far (one fsync each, however many intents waited for it)."""
+        return self._writer.fsyncs
 
     @property
     def healthy(self) -> bool:
@@ -421,6 +571,44 @@ class AuditLog:
         for proc in self._processors:
             ev = proc(None, "info", ev)
         self._writer.msg(ev)
+
+    def intent(self, base: dict[str, Any], statements: list[dict[str, Any]]) -> tuple[list[int], asyncio.Future[bool]]:
+        """Write-ahead: chain one ``statement_start`` event per statement; (their seqs, a future that is True
+        once all are durable: one fsync covers them and everything chained before).
+
+        Called on a running loop. False: they could not be written, the statements must not run.
+        """
+        seqs = []
+        for fields in statements:
+            ev: Any = {**base, **fields, "event": "statement_start"}
+            for proc in self._processors:
+                ev = proc(None, "info", ev)
+            seqs.append(self._writer.msg(ev))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+
+        def done(ok: bool, _seq: int, _hash: str) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, fut, ok)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        self._writer.sync(done)
+        return seqs, fut
+
+    async def durable_head(self) -> tuple[bool, int, str]:
+        """Write and fsync everything so far; (ok, seq, hash) of the head that is now on disk."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[bool, int, str]] = loop.create_future()
+
+        def done(ok: bool, seq: int, digest: str) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, fut, (ok, seq, digest))
+            except RuntimeError:
+                pass
+
+        self._writer.sync(done)
+        return await fut
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """Batch writes on this loop (called by the server on its own loop thread)."""

@@ -179,6 +179,7 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:2px solid #345;padding-b
 table{border-collapse:collapse;margin:.6em 0} td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#eef} td.n{text-align:right;font-variant-numeric:tabular-nums} .none{color:#777;font-style:italic}
 .kpi{display:inline-block;margin:0 2em .5em 0} .kpi b{display:block;font-size:1.7em} code{font-size:12px}
+.ok{color:#1d6b2f} .bad{color:#a12a1a;font-weight:600} pre{font-size:12px;white-space:pre-wrap}
 svg text{font:12px sans-serif} .muted{color:#666}
 """
 
@@ -261,7 +262,21 @@ def _emergency_rows(uses: list[Emergency], s: Summary) -> list[list[Any]]:
              e.rows, "requested" if e.id in s.backed else "none"] for e in sorted(uses, key=lambda e: e.started)]
 
 
-def render_html(s: Summary, *, title: str = "pgwarden audit report") -> str:
+def _verification_section(v: tuple[str, str, list[str]] | None) -> str:
+    """The chain's verdict first: everything below is only as trustworthy as the log it was read from."""
+    if v is None:
+        return ('<section id="verification"><h2>Chain verification</h2><p class="bad" id="verdict">'
+                "the chain was not verified for this report</p></section>")
+    status, line, details = v
+    cls = "ok" if status == "verified" else "bad"
+    pre = "".join(f"{_e(x)}\n" for x in details)
+    return (f'<section id="verification"><h2>Chain verification</h2><p class="{cls}" id="verdict" '
+            f'data-status="{_e(status)}"><b>{_e(status)}</b>: {_e(line)}</p>'
+            + (f'<pre id="verify-details">{pre}</pre>' if pre else "") + "</section>")
+
+
+def render_html(s: Summary, *, title: str = "pgwarden audit report",
+                verification: tuple[str, str, list[str]] | None = None) -> str:
     users = sorted(s.users.values(), key=lambda r: (-r.statements, r.user))
     refused = sum(r.refused for r in users)
     receipts = sum(r.receipts for r in users)
@@ -277,6 +292,7 @@ def render_html(s: Summary, *, title: str = "pgwarden audit report") -> str:
         f'<span class="kpi" id="kpi-refused"><b>{refused}</b>refused</span>'
         f'<span class="kpi" id="kpi-receipts"><b>{receipts}</b>receipts</span>'
         f'<span class="kpi" id="kpi-offshift"><b>{len(s.off_shift)}</b>off shift</span></div>',
+        _verification_section(verification),
         '<section id="activity"><h2>Activity per day</h2>',
         column_chart(days, css_id="chart-days") or '<p class="none">none recorded</p>', "</section>",
         '<section id="per-user"><h2>Per-user activity</h2>',

@@ -24,13 +24,83 @@ def _config_and_rules(args: argparse.Namespace) -> tuple[Config, str]:
     return cfg, rules_path
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
+def _read_key(spec: str) -> bytes:
+    """``env:NAME`` or ``file:PATH`` (as in the config's audit.key)."""
+    import os
+
+    from proxy.audit.chain import MIN_KEY_BYTES
+
+    if spec.startswith("env:"):
+        raw = os.environ.get(spec[4:])
+        if not raw:
+            raise ConfigError(f"--key {spec}: the environment variable is not set")
+        key = raw.strip().encode()
+    elif spec.startswith("file:"):
+        try:
+            with open(spec[5:], "rb") as f:
+                key = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--key {spec}: {exc}") from None
+    else:
+        raise ConfigError(f"--key {spec!r}: give env:VARIABLE or file:/path (never the key itself on a command line)")
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"--key {spec}: an audit key has at least {MIN_KEY_BYTES} bytes")
+    return key
+
+
+def _verification(args: argparse.Namespace, files: list[str]) -> Any:
+    """Verify ``files`` with the keys (--key, the config's audit.key) and the anchors (the config's state
+    store, or --anchors-dsn) the command line gives; ConfigError / OSError for what cannot be read."""
+    from proxy.audit.chain import key_id
     from proxy.audit.files import numbered_lines
-    from proxy.audit.verify import render, verify
+    from proxy.audit.verify import verify
+
+    keys: dict[str, bytes] = {}
+    cfg = load_config(args.config) if getattr(args, "config", None) else None
+    if cfg is not None and cfg.audit_key is not None:
+        keys[key_id(cfg.audit_key)] = cfg.audit_key
+    for spec in getattr(args, "key", None) or []:
+        k = _read_key(spec)
+        keys[key_id(k)] = k
+    anchors = None
+    anchored = ""
+    dsn = getattr(args, "anchors_dsn", None)
+    if not getattr(args, "no_anchors", False) and (dsn or (cfg is not None and cfg.state is not None)):
+        anchors, anchored = asyncio.run(_fetch_anchors(cfg, dsn, getattr(args, "anchors_schema", None)))
+    return verify(numbered_lines(files), from_start=getattr(args, "from_start", False), keys=keys or None,
+                  anchors=anchors, anchored=anchored, partial=getattr(args, "partial", False))
+
+
+async def _fetch_anchors(cfg: Config | None, dsn: str | None, schema: str | None) -> tuple[dict[str, Any], str]:
+    import asyncpg
+
+    from proxy.audit.anchors import load_anchors
+    from proxy.guards.statestore import connect
 
     try:
-        result = verify(numbered_lines(args.files), from_start=args.from_start)
-    except OSError as exc:
+        if dsn:
+            conn = await asyncpg.connect(dsn)
+            where = "the store at --anchors-dsn"
+        else:
+            assert cfg is not None and cfg.state is not None
+            conn = await connect(cfg.state)
+            where = f"the state store {cfg.state.user}@{cfg.state.host}:{cfg.state.port}/{cfg.state.database}"
+        sch = schema or (cfg.state.schema if cfg is not None and cfg.state is not None else "pgwarden")
+        try:
+            return await load_anchors(conn, sch), f"{where} ({sch}.audit_anchors)"
+        finally:
+            await conn.close()
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        raise ConfigError(f"the audit anchors cannot be read from the state store: {type(exc).__name__}: {exc}"
+                          " (--no-anchors verifies without them)") from None
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from proxy.audit.verify import render
+
+    try:
+        result = _verification(args, args.files)
+    except (OSError, ConfigError) as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)
         return 2
     if not result.chains and not result.broken:
@@ -117,14 +187,22 @@ def _audit_report(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)
         return 2
+    from proxy.audit.verify import render as render_verify, verdict
+
+    try:  # R5.2 and issue 14: a report says whether what it counts was verified, and against what
+        result = _verification(args, args.files)
+        status, line = verdict(result)
+        details = render_verify(result)
+    except (OSError, ConfigError) as exc:
+        status, line, details = "NOT VERIFIED", f"the chain could not be verified: {exc}", []
     summary = summarise(events(args.files), since=since, until=until, tz=tz, tz_name=tz_name, keys=keys,
                         shifts=shifts, user_shifts=user_shifts, off_hours=off)
-    page = render_html(summary)
+    page = render_html(summary, verification=(status, line, details))
     with open(args.html, "w", encoding="utf-8") as f:
         f.write(page)
     print(f"{args.html}: {summary.statements} statements by {len(summary.users)} people, "
           f"{len(summary.refusals)} refused, {len(summary.off_shift)} off shift, "
-          f"{len(summary.general_manager)} general-manager accesses")
+          f"{len(summary.general_manager)} general-manager accesses; {line}")
     return 0
 
 
@@ -157,7 +235,7 @@ def _retention(args: argparse.Namespace) -> int:
         else:
             conn = await asyncpg.connect(host=up.host, port=up.port, user=up.user, password=up.password,
                                          database=args.database, ssl=False if up.sslmode == "disable" else "prefer")
-        audit = AuditLog(cfg.audit_path, replica=default_replica() + ":retention")
+        audit = AuditLog(cfg.audit_path, replica=default_replica() + ":retention", key=cfg.audit_key)
         try:
             return await run(conn, retention, apply=apply, audit=audit, batch=args.batch, actor=getpass.getuser())
         finally:
@@ -174,6 +252,16 @@ def _retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", action="append", metavar="env:VAR|file:PATH",
+                   help="an HMAC key the chain was sealed with (repeat for rotated keys)")
+    if not any(a.dest == "config" for a in p._actions):
+        p.add_argument("--config", "-c", help="pgwarden configuration: audit.key and the state store's anchors")
+    p.add_argument("--anchors-dsn", help="read the anchors from this PostgreSQL DSN instead (a read-only login)")
+    p.add_argument("--anchors-schema", help="schema of the audit_anchors table (default: the state's, or pgwarden)")
+    p.add_argument("--no-anchors", action="store_true", help="do not check against the state store's anchors")
+
+
 def add_commands(sub: Any) -> None:
     """Add ``audit`` and ``retention`` to the ``pgwarden`` subcommands."""
     a = sub.add_parser("audit", help="verify, search and report on audit files")
@@ -182,6 +270,9 @@ def add_commands(sub: Any) -> None:
     v.add_argument("files", nargs="+", help="audit files (.jsonl, .jsonl.gz) or directories holding them")
     v.add_argument("--from-start", action="store_true",
                    help="fail unless every replica's chain starts at its first event (seq 1)")
+    _verify_options(v)
+    v.add_argument("--partial", action="store_true",
+                   help="the files are a part of the log (an old month): anchors past their end are only noted")
     v.set_defaults(fn=_audit_verify)
     se = asub.add_parser("search", help="events by user, role, guest, table, decision, ticket, time or receipt")
     se.add_argument("files", nargs="+", help="audit files (.jsonl, .jsonl.gz) or directories holding them")
@@ -207,6 +298,7 @@ def add_commands(sub: Any) -> None:
     rp.add_argument("--config", "-c", help="pgwarden configuration: users' shift attributes")
     rp.add_argument("--off-hours", default="23:00-07:00",
                     help="local window counted as off shift for people without a shift (default 23:00-07:00)")
+    _verify_options(rp)
     rp.set_defaults(fn=_audit_report)
 
     r = sub.add_parser("retention", help="delete rows past their retention period (plan: dry run)")

@@ -135,7 +135,7 @@ def _unlock(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - said plainly
         print(f"pgwarden: cannot reach the state store: {exc}", file=sys.stderr)
         return 1
-    audit = AuditLog(cfg.audit_path, replica=default_replica() + ":unlock")  # a chain of its own
+    audit = AuditLog(cfg.audit_path, replica=default_replica() + ":unlock", key=cfg.audit_key)  # a chain of its own
     try:
         audit.emit("unlock", actor, target=args.user, lifted=lifted)
     finally:

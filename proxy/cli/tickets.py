@@ -57,7 +57,7 @@ def _ticket(args: argparse.Namespace) -> int:
     from proxy.audit.log import AuditLog, default_replica
 
     # A change that cannot be audited is not made: the log must take an event before the store is touched.
-    log = AuditLog(cfg.audit_path, replica=default_replica() + ":tickets")  # a chain of its own
+    log = AuditLog(cfg.audit_path, replica=default_replica() + ":tickets", key=cfg.audit_key)  # a chain of its own
     try:
         log.emit("ticket_command", actor, command=args.ticket_command, id=getattr(args, "id", None))
         log.flush()

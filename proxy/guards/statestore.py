@@ -180,6 +180,19 @@ CREATE TABLE {s}.ticket_decisions (
     PRIMARY KEY (ticket, approver)
 );
 """),
+        (4, "audit anchors", f"""
+-- Heads of the audit chains (replica, seq, hash), recorded every N events and S seconds and at a clean
+-- stop, outside the log files: `pgwarden audit verify` checks each against the files, so a cut tail or a
+-- re-chained file is found (docs/audit-integrity.md). Rows are only ever inserted.
+CREATE TABLE {s}.audit_anchors (
+    replica      text NOT NULL,
+    seq          bigint NOT NULL,
+    hash         text NOT NULL,
+    key_id       text,
+    anchored_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (replica, seq, hash)
+);
+"""),
     ]
 
 

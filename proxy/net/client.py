@@ -22,8 +22,9 @@ from proxy import auth
 from proxy.guards.checks import device_refusal
 from proxy.guards.ticketstore import TicketError, open_scope
 from proxy.net import upstream
+from proxy.ops.stderr import say
 from proxy.ops import console as admin_console
-from proxy.session.core import Phase, Relay, Services
+from proxy.session.core import Relay, Services
 from proxy.session.policy import app_prefix
 from proxy.session.startup import LoginError, StartupSettings, startup_settings
 from proxy.session.text import TextReader
@@ -74,6 +75,8 @@ class ClientSession(asyncio.Protocol):
         self.key: tuple[int, bytes] | None = None
         self._client_paused = False
         self._discarding = False
+        self._client_eof = False  # the client half-closed: what it sent is still answered
+        self._fatal_sent = False  # one FATAL and one protocol_error / internal_error event per session
 
     # --- what the server and the admin console read ---------------------------------------------
 
@@ -103,7 +106,11 @@ class ClientSession(asyncio.Protocol):
         self._task = self.loop.create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
-        if self._discarding:  # shutting down: what the client still sends is read and dropped
+        if self._fatal_sent:
+            return
+        if self._discarding:  # shutting down: nothing more runs; each statement still sent gets an event
+            if self.relay is not None:
+                self._run(lambda: self.relay.after_shutdown(data), "client message")  # type: ignore[union-attr]
             return
         if self.relaying:
             assert self.relay is not None
@@ -121,7 +128,29 @@ class ClientSession(asyncio.Protocol):
             w.set_result(None)
 
     def eof_received(self) -> bool | None:
+        # A client that sent a Query and then shutdown(SHUT_WR) still gets its answer, as from PostgreSQL:
+        # keep the socket open for writing until the server has answered what was sent.
+        if self.relaying and self.relay is not None and self.busy() and self.relay.answer_coming():
+            self._client_eof = True
+            self.server.spawn(self._probe_half_closed())
+            return True
         return False
+
+    async def _probe_half_closed(self, every: float = 0.5) -> None:
+        """A FIN means shutdown(SHUT_WR) or a closed socket; only a write tells them apart. While the answer
+        is pending, send the client a ParameterStatus it already has (a no-op for every driver), between
+        whole messages: a closed socket answers it with a reset, the next write fails, and the teardown
+        cancels the statement instead of letting it run for nobody."""
+        params = self.text.parameters
+        name = "client_encoding" if "client_encoding" in params else next(iter(params), None)
+        while name is not None and self._client_eof and not self.closed and self.busy():
+            await asyncio.sleep(every)
+            t = self.transport
+            if t is None or t.is_closing() or self.closed or not self.busy():
+                return
+            relay = self.relay
+            if relay is not None and relay.tracker.scanner._skip == 0 and t.get_write_buffer_size() == 0:
+                t.write(codec.parameter_status(name, params[name]))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -345,6 +374,7 @@ class ClientSession(asyncio.Protocol):
         services = Services(
             engine_of=lambda: server.engine, guards=server.guards, audit=server.audit, config=server.config, stats=server.stats,
             analysis=server.analysis, to_server=self._to_server, wait=self._wait, close_client=self._close_client,
+            when_durable=self._when_durable, pause_client=self._pause_for_relay,
             open_scope=lambda principal, name, value: open_scope(server.guards.store, server.engine.rules,
                                                                  principal, name, value))
         return Relay(services, p, catalog, self.text, context)
@@ -449,6 +479,31 @@ class ClientSession(asyncio.Protocol):
 
         self.server.spawn(wait())
 
+    def _when_durable(self, durable: Any, then: Any) -> None:
+        """Call ``then(ok)`` once the audit intent is written (or failed), unless the client has gone."""
+
+        def done(fut: asyncio.Future[bool]) -> None:
+            if self.closed or self.relay is None:
+                return  # the runs were ended by the teardown (their events name their starts)
+            try:
+                ok = bool(fut.result())
+            except BaseException:  # noqa: BLE001 - cancelled with the loop: fail closed
+                ok = False
+            self._run(lambda: then(ok), "client message")
+            if self._client_eof and not self.busy():
+                self._close_client()
+
+        durable.add_done_callback(done)
+
+    def _pause_for_relay(self, pause: bool) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or self._client_paused:
+            return
+        if pause:
+            t.pause_reading()
+        else:
+            t.resume_reading()
+
     def _run(self, step: Any, where: str) -> None:
         try:
             step()
@@ -462,41 +517,50 @@ class ClientSession(asyncio.Protocol):
         try:
             out = relay.server_data(data)
         except codec.ProtocolError as exc:
-            self._fatal(SqlState.PROTOCOL_VIOLATION, f"pgwarden: invalid message from the server: {exc}")
+            self._fatal(SqlState.PROTOCOL_VIOLATION, f"pgwarden: invalid message from the server: {exc}", cause="server")
             return
         except Exception as exc:  # noqa: BLE001 - never a traceback on the transport
             self._internal_error("server message", exc)
             return
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
+        if self._client_eof and not self.busy():
+            self._close_client()  # a half-closed client has had every answer (writes are flushed first)
 
     # --- endings ------------------------------------------------------------------------------
 
-    def _fatal(self, sqlstate: str, message: str) -> None:
-        """A protocol violation: tell the client why, then close both sides."""
+    def _fatal(self, sqlstate: str, message: str, cause: str = "other") -> None:
+        """A protocol violation: tell the client why (FATAL), one protocol_error event, then close both sides.
+
+        stderr gets one line per cause per interval (any logged-in user can send malformed messages)."""
+        if self._fatal_sent:
+            return
+        self._fatal_sent = True
         self._send(codec.error_response(sqlstate, message, severity="FATAL"))
-        self.server.audit.emit("protocol_error", self.principal, sqlstate=sqlstate, error=message)
+        self.server.audit.emit("protocol_error", self.principal, sqlstate=sqlstate, error=message[:500])
+        say(f"protocol:{cause}", f"pgwarden: protocol error from {self.client_addr} "
+                                 f"({self.principal.user if self.principal else '?'}): {message[:200]}")
         self._close_client()
 
-    def _internal_error(self, where: str, exc: Exception) -> None:
-        """A bug of pgwarden's while handling a message: end this session clearly, keep the others.
-
-        The client gets a FATAL it can act on, the audit log one event; nothing else (no traceback).
-        """
-        if self.closed:
+    def _internal_error(self, where: str, exc: BaseException) -> None:
+        """A bug met an input: fail closed for this session only, one event, one rate-limited line, no traceback."""
+        if self._fatal_sent or self.closed:
             return
-        why = f"{type(exc).__name__}: {exc}"[:300]
+        self._fatal_sent = True
         self._send(codec.error_response(SqlState.INTERNAL_ERROR,
                                         "pgwarden: internal error; the connection is closed (reported in the "
                                         "audit log as internal_error)", severity="FATAL"))
-        self.server.audit.emit("internal_error", self.principal, where=where, error=why)
+        self.server.audit.emit("internal_error", self.principal, error=f"{type(exc).__name__}: {exc}"[:300],
+                               message_type=where)
+        say(f"internal:{type(exc).__name__}:{where}",
+            f"pgwarden: internal error on a {where} ({type(exc).__name__}: {str(exc)[:200]}); session closed")
         self._close_client()
 
     def _close_client(self) -> None:
         if self.relay is not None and self.relay.protocol_error is not None and self.transport is not None \
                 and not self.transport.is_closing():
             why, self.relay.protocol_error = self.relay.protocol_error, None
-            self._fatal(SqlState.PROTOCOL_VIOLATION, why)
+            self._fatal(SqlState.PROTOCOL_VIOLATION, why, cause=self.relay.protocol_cause)
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -530,7 +594,10 @@ class ClientSession(asyncio.Protocol):
             cfg = self.server.config.upstream
             self.server.spawn(upstream.send_cancel(cfg, self.up_pid, self.up_secret))
         if busy and self.relay is not None:
-            self.relay.abandon("client_disconnected", SqlState.CONNECTION_FAILURE)
+            if self.relay.ending == "shutdown":  # cut by the shutdown grace, not by the client
+                self.relay.abandon("shutdown", SqlState.ADMIN_SHUTDOWN)
+            else:
+                self.relay.abandon("client_disconnected", SqlState.CONNECTION_FAILURE)
         self._close_upstream()
         if self.key is not None:
             self.server.cancel_keys.pop(self.key, None)
@@ -548,11 +615,11 @@ class ClientSession(asyncio.Protocol):
         t = self.transport
         self._send(codec.error_response(SqlState.ADMIN_SHUTDOWN,
                                         "terminating connection due to administrator command", severity="FATAL"))
+        if self.relay is not None:
+            self.relay.shutting_down()
         if t is None or t.is_closing() or self.closed:
             return
         self._discarding = True  # nothing more is relayed
-        if self.relay is not None:
-            self.relay.phase = Phase.CLOSED
         gone = self.loop.create_future()
         self._waiter = gone  # connection_lost sets it
         if t.can_write_eof():

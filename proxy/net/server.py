@@ -65,7 +65,8 @@ class Server:
         self._rules_mtime: tuple[float, ...] = ()
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self.audit = audit or AuditLog(config.audit_path, on_failure=config.audit_on_failure,
-                                       replica=config.audit_replica or default_replica(config.listen_port))
+                                       replica=config.audit_replica or default_replica(config.listen_port),
+                                       key=config.audit_key, write_ahead=config.audit_write_ahead)
         store = None
         if config.state is not None:
             from proxy.guards.statestore import StateStore
@@ -73,6 +74,12 @@ class Server:
             store = StateStore(config.state, replica=f"{config.listen_host}:{config.listen_port}",
                                log=lambda event, fields: self.audit.emit(event, None, **fields))
         self.guards = Guards(store, lambda: self.engine.rules, self.spawn)
+        self.anchorer: Any = None  # proxy.audit.anchors.Anchorer: chain heads into the state store
+        if store is not None and config.audit_path != "-":
+            from proxy.audit.anchors import Anchorer
+
+            self.anchorer = Anchorer(self.audit, store._require, store.schema, every_events=config.audit_anchor_every,
+                                     every_seconds=config.audit_anchor_seconds)
         self.ssl_context = make_ssl_context(config.tls.cert, config.tls.key, config.tls.client_ca) \
             if config.tls else None
         self.sessions: set[ClientSession] = set()
@@ -102,11 +109,14 @@ class Server:
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self.audit.bind_loop(loop)
+        loop.set_exception_handler(self._loop_error)
         if self.config.rules_path:
             self.spawn(self.watch_rules())
         if self.guards.store is not None:
             # Restricted roles are refused until the store answers; give it a moment at start.
             await self.guards.store.start(wait=self.config.state.connect_timeout if self.config.state else 5)
+        if self.anchorer is not None:
+            self.anchorer.start()
         if self.config.tls:
             self.spawn(self.watch_tls())
         if self.cancel_socket:
@@ -120,6 +130,17 @@ class Server:
             self.http = HttpEndpoints(registry, self.readiness)
             host, port = self.config.metrics_listen
             await self.http.start(host, port)
+
+    def _loop_error(self, _loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Last line of defence: an exception nobody caught becomes one rate-limited stderr line, never a
+        traceback (any logged-in user could otherwise flood the log with them)."""
+        from proxy.ops.stderr import say
+
+        exc = context.get("exception")
+        where = type(exc).__name__ if exc is not None else "error"
+        msg = str(context.get("message", ""))[:200]
+        say(f"loop:{where}:{msg}", f"pgwarden: internal error ({where}: {str(exc)[:200] if exc else msg}); "
+                                   "the connection concerned is closed")
 
     def cache_counts(self) -> dict[str, int]:
         """Decision-cache counters of the current engine plus those of engines replaced by reloads."""
@@ -382,10 +403,12 @@ class Server:
         deadline = time.monotonic() + linger + 0.5
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        self.audit.close()
+        if self.anchorer is not None:  # the closing head (audit_closed), anchored before the store goes
+            await self.anchorer.close()
         if self.guards.store is not None:
             with contextlib.suppress(Exception):
                 await self.guards.store.close()
-        self.audit.close()
 
 
 async def load_catalog_for(config: Config, database: str) -> Any:

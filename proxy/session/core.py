@@ -50,6 +50,12 @@ _READY_VALID = frozenset((F.QUERY, F.PARSE, F.BIND, F.EXECUTE, F.DESCRIBE, F.CLO
                           F.FUNCTION_CALL, F.COPY_DATA, F.COPY_DONE, F.COPY_FAIL))
 
 
+#: Frontend message names, for errors a person reads.
+NAMES = {F.BIND: "Bind", F.CLOSE: "Close", F.DESCRIBE: "Describe", F.EXECUTE: "Execute", F.PARSE: "Parse",
+         F.QUERY: "Query", F.SYNC: "Sync", F.FLUSH: "Flush", F.FUNCTION_CALL: "FunctionCall",
+         F.TERMINATE: "Terminate", F.COPY_DATA: "CopyData", F.COPY_DONE: "CopyDone", F.COPY_FAIL: "CopyFail"}
+
+
 class Phase(enum.Enum):
     READY = "ready"
     COPY_IN = "copy in"
@@ -70,6 +76,8 @@ class Services:
     wait: Callable[[Any], None]  # run this awaitable, then call Relay.resume with its result
     close_client: Callable[[], None]  # the client sent Terminate, or the session must end
     open_scope: Callable[[Principal, str, str], Any]  # an awaitable: the scope of a ticket / break-glass
+    when_durable: Callable[[Any, Callable[[bool], None]], None]  # call back once an audit intent is written
+    pause_client: Callable[[bool], None]  # stop (True) or resume (False) reading the client
 
     @property
     def engine(self) -> Any:
@@ -112,6 +120,12 @@ class Relay:
         self.path_pending: tuple[str, ...] | None = None  # SET search_path, until its transaction ends
         self._protected: tuple[Any, frozenset[str]] = (None, frozenset())
         self.protocol_error: str | None = None  # set when the session must end with FATAL 08P01
+        self.protocol_cause = ""
+        # Write-ahead (evidence before effect): bytes held back with a statement waiting for its durable
+        # statement_start, sent with the next write; whether reading was paused because more arrived meanwhile.
+        self.out_prefix = b""
+        self.hold_paused = False
+        self.ending = ""  # "shutdown": the server drains; statements still open end with that label
 
     # --- the I/O layer's inputs ----------------------------------------------------------------
 
@@ -121,7 +135,7 @@ class Relay:
         try:
             msgs = reader.feed(data)
         except codec.ProtocolError as exc:
-            self._violation(f"pgwarden: invalid message from client: {exc}")
+            self._violation(f"pgwarden: invalid message from client: {exc}", "framing")
             return
         if msgs:
             self.client_messages(msgs, data if whole and not reader._buf else None)
@@ -167,14 +181,27 @@ class Relay:
 
     def busy(self) -> bool:
         """Is the server still to answer something this client sent (a statement running)?"""
-        return bool(self.tracker.expect)
+        return bool(self.tracker.expect) or self.held is not None
+
+    def answer_coming(self) -> bool:
+        """Will the server answer without more input? Only if the last thing sent is whole and ends a
+        request (a Query, or a Sync): PostgreSQL, reading EOF after a Parse without Sync, answers nothing."""
+        if self.reader.buffered:
+            return False
+        if self.held:
+            return self.held[-1][0] in (F.QUERY, F.SYNC)
+        expect = self.tracker.expect
+        return bool(expect) and expect[-1].kind in (policy.Q, policy.S, FN)
 
     # --- client -> server ----------------------------------------------------------------------
 
     def client_messages(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         """Track and police each message; forward ``raw`` as is unless something changed."""
         if self.held is not None:
-            self.held.extend(msgs)  # a check is in flight: keep the order
+            self.held.extend(msgs)  # a check or an intent is in flight: keep the order
+            if not self.hold_paused:
+                self.hold_paused = True  # and read no more until it is answered
+                self.services.pause_client(True)
             return
         changed: list[bytes] | None = None
         now = time.perf_counter()
@@ -182,10 +209,11 @@ class Relay:
             valid = _COPY_IN_VALID if self.phase is Phase.COPY_IN else _READY_VALID
             if t not in valid:
                 self._forward(changed, None, msgs[:i])
-                self._violation(f"pgwarden: unexpected message type {chr(t)!r} "
+                self._violation(f"pgwarden: unexpected {NAMES.get(t, 'message type ' + repr(chr(t)))} message "
                                 + ("during COPY from stdin" if self.phase is Phase.COPY_IN else
-                                   "from the client"))
+                                   "from the client"), "type")
                 return
+            queued = len(self.tracker.expect)
             try:
                 replacement = self._message(t, payload, now)
             except Suspend as s:
@@ -195,10 +223,20 @@ class Relay:
                 return
             except codec.ProtocolError as exc:
                 self._forward(changed, None, msgs[:i])
-                self._violation(f"pgwarden: invalid {chr(t)!r} message from client: {exc}")
+                self._violation(f"pgwarden: invalid {NAMES.get(t, 'frontend')} message: {exc}", NAMES.get(t, "?"))
                 return
             if self.phase is Phase.CLOSED:
                 self._forward(changed, raw, msgs[: i + 1])
+                return
+            if (t == _F_EXECUTE or t == _F_QUERY) and len(self.tracker.expect) > queued \
+                    and self._needs_intent(self.tracker.expect[-1]):
+                # Write-ahead: this statement, and what came before it in this read, wait for its durable
+                # statement_start; what came after waits in ``held``.
+                before = b"".join(changed) if changed is not None else \
+                    b"".join([codec.message(tt, pp) for tt, pp in msgs[:i]])
+                self.held = list(msgs[i + 1:])
+                self._wait_for_intent(self.tracker.expect[-1], before,
+                                      replacement if replacement is not None else codec.message(t, payload))
                 return
             if replacement is not None:
                 if changed is None:
@@ -210,17 +248,74 @@ class Relay:
 
     def _forward(self, changed: list[bytes] | None, raw: bytes | None, msgs: list[tuple[int, bytes]]) -> None:
         if changed is not None:
-            if changed:
-                self.services.to_server(b"".join(changed))
+            data = b"".join(changed)
         elif raw is not None:
-            self.services.to_server(raw)
-        elif msgs:
-            self.services.to_server(b"".join([codec.message(tt, pp) for tt, pp in msgs]))
+            data = raw
+        else:
+            data = b"".join([codec.message(tt, pp) for tt, pp in msgs])
+        if self.out_prefix:
+            data, self.out_prefix = self.out_prefix + data, b""
+        if data:
+            self.services.to_server(data)
+
+    # --- write-ahead: evidence before effect (R5) ----------------------------------------------
+    # A statement of a restricted role is held, with everything the client sent after it, until its
+    # statement_start is durable in the audit log; then it goes upstream, or, if the log could not be
+    # written, it is refused in place (42501) and the server never sees it. Its Expect is queued before
+    # the wait, so answers to earlier messages are matched meanwhile; every Run carries ``intent`` (the
+    # seq of its statement_start) into its outcome event (``start``), whatever the outcome.
+
+    def _needs_intent(self, e: Expect) -> bool:
+        """Will this statement reach the server for a restricted role (so its intent must be durable first)?"""
+        if e.refusal is not None or not e.runs or not self.services.audit.write_ahead:
+            return False
+        if not self.services.engine.restricted(self.principal):
+            return False
+        return any(r.decision is None or r.decision.action != "refuse" for r in e.runs)
+
+    def _wait_for_intent(self, e: Expect, before: bytes, out: bytes) -> None:
+        assert e.runs is not None
+        seqs, durable = self.services.audit.intent(self.audit_base, [
+            {"statement": r.text, "statement_type": policy.statement_type(r.text)} for r in e.runs])
+        for r, seq in zip(e.runs, seqs):
+            r.intent = seq
+        if self.out_prefix:  # a statement made durable just before (a pipelined client): it goes now
+            self._forward(None, b"", [])
+        self.out_prefix = before  # the messages before it keep their place: they go with it
+        self.services.when_durable(durable, lambda ok: self._intent_done(e, out, ok))
+
+    def _intent_done(self, e: Expect, out: bytes, ok: bool) -> None:
+        if self.phase is Phase.CLOSED and not self.ending:
+            return  # the runs were ended by the teardown (their events name their starts)
+        if not ok and self.services.audit.on_failure != "continue":  # continue: run unlogged, knowingly
+            self.out_prefix += self._refused_for_audit(e)
+        elif not self.ending:  # after the shutdown notice nothing new starts: the teardown labels it
+            self.out_prefix += out
+        held, self.held = self.held or [], None
+        if self.hold_paused:
+            self.hold_paused = False
+            self.services.pause_client(False)
+        if held and not self.ending:
+            self.client_messages(held, None)
+        if self.out_prefix and not self.ending:
+            self._forward(None, b"", [])  # nothing after it was sent (or it waits again): send it now
+
+    def _refused_for_audit(self, e: Expect) -> bytes:
+        """The intent could not be written (disk full, file system gone): the statement does not run."""
+        assert e.runs is not None
+        d = policy.audit_refusal(self)
+        for r in e.runs:
+            r.decision = d
+        e.refusal = codec.error_response(SqlState.INSUFFICIENT_PRIVILEGE, policy.AUDIT_FAILING)
+        if e.kind == policy.Q:
+            return codec.query_message(POISON_SQL[:-1])
+        e.kind, e.sql = policy.P, e.runs[0].text  # answered like a refused Execute: the server skips to Sync
+        return codec.message(F.PARSE, b"pgwarden_refused\x00" + POISON_SQL + b"\x00\x00")
 
     def _message(self, t: int, payload: bytes, now: float) -> bytes | None:
         """One client message: None to forward it as is, else the bytes to send instead."""
         if t == _F_BIND:
-            bind = codec.split_bind_names(payload)
+            bind = codec.bind_names(payload)
             st = self.prepared.get(bind[1])
             if st is not None and st[1] is not None and st[1].lookups:
                 st = self.guard.with_params(st, payload)
@@ -403,8 +498,9 @@ class Relay:
 
     # --- endings -------------------------------------------------------------------------------
 
-    def _violation(self, message: str) -> None:
+    def _violation(self, message: str, cause: str) -> None:
         self.protocol_error = message
+        self.protocol_cause = cause
         self.phase = Phase.CLOSED
         self.services.close_client()
 
@@ -412,10 +508,60 @@ class Relay:
         """The session ends with statements unanswered: each gets its event, with this outcome."""
         for r in self.tracker.pending():
             r.done = True
-            self.services.audit.emit_with("statement", self.audit_base or principal_fields(self.principal), {
-                "statement_type": policy.statement_type(r.text), "statement": r.text, "outcome": outcome,
-                "sqlstate": sqlstate, "rows": None,
-                "duration_ms": round((time.perf_counter() - r.start) * 1000.0, 3)})
+            fields = {"statement_type": policy.statement_type(r.text), "statement": r.text, "outcome": outcome,
+                      "sqlstate": sqlstate, "rows": None,
+                      "duration_ms": round((time.perf_counter() - r.start) * 1000.0, 3)}
+            if r.intent:
+                fields["start"] = r.intent
+            self.services.audit.emit_with("statement", self.audit_base or principal_fields(self.principal), fields)
             if self.services.stats is not None:
                 self.services.stats.statement(outcome, r.decision, time.perf_counter() - r.start, sqlstate)
+
+    def shutting_down(self) -> None:
+        """The server drains (57P01 sent): what waits will not run, and gets its event."""
+        self.ending = "shutdown"
+        held, self.held = self.held, None
+        if held:
+            self.refuse_unrun(held)
+
+    def after_shutdown(self, data: bytes) -> None:
+        """Bytes after the drain notice: statements in them are not run, and each gets an event."""
+        try:
+            msgs = self.reader.feed(data)
+        except codec.ProtocolError:
+            return
+        self.refuse_unrun(msgs)
+
+    def refuse_unrun(self, msgs: list[tuple[int, bytes]]) -> None:
+        """One event (refused: shutting down) per statement the client sent that will never reach the server."""
+        for t, payload in msgs:
+            try:
+                if t == F.QUERY:
+                    text = self.text.decode(payload[:-1] if payload.endswith(b"\x00") else payload)
+                    for part in policy.split_statements(text) or [text]:
+                        self._shutdown_event(part)
+                elif t == F.PARSE:
+                    m = codec.decode_parse(payload)
+                    self.prepared[m.name] = (self.text.decode(m.sql), None)
+                elif t == _F_BIND:
+                    portal, name = codec.bind_names(payload)
+                    self.portals[portal] = self.prepared.get(name)
+                elif t == _F_EXECUTE:
+                    st = self.portals.get(codec.split_execute(payload)[0])
+                    self._shutdown_event(st[0] if st else "")
+            except codec.ProtocolError:
+                return
+
+    def _shutdown_event(self, text: str) -> None:
+        logged = text
+        try:  # the text as the log may show it (sensitive literals redacted): the engine's own reading
+            if text:
+                d = self.services.engine.decide(self.principal, text, self.catalog, self.context)
+                logged = d.redacted or text
+        except Exception:  # noqa: BLE001 - unreadable: never logged in clear
+            logged = "<statement not analysed; not logged in clear>"
+        self.statements += 1
+        self.services.audit.emit_with("statement", self.audit_base or principal_fields(self.principal), {
+            "statement_type": policy.statement_type(logged), "statement": logged, "outcome": "refused",
+            "sqlstate": SqlState.ADMIN_SHUTDOWN, "reason": "shutting down", "rows": 0, "duration_ms": 0.0})
 

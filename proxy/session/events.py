@@ -32,6 +32,8 @@ def statement_fields(run: Run, outcome: str, tag: tuple[str, int | None] | None,
         "statement_type": stype, "statement": text, "outcome": outcome, "rows": rows,
         "duration_ms": round(dur * 1000.0, 3),
     }
+    if run.intent:
+        fields["start"] = run.intent  # its statement_start (write-ahead)
     if err is not None:
         fields["sqlstate"] = err.sqlstate
         fields["error"] = err.message

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.guards.ticketstore import TicketError
 from proxy.session.scope import ScopeVerdict
 from proxy.session.sqltext import split_statements, statement_type
-from proxy.session.tracking import P, Q, Expect, Run
+from proxy.session.tracking import P, Q, S, Expect, Run
 from proxy.session.waits import Analysed, Suspend
 from proxy.wire import codec
 from proxy.wire.codes import F
@@ -26,7 +26,8 @@ from rules.rewrite import PARSER_DISAGREEMENT
 if TYPE_CHECKING:
     from proxy.session.core import Relay
 
-__all__ = ["on_query", "on_parse", "decide", "audit_refusal", "app_prefix", "statement_type", "P", "Q"]
+__all__ = ["on_query", "on_parse", "decide", "audit_refusal", "app_prefix", "statement_type", "split_statements",
+           "AUDIT_FAILING", "P", "Q", "S"]
 
 AUDIT_FAILING = ("pgwarden: the audit log cannot be written, so statements of restricted roles are refused "
                  "until it can; tell the pgwarden administrator")

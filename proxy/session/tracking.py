@@ -48,11 +48,12 @@ def tag_facts(payload: bytes) -> tuple[str, int | None]:
 class Run:
     """One statement on its way through the server, for its audit event."""
 
-    __slots__ = ("text", "start", "decision", "done", "guard", "reserved")
+    __slots__ = ("text", "start", "decision", "done", "guard", "reserved", "intent")
 
     def __init__(self, text: str = "", decision: Decision | None = None) -> None:
         self.text = text  # decoded with the session's client_encoding
         self.start = 0.0
+        self.intent = 0  # seq of its durable statement_start (write-ahead), 0: none; the outcome names it
         self.decision = decision
         self.done = False
         self.guard: dict[str, Any] | None = None  # guard counters for the audit event
@@ -214,11 +215,14 @@ class Tracker:
             runs = head.runs or [Run()]
             if head.index < len(runs):
                 run = runs[head.index]
+                rest = runs[head.index + 1:]
                 head.index = len(runs)  # the rest of the Query is not run
                 if late is not None:
                     run.decision = late
                 sent = max(self.scanner.rows - head.rows0, 0) if refusal is None else 0  # rows before the error
                 self.owner.finish(run, "refused" if refusal else "error", None, sent, None if refusal else err)
+                for r in rest:  # one event per statement: PostgreSQL skipped these after the error
+                    self.owner.finish(r, "refused" if head.refusal is not None else "skipped", None, 0, None)
             return replacement
         # Extended protocol: the server now skips everything up to Sync.
         failed: Run | None = None
@@ -230,6 +234,8 @@ class Tracker:
             # Parse, Bind or Describe failed before any Execute of this batch.
             failed = Run(head.sql or "")
             failed.start = time.perf_counter()
+            if head.runs:
+                failed.intent = head.runs[0].intent  # an Execute refused after its intent was written
         if late is not None:
             failed.decision = late
             self.owner.finish(failed, "refused", None, 0, None)

@@ -564,15 +564,6 @@ class BackendScanner:
         return out, events
 
 
-def split_bind_names(payload: bytes) -> tuple[bytes, bytes]:
-    """(portal, statement) of a Bind, without decoding its parameters (the hot path)."""
-    a = payload.find(b"\x00")
-    b = payload.find(b"\x00", a + 1) if a >= 0 else -1
-    if b < 0:
-        raise ProtocolError("invalid Bind message: unterminated names")
-    return payload[:a], payload[a + 1:b]
-
-
 def split_execute(payload: bytes) -> tuple[bytes, int]:
     """(portal, max rows) of an Execute."""
     end = payload.find(b"\x00")

@@ -77,12 +77,12 @@ sys.path.insert(0, str(ROOT))
 from proxy.auth import make_scram_verifier  # noqa: E402
 from proxy.demo.pgcluster import PgCluster  # noqa: E402
 
-TARGETS = ("direct", "pgbouncer", "pgwarden", "metrics", "pgwarden-w2", "rules", "guards")
+TARGETS = ("direct", "pgbouncer", "pgwarden", "metrics", "pgwarden-w2", "rules", "rules-nowa", "guards")
 MODES = ("simple", "extended", "prepared")
 #: Same-round ratios; rules/pgwarden is the cost of the access rules alone.
 RATIOS = (("pgbouncer", "direct"), ("pgwarden", "direct"), ("pgwarden", "pgbouncer"),
           ("metrics", "pgwarden"), ("pgwarden-w2", "pgwarden"), ("rules", "pgwarden"), ("rules", "direct"),
-          ("guards", "rules"))
+          ("guards", "rules"), ("rules", "rules-nowa"))
 BENCH_DB = "bench"
 BENCH_USER, BENCH_PASSWORD = "bench", "benchpw"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -409,13 +409,14 @@ def write_bench_rules(path: Path, scale: int, *, guards: bool = False) -> None:
 
 def start_pgwarden(cluster: PgCluster, workdir: Path, name: str = "pgwarden",
                    rules_path: Path | None = None, *, metrics: bool = False, workers: int = 1,
-                   state: dict[str, Any] | None = None) -> Target:
+                   state: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> Target:
     """The console script in its own process: we measure its CPU, not ours.
 
     ``rules_path`` set: the ``rules`` target, a second, separate pgwarden, so both can be
     measured in the same rounds without one's caches or CPU mixing with the other's.
     """
     exe = pgwarden_exe()
+    audit_extra = audit
     d = workdir / name
     d.mkdir()
     port = free_port()
@@ -424,7 +425,7 @@ def start_pgwarden(cluster: PgCluster, workdir: Path, name: str = "pgwarden",
         "listen": {"host": "127.0.0.1", "port": port},
         "upstream": {"host": "127.0.0.1", "port": cluster.port, "user": cluster.service_user,
                      "password": cluster.service_password, "sslmode": "disable"},
-        "audit": {"path": str(audit)},
+        "audit": {"path": str(audit), **(audit_extra or {})},
         "users": {BENCH_USER: {"password": make_scram_verifier(BENCH_PASSWORD), "role": "bench"}},
     }
     if rules_path is not None:
@@ -891,6 +892,12 @@ def main(argv: list[str] | None = None) -> int:
                 rules_path = workdir / "bench-rules.yaml"
                 write_bench_rules(rules_path, args.scale)
                 targets[name] = start_pgwarden(cluster, workdir, "rules", rules_path)
+            elif name == "rules-nowa":
+                # The rules without write-ahead: rules/rules-nowa is what the durable statement_start costs.
+                rules_path = workdir / "bench-rules-nowa.yaml"
+                write_bench_rules(rules_path, args.scale)
+                targets[name] = start_pgwarden(cluster, workdir, "rules-nowa", rules_path,
+                                               audit={"write_ahead": False})
             elif name == "guards":
                 guards_path = workdir / "bench-guards.yaml"
                 write_bench_rules(guards_path, args.scale, guards=True)

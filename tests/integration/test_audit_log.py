@@ -63,15 +63,17 @@ def test_restricted_statements_are_refused_while_the_log_cannot_be_written(
         assert c.execute("SELECT 1 + 1").fetchone() == (2,)
     wait_for(lambda: any(e.get("event") == "disconnect" for e in events(link)), "the disconnect event")
     evs = events(link)
-    assert [e["event"] for e in evs] == ["login", "statement", "statement", "disconnect"]
-    assert [e["seq"] for e in evs] == [1, 2, 3, 4]
+    # The refused statement never reached the server (no intent); the next one was durable before it ran.
+    assert [e["event"] for e in evs] == ["login", "statement", "statement_start", "statement", "disconnect"]
+    assert [e["seq"] for e in evs] == [1, 2, 3, 4, 5]
     refused = evs[1]
     assert (refused["outcome"], refused["sqlstate"], refused["reason"]) == (
         "refused", "42501", "audit log cannot be written: No space left on device (ENOSPC)")
-    assert (evs[2]["outcome"], evs[2]["statement"]) == ("ok", "SELECT 1 + 1")
+    assert evs[2]["statement"] == "SELECT 1 + 1" and "start" not in refused
+    assert (evs[3]["outcome"], evs[3]["statement"], evs[3]["start"]) == ("ok", "SELECT 1 + 1", 3)
     r = subprocess.run([*PGWARDEN, "audit", "verify", str(link)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "replica test: intact, 4 events, seq 1..4" in r.stdout
+    assert "replica test: intact, 5 events, seq 1..5" in r.stdout
 
 
 BOB_SEES = "department = 'FO' AND NOT legal_hold AND created_at >= statement_timestamp() - interval '72 hours'"
@@ -109,12 +111,17 @@ def test_on_failure_continue_runs_restricted_statements_and_writes_them_later(cl
     finally:
         proxy.thread.stop()
     evs = events(link)
+    # Each statement's write-ahead intent (statement_start) could not be written either: with `continue`
+    # the statement ran anyway, and both events reached the file once it could be written.
     assert [(e["event"], e.get("statement"), e.get("outcome")) for e in evs] == [
-        ("login", None, None), ("statement", "SELECT count(*) FROM cs_records", "ok"),
+        ("login", None, None), ("statement_start", "SELECT count(*) FROM cs_records", None),
+        ("statement", "SELECT count(*) FROM cs_records", "ok"),
+        ("statement_start", "SELECT id FROM cs_records ORDER BY id LIMIT 3", None),
         ("statement", "SELECT id FROM cs_records ORDER BY id LIMIT 3", "ok"), ("disconnect", None, None),
         ("audit_closed", None, None)]
+    assert [e.get("start") for e in evs if e["event"] == "statement"] == [2, 4]
     r = verify(link, from_start=True)
-    assert r.returncode == 0 and "replica test: intact, 5 events, seq 1..5" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "replica test: intact, 7 events, seq 1..7" in r.stdout, r.stdout + r.stderr
 
 
 def test_events_past_the_hold_back_limit_go_to_stderr_and_verify_reports_them_missing(
@@ -152,7 +159,7 @@ def test_events_past_the_hold_back_limit_go_to_stderr_and_verify_reports_them_mi
     assert [e["seq"] for e in dropped] == list(range(1, k + 1))  # type: ignore[index]
     assert [e["seq"] for e in kept] == list(range(k + 1, k + 1 + len(kept)))
     assert [e["event"] for e in kept][-2:] == ["disconnect", "audit_closed"]
-    assert k + len(kept) == 1 + 40 + 1 + 1  # login, 40 statements, disconnect, audit_closed
+    assert k + len(kept) == 1 + 2 * 40 + 1 + 1  # login, 40 statements and their intents, disconnect, audit_closed
     # verify sees that the chain in the file does not begin at seq 1 ...
     r = verify(link)
     assert r.returncode == 0 and f"the chain begins at seq {k + 1}" in r.stdout, r.stdout
@@ -225,8 +232,12 @@ def test_sigterm_writes_every_event_of_busy_sessions(cluster: PgCluster, tmp_pat
     evs = events(files[0])
     stmts = [e for e in evs if e["event"] == "statement" and e.get("outcome") == "ok"]
     assert len(stmts) == 8 * 50
-    assert sorted(e["statement"] for e in evs if e.get("outcome") == "client_disconnected") == [
-        "SELECT pg_sleep(60)"]
+    # Cut by the shutdown grace: labelled as such, not as the client's doing.
+    assert [(e["statement"], e["sqlstate"]) for e in evs if e.get("outcome") == "shutdown"] == [
+        ("SELECT pg_sleep(60)", "57P01")]
+    assert not [e for e in evs if e.get("outcome") == "client_disconnected"]
+    starts = {e["seq"] for e in evs if e["event"] == "statement_start"}  # bob and dave are restricted roles
+    assert len(starts) == 8 * 50 + 1 and starts == {e["start"] for e in evs if "start" in e}
     assert sum(1 for e in evs if e["event"] == "disconnect") == 9
     assert evs[-1]["event"] == "audit_closed"
     r = subprocess.run([*PGWARDEN, "audit", "verify", str(tmp_path)], capture_output=True, text=True, timeout=60)
@@ -342,3 +353,14 @@ def test_prepared_statements_are_refused_too_once_the_file_stops_growing(cluster
             proc.wait(10)
     assert "CANNOT BE WRITTEN: File too large (EFBIG)" in err
     assert (tmp_path / "audit.jsonl").stat().st_size <= 16 << 10
+    # Write-ahead: every Execute that ran had its statement_start in the file before it reached PostgreSQL,
+    # so the statements that ran are exactly those the file can show; the first failed write refused its own.
+    starts = []
+    for line in (tmp_path / "audit.jsonl").read_bytes().splitlines():
+        try:
+            ev = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # the line the size limit cut
+        if ev.get("event") == "statement_start":
+            starts.append(ev)
+    assert len(starts) == refused_at, (len(starts), refused_at)

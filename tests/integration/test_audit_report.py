@@ -161,7 +161,9 @@ def test_report_renders_in_headless_chromium(month: tuple[Path, list[dict]], tmp
     late = sum(1 for e in live if not 7 <= datetime.fromisoformat(e["time"]).astimezone(shanghai).hour < 23)
     off = 6 + late  # dave's 23:30 reads, and today's live statements if this runs at night in Shanghai
     assert r.stdout.strip() == (f"{page}: {statements} statements by 4 people, 31 refused, {off} off shift, "
-                                "6 general-manager accesses")
+                                "6 general-manager accesses; 2 chain(s) verified intact (NOT all chains keyed and "
+                                "checked (plain SHA-256 can be recomputed by anyone with write access); no anchors "
+                                "checked (a cut tail would not show))")
     text = page.read_text(encoding="utf-8")
     assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "https://" not in text and "<script" not in text
@@ -174,6 +176,7 @@ def test_report_renders_in_headless_chromium(month: tuple[Path, list[dict]], tmp
     html = dom.stdout
     assert f'<span class="kpi" id="kpi-statements"><b>{statements}</b>statements</span>' in html
     assert '<span class="kpi" id="kpi-refused"><b>31</b>refused</span>' in html
+    assert '<p class="ok" id="verdict" data-status="verified"><b>verified</b>: 2 chain(s) verified intact' in html
     assert f'<span class="kpi" id="kpi-offshift"><b>{off}</b>off shift</span>' in html
     users = re.search(r'<svg id="chart-users".*?</svg>', html, re.S)
     assert users is not None and users.group(0).count('<rect class="bar"') == 4

@@ -344,12 +344,13 @@ def test_state_role_owns_the_guard_schema_and_the_service_role_cannot_reach_it(c
             "users": {"x": {"role": "r", "password": make_scram_verifier("x")}}}))
         run = [sys.executable, "-m", "proxy.cli", "migrate", "--config", str(cfg)]
         first = subprocess.run(run, capture_output=True, text=True, timeout=60)
-        assert first.returncode == 0 and "applied [1, 2, 3]" in first.stdout, first.stderr
+        assert first.returncode == 0 and "applied [1, 2, 3, 4]" in first.stdout, first.stderr
         again = subprocess.run(run, capture_output=True, text=True, timeout=60)
-        assert again.returncode == 0 and "up to date (version 3)" in again.stdout, again.stderr
+        assert again.returncode == 0 and "up to date (version 4)" in again.stdout, again.stderr
         tables = cluster.psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables "
                               "WHERE schemaname = 'pgwarden'", database=db)
-        assert tables.strip() == ("emergencies,guest_lookups,lockouts,refusal_streaks,row_usage,schema_migrations,"
+        assert tables.strip() == ("audit_anchors,emergencies,guest_lookups,lockouts,refusal_streaks,row_usage,"
+                                  "schema_migrations,"
                                   "ticket_decisions,tickets")
         denied = cluster.psql(f"SELECT has_schema_privilege('{cluster.service_user}', 'pgwarden', 'USAGE')",
                               database=db)

@@ -340,7 +340,7 @@ def _backend_alive(cluster: PgCluster, pid: int) -> bool:
 
 def _active_sleeps(cluster: PgCluster) -> int:
     return int(cluster.psql("SELECT count(*) FROM pg_stat_activity "
-                            "WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'", "postgres").strip())
+                            "WHERE lower(query) = 'select pg_sleep(20)' AND state = 'active'", "postgres").strip())
 
 
 async def test_client_disconnect_mid_query_cancels_upstream(proxy: Proxy, cluster: PgCluster) -> None:

@@ -146,10 +146,13 @@ def test_torn_last_line_starts_an_explicit_segment(tmp_path: Path) -> None:
     assert raw[4] == b'{"event":"statement","user":"al'
     restart = orjson.loads(raw[5])
     assert restart["event"] == "chain_restart"
-    assert restart["reason"] == f"the last line of {p} (31 bytes) is torn (no newline at its end)"
+    assert restart["reason"] == "unclean stop"
+    assert restart["detail"] == f"the last line of {p} (31 bytes) is torn (no newline at its end)"
     assert (restart["seq"], restart["prev_hash"]) == (5, orjson.loads(raw[3])["hash"])
     res = verify(numbered_lines([str(p)]))
-    assert res.ok and res.chains["r1"].last_seq == 7
+    chain = res.chains["r1"]
+    assert chain.problem is None and chain.last_seq == 7  # the chain itself is whole ...
+    assert not res.ok and chain.unclean == [f"{p}:6: {restart['detail']}"]  # ... but a crash is evidence
     # The same torn line with no chain_restart after it is a broken event.
     p.write_bytes(b"\n".join(raw[:5]) + b"\n" + b"\n".join(raw[6:]) + b"\n")
     res = verify(numbered_lines([str(p)]))

@@ -94,7 +94,8 @@ def test_config_show_prints_the_effective_configuration_with_secrets_hidden(tmp_
         "pms": {"role": "pms_integration", "method": "md5", "md5": "<hidden>"},
     }
     assert shown["from_environment"] == ["PGWARDEN_LISTEN_PORT", "PGWARDEN_UPSTREAM_PASSWORD"]
-    assert shown["audit"] == {"path": "/var/log/pgwarden/audit.jsonl"}
+    assert shown["audit"] == {"path": "/var/log/pgwarden/audit.jsonl", "key": None, "write_ahead": True,
+                              "anchor_every": 1000, "anchor_seconds": 5.0}
 
 
 def test_config_show_reports_errors_with_file_and_line(tmp_path: Path) -> None:
