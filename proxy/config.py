@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from proxy.wire.codec import DEFAULT_MAX_MESSAGE
+from proxy.verifiers import parse_scram_verifier
 from rules.yamlfile import ConfigError, Located, expect, load_yaml, load_yaml_text, parse_networks
 
 
@@ -138,8 +139,6 @@ def _parse_user(name: str, d: Any, loc: Located) -> UserEntry:
             continue
         expect(isinstance(v, str), loc, p + (key,), "password verifiers are strings")
         if v.startswith("SCRAM-SHA-256$"):
-            from proxy.auth import parse_scram_verifier  # local: auth imports config
-
             try:
                 parse_scram_verifier(v)
             except ValueError as exc:

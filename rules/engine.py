@@ -73,6 +73,14 @@ class Engine:
         self._by_principal[id(principal)] = (principal, hit)
         return hit
 
+    def loggable(self, sql: str) -> str:
+        """The statement as the audit log may show it: sensitive literals masked (R2.4)."""
+        if not self._sensitive:
+            return sql
+        from .redact import redact
+
+        return redact(sql, self._sensitive) or sql
+
     def restricted(self, principal: Principal) -> bool:
         """Does this person get rewritten statements and trimmed error details?"""
         if self.rules is None:

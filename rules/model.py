@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sqlglot
 from sqlglot import exp
 
+from .retention import RetentionRule, parse_retention
 from .yamlfile import ConfigError, Located, load_yaml, parse_networks
 from .principal import Principal
 
@@ -268,7 +269,6 @@ def _grant(table: str, v: Any, loc: Located, path: tuple[Any, ...]) -> TableGran
 def parse_rules(data: Any, loc: Located) -> Rules:
     d = _mapping(data, loc, (), "the rules file")
     _keys(d, {"timezone", "shifts", "tables", "roles", "guards", "tickets", "retention"}, loc, ())
-    from .retention import parse_retention  # retention rules: checked with the rest (check, reload)
 
     parse_retention(d.get("retention"), loc, d.get("tables") or {})
     tz = str(d.get("timezone", "UTC"))
@@ -749,3 +749,12 @@ def _canonical(name: str) -> str:
     from .catalog import qualify
 
     return qualify(*parts[-2:]) if len(parts) >= 2 else qualify("public", parts[0])
+
+
+def load_retention(path: str) -> tuple[RetentionRule, ...]:
+    """The retention rules of a rules file (time columns from its tables, wherever they are declared)."""
+    tables = {name: {"time_column": t.time_column} for name, t in load_rules(path).tables.items()}
+    data, loc = load_yaml(path)
+    if not isinstance(data, dict):
+        return ()
+    return parse_retention(data.get("retention"), loc, tables)

@@ -117,17 +117,6 @@ def parse_retention(data: Any, loc: Located, tables: Mapping[str, Any]) -> tuple
     return tuple(out)
 
 
-def load_retention(path: str) -> tuple[RetentionRule, ...]:
-    """The retention rules of a rules file (time columns from its tables, wherever they are declared)."""
-    from .model import load_rules
-
-    tables = {name: {"time_column": t.time_column} for name, t in load_rules(path).tables.items()}
-    data, loc = load_yaml(path)
-    if not isinstance(data, dict):
-        return ()
-    return parse_retention(data.get("retention"), loc, tables)
-
-
 def condition(rule: RetentionRule, legal_hold: str | None) -> str:
     """Rows this rule removes, older than the cutoff given as $1 (timestamptz)."""
     parts = [f"{quote_ident(rule.time_column)} < $1"]

@@ -210,7 +210,7 @@ def _retention(args: argparse.Namespace) -> int:
     """Plan (dry run, the default) or apply the retention rules; every rule is audited either way."""
     import getpass
 
-    from rules.retention import load_retention
+    from rules.model import load_retention
 
     from proxy.audit.log import AuditLog, default_replica
     from proxy.cli.retention import render, run

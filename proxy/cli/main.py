@@ -106,7 +106,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _passwd(args: argparse.Namespace) -> int:
-    from proxy.auth import make_md5, make_scram_verifier
+    from proxy.verifiers import make_md5, make_scram_verifier
 
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")

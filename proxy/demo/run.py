@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from proxy.auth import make_md5, make_scram_verifier
+from proxy.verifiers import make_md5, make_scram_verifier
 from proxy.config import Config, load_yaml_text, parse_config
 
 DEMO_PASSWORD = "demo"

@@ -426,8 +426,9 @@ class Relay:
         if guards.store is not None:
             if run.reserved is not None:
                 guards.give_back(self.principal, run.reserved, fields["rows"] if outcome != "refused" else 0)
-            guards.after(self.principal, outcome == "refused", (d.reason or d.message) if d is not None else "",
-                         self._emit_event)
+            if outcome != "skipped":  # a statement that never ran neither breaks nor extends a refusal streak
+                guards.after(self.principal, outcome == "refused", (d.reason or d.message) if d is not None else "",
+                             self._emit_event)
         else:
             fields.pop("guard", None)
         self.services.audit.emit_with("statement", self.audit_base, fields)

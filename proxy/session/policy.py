@@ -9,6 +9,7 @@ the person's prefix. What must wait for the outside world raises Suspend (proxy/
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -231,7 +232,7 @@ def on_query(r: Relay, payload: bytes, now: float) -> bytes | None:
     for i, part in enumerate(parts):
         d = _own(r, part) or decide(r, part)
         if d.action == "refuse":  # one refused statement refuses the whole Query (nothing of it runs)
-            return r.refuse_simple(sql, d, now)
+            return _refuse_query(r, sql, parts, i, runs, d, now)
         if d.sql is not None:  # pgwarden's own text (always, for restricted roles: rules.pgconfirm)
             parts[i] = d.sql
             rewritten = True
@@ -251,6 +252,21 @@ def on_query(r: Relay, payload: bytes, now: float) -> bytes | None:
         # A newline before each ";": a part may end in a -- comment that would swallow it.
         return codec.query_message(r.text.encode("\n;\n".join(parts)))
     return None
+
+
+def _refuse_query(r: Relay, sql: bytes, parts: list[str], culprit: int, decided: list[Run], d: Decision,
+                  now: float) -> bytes:
+    """A Query with a refused statement runs none of its statements: one event each, ``skipped`` for the
+    others (they never reach the server), ``refused`` for the one the rules refuse."""
+    for j, part in enumerate(parts):
+        if j == culprit:
+            continue
+        run = decided[j] if j < len(decided) else Run(r.services.engine.loggable(part))
+        run.start = now
+        r.finish(run, "skipped", None, 0)
+    if len(parts) > 1 and not d.redacted:
+        d = dataclasses.replace(d, redacted=parts[culprit])  # the event shows the statement refused
+    return r.refuse_simple(sql, d, now)
 
 
 def _guard_query(r: Relay, payload: bytes, sql: bytes, parts: list[str], runs: list[Run],

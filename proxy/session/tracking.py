@@ -226,10 +226,14 @@ class Tracker:
             return replacement
         # Extended protocol: the server now skips everything up to Sync.
         failed: Run | None = None
+        skipped: list[Run] = []
         while expect and expect[0].kind != S:
             e = expect.popleft()
-            if failed is None and e.kind == E and e.runs:
-                failed = e.runs[0]
+            if e.kind == E and e.runs:
+                if failed is None:
+                    failed = e.runs[0]
+                else:
+                    skipped.append(e.runs[0])  # PostgreSQL skips them to the Sync: they never run
         if failed is None:
             # Parse, Bind or Describe failed before any Execute of this batch.
             failed = Run(head.sql or "")
@@ -246,12 +250,27 @@ class Tracker:
             self.owner.finish(failed, "refused", None, 0, None)
         else:
             self.owner.finish(failed, "error", None, max(self.scanner.rows - head.rows0, 0), err)
+        for r in skipped:
+            self.owner.finish(r, "skipped", None, 0, None)
         return replacement
 
     def pending(self) -> list[Run]:
         """Statements sent and not yet answered (the session is ending): taken off the queue."""
         out: list[Run] = []
-        while self.expect:
-            e = self.expect.popleft()
+        queue = list(self.expect)
+        self.expect.clear()
+        for i, e in enumerate(queue):
+            if e.kind == P and e.refusal is not None and any(
+                    later.kind == E for later in _until_sync(queue[i + 1:])):
+                continue  # a refused Parse stands for its statement only until an Execute of it does
             out.extend(r for r in (e.runs or [])[e.index if e.kind == Q else 0:] if not r.done)
         return out
+
+
+def _until_sync(queue: list[Expect]) -> list[Expect]:
+    out = []
+    for e in queue:
+        if e.kind == S:
+            break
+        out.append(e)
+    return out

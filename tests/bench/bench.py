@@ -74,7 +74,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from proxy.auth import make_scram_verifier  # noqa: E402
+from proxy.verifiers import make_scram_verifier  # noqa: E402
 from proxy.demo.pgcluster import PgCluster  # noqa: E402
 
 TARGETS = ("direct", "pgbouncer", "pgwarden", "metrics", "pgwarden-w2", "rules", "rules-nowa", "guards")

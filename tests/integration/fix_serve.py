@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.auth import make_md5, make_scram_verifier
+from proxy.verifiers import make_md5, make_scram_verifier
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "demo"

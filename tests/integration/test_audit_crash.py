@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from proxy.audit.chain import GENESIS, canonical
-from proxy.auth import make_scram_verifier
+from proxy.verifiers import make_scram_verifier
 from proxy.demo.pgcluster import PgCluster
 from tests.conftest import state_config
 from tests.integration.fix_serve import ROOT, serve, write_config

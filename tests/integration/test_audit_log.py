@@ -15,7 +15,7 @@ import orjson
 import psycopg
 import pytest
 
-from proxy.auth import make_scram_verifier
+from proxy.verifiers import make_scram_verifier
 from proxy.demo.pgcluster import PgCluster
 from tests.conftest import Proxy, start_proxy
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.auth import parse_scram_verifier
+from proxy.verifiers import parse_scram_verifier
 
 PGWARDEN = [sys.executable, "-m", "proxy.cli"]
 ROOT = Path(__file__).resolve().parents[2]

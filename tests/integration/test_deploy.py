@@ -324,7 +324,7 @@ def test_state_role_owns_the_guard_schema_and_the_service_role_cannot_reach_it(c
     import json
     import sys
 
-    from proxy.auth import make_scram_verifier
+    from proxy.verifiers import make_scram_verifier
 
     db, role, pw = "state_role_check", "pgw_state_check", "state-check-pw"
     cluster.psql(f"DROP DATABASE IF EXISTS {db};\nCREATE DATABASE {db};", database="postgres")

@@ -381,7 +381,7 @@ def test_client_sessions_cannot_reach_the_counters(pair: tuple[Proxy, Proxy], cl
 
 def write_config(path: Path, cluster: PgCluster, schema: str, audit: Path | None = None) -> None:
     """A config with the demo users (password "demo") for the command line."""
-    from proxy.auth import make_scram_verifier
+    from proxy.verifiers import make_scram_verifier
     from proxy.demo.run import DEMO_USERS
 
     users = {u: {"role": r, "password": make_scram_verifier("demo"), "department": d or "X"}
@@ -492,7 +492,7 @@ def test_cursor_fetches_are_counted(budget_pair: tuple[Proxy, Proxy], cluster: P
 
 
 def test_a_client_certificate_as_second_factor(cluster: PgCluster, tmp_path: Path) -> None:
-    from proxy.auth import make_scram_verifier
+    from proxy.verifiers import make_scram_verifier
     from tests.integration.fix_tls import make_client_cert, make_self_signed
 
     cert, key = make_self_signed(str(tmp_path))

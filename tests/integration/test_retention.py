@@ -19,7 +19,7 @@ import pytest
 from proxy.config import ConfigError
 from proxy.demo.pgcluster import PgCluster
 from proxy.demo.sampledata import load_sample_sync
-from rules.retention import load_retention
+from rules.model import load_retention
 
 ROOT = Path(__file__).resolve().parents[2]
 HOTEL = ROOT / "deploy" / "rules" / "hotel.yaml"

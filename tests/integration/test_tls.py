@@ -20,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.auth import make_md5, make_scram_verifier
+from proxy.verifiers import make_md5, make_scram_verifier
 from proxy.demo.pgcluster import PgCluster
 from proxy.wire import codec
 from proxy.wire.codes import B

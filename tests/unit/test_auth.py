@@ -18,17 +18,8 @@ import pytest
 import scramp
 
 from proxy import auth
-from proxy.auth import (
-    SCRAM_ITERATIONS,
-    AuthFailed,
-    ScramServerExchange,
-    authenticate,
-    check_cleartext,
-    is_trusted,
-    make_md5,
-    make_scram_verifier,
-    parse_scram_verifier,
-)
+from proxy.auth import AuthFailed, ScramServerExchange, authenticate, check_cleartext, is_trusted
+from proxy.verifiers import SCRAM_ITERATIONS, make_md5, make_scram_verifier, parse_scram_verifier
 from proxy.config import Config, UserEntry, load_yaml_text, parse_config
 from proxy.wire import codec
 from proxy.wire.codec import MessageReader

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import make_md5, make_scram_verifier
+from proxy.verifiers import make_md5, make_scram_verifier
 from proxy.config import (
     Config,
     ConfigError,

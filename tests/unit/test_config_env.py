@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.auth import make_md5, make_scram_verifier
+from proxy.verifiers import make_md5, make_scram_verifier
 from proxy.config import ENV_OVERRIDES, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
