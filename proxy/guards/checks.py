@@ -10,10 +10,11 @@ for statements that look guests up), and, after each statement, whether it was r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from rules.decision import Decision
@@ -49,6 +50,17 @@ class Verdict:
 
 
 
+class _Streak:
+    """One person's refusal streak as this replica knows it, between the store's answers."""
+
+    __slots__ = ("local", "issued", "reset_after")
+
+    def __init__(self) -> None:
+        self.local = 0  # refusals in a row, this replica's count (the store's, plus what it has not answered)
+        self.issued = 0  # refusals reported so far (each store update answers one of them)
+        self.reset_after = 0  # refusals up to this one came before the last success
+
+
 def _when(t: datetime) -> str:
     return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -62,6 +74,8 @@ class Guards:
         self._rules = rules  # the current rules (they change on reload)
         self._spawn = spawn
         self.stats = stats  # proxy.metrics.Stats when metrics are on: lockouts are counted there
+        self._streaks: dict[str, _Streak] = {}  # person -> refusals in a row as this replica knows them
+        self._chains: dict[str, asyncio.Future[Any]] = {}  # person -> the last store update asked for
 
     def _settings(self) -> Any:
         rules = self._rules()
@@ -205,29 +219,54 @@ class Guards:
     # --- after a statement ----------------------------------------------------------------
 
     def after(self, principal: Principal, refused: bool, reason: str, emit: Callable[[str, dict[str, Any]], None]) -> None:
-        """Keep the refusal streak: N refused in a row lock the person out on every replica."""
+        """Keep the refusal streak: N refused in a row lock the person out on every replica.
+
+        Exact, both ways (R3.5). This replica counts at once, in the order the sessions report
+        statements (each session reports in statement order): the refusal that makes N locks the
+        person out here before the next statement is decided, and a success right after a refusal
+        resets the streak. The store, which counts every replica's statements, hears the same
+        updates in the same order (one chain per person) and has the last word: its lockout reaches
+        the other replicas by NOTIFY, and where it counted less (a success elsewhere) the early
+        lockout here is lifted.
+        """
         store = self.store
         settings = self._settings()
         if store is None or settings is None or not store.healthy:
             return
         user = principal.user
+        mine = self._streaks.setdefault(user, _Streak())
         if refused:
             if reason in GUARD_REASONS:
                 return
+            mine.issued += 1
+            mine.local += 1
+            token = mine.issued
+            early = None
+            if mine.local >= settings.lockout_after and store.locked_until(user) is None:
+                early = datetime.now(timezone.utc) + timedelta(seconds=settings.lockout_seconds)
+                store.early_lockouts[user] = early  # refused from the very next statement on, on this replica
+                store.lock_reasons[user] = reason[:200]
 
             async def bump() -> None:
                 try:
                     streak, until = await store.record_refusal(
                         user, settings.lockout_after, settings.lockout_seconds, reason[:200])
-                except Exception:  # noqa: BLE001 - best effort: the refusal itself already happened
+                except Exception:  # noqa: BLE001 - the refusal itself already happened; an early lock stays
                     return
+                if early is not None:
+                    store.early_lockouts.pop(user, None)  # the store's answer has the last word
                 if until is not None:
+                    mine.local, mine.reset_after = 0, mine.issued
                     if self.stats is not None:
                         self.stats.lockouts += 1
                     emit("lockout", {"until": until.isoformat(), "streak": streak, "reason": reason[:200]})
+                elif token > mine.reset_after:
+                    # The store's count (every replica's) as of this refusal, and this replica's since.
+                    mine.local = streak + (mine.issued - token)
 
-            self._spawn(bump())
-        elif user in store.streaking:
+            self._in_order(user, bump)
+        elif mine.local or user in store.streaking:
+            mine.local, mine.reset_after = 0, mine.issued
             store.streaking.discard(user)
 
             async def reset() -> None:
@@ -236,7 +275,21 @@ class Guards:
                 except Exception:  # noqa: BLE001 - best effort
                     store.streaking.add(user)
 
-            self._spawn(reset())
+            self._in_order(user, reset)
+
+    def _in_order(self, user: str, step: Callable[[], Any]) -> None:
+        """Run the store updates of one person one after the other, in the order they were asked for."""
+        before = self._chains.get(user)
+
+        async def run() -> None:
+            if before is not None:
+                with contextlib.suppress(BaseException):
+                    await before
+            await step()
+
+        task = self._spawn(run())
+        self._chains[user] = task
+        task.add_done_callback(lambda t: self._chains.pop(user, None) if self._chains.get(user) is t else None)
 
 
 def device_refusal(principal: Principal, user_networks: Sequence[Any], role: Any) -> str | None:

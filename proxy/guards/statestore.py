@@ -226,6 +226,9 @@ class StateStore:
         self._reload_task: asyncio.Task[None] | None = None
         #: users whose refusal streak is not zero (so an allowed statement knows to reset it).
         self.streaking: set[str] = set()
+        # Lockouts this replica has counted and the store has not confirmed yet (a reload of the
+        # store's tables does not forget them; the store's answer replaces them).
+        self.early_lockouts: dict[str, datetime] = {}
         self.healthy = False
         self.problem = "the state store has not been reached yet"
         self._ready = asyncio.Event()
@@ -361,11 +364,12 @@ class StateStore:
         return {u: (t.timestamp(), self.lock_reasons.get(u, "")) for u, t in self.lockouts.items() if t > now}
 
     def locked_until(self, user: str, now: datetime | None = None) -> datetime | None:
-        until = self.lockouts.get(user)
+        until = self.lockouts.get(user) or self.early_lockouts.get(user)
         if until is None:
             return None
         if until <= (now or datetime.now(timezone.utc)):
             self.lockouts.pop(user, None)
+            self.early_lockouts.pop(user, None)
             return None
         return until
 
@@ -424,6 +428,7 @@ SELECT pg_notify($2, json_build_object('kind', 'streak', 'user', $1::text, 'stre
         async with pool.acquire() as conn:
             done = await unlock_on(conn, self.schema, user)
         self.lockouts.pop(user, None)
+        self.early_lockouts.pop(user, None)
         return done
 
     # --- row budgets (R3.3) -----------------------------------------------------------------

@@ -288,11 +288,12 @@ class Server:
         self.sessions.discard(session)
         self.connected_at.pop(session, None)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a background task whose failure must not take the server down."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def cancel(self, pid: int, secret: bytes, *, from_peer: bool = False) -> None:
         """Route a client's CancelRequest to the upstream backend it belongs to.

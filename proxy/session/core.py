@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,9 @@ class Relay:
         self.out_prefix = b""
         self.hold_paused = False
         self.ending = ""  # "shutdown": the server drains; statements still open end with that label
+        # The refusal streak (R3.5) hears outcomes in the order the statements came, a refusal as soon as
+        # pgwarden decides it (so a lockout stops the very next statement, pipelined ones too).
+        self.outcomes: deque[Run] = deque()
 
     # --- the I/O layer's inputs ----------------------------------------------------------------
 
@@ -378,6 +382,8 @@ class Relay:
         if self.guard.last_reserved is not None:
             run.reserved = self.guard.take_reserved()
         self.tracker.add(Expect(E, [run]))
+        # An Execute of a statement refused at Parse is that same refusal, counted there already.
+        self.count(run, "skipped" if st is not None and st[1] is not None and st[1].action == "refuse" else None)
         return None
 
     def _scope_ended(self) -> bool:
@@ -392,6 +398,7 @@ class Relay:
         run = Run(d.redacted if d.redacted else self.text.decode(sql), d)
         run.start = now
         self.tracker.add(Expect(kind, [run], refusal=codec.error_response(d.sqlstate, d.message)))
+        self.count(run, "refused")
         return codec.query_message(POISON_SQL[:-1])
 
     def refuse_execute(self, text: str, refusal: Decision, now: float, guard: dict[str, Any] | None = None) -> bytes:
@@ -401,7 +408,26 @@ class Relay:
         run.guard = guard
         self.tracker.add(Expect(policy.P, [run], refusal=codec.error_response(refusal.sqlstate, refusal.message),
                                 sql=text))
+        self.count(run, "refused")
         return codec.message(F.PARSE, b"pgwarden_refused\x00" + POISON_SQL + b"\x00\x00")
+
+    # --- the refusal streak, in statement order --------------------------------------------------
+
+    def count(self, run: Run, verdict: str | None) -> None:
+        """Queue a statement for the streak: its verdict now ("refused" by pgwarden), or None until it ends."""
+        run.verdict = verdict
+        self.outcomes.append(run)
+        self._drain()
+
+    def _drain(self) -> None:
+        guards = self.services.guards
+        outcomes = self.outcomes
+        while outcomes and outcomes[0].verdict is not None:
+            run = outcomes.popleft()
+            if run.verdict != "skipped" and guards.store is not None:
+                d = run.decision
+                guards.after(self.principal, run.verdict == "refused",
+                             (d.reason or d.message) if d is not None else "", self._emit_event)
 
     def set_scope(self, scope: Any, source: str) -> None:
         """Use a ticket's (or break-glass) scope from the next statement on, or stop using one."""
@@ -426,11 +452,15 @@ class Relay:
         if guards.store is not None:
             if run.reserved is not None:
                 guards.give_back(self.principal, run.reserved, fields["rows"] if outcome != "refused" else 0)
-            if outcome != "skipped":  # a statement that never ran neither breaks nor extends a refusal streak
-                guards.after(self.principal, outcome == "refused", (d.reason or d.message) if d is not None else "",
-                             self._emit_event)
         else:
             fields.pop("guard", None)
+        # A statement that never ran neither breaks nor extends a refusal streak.
+        verdict = "refused" if outcome == "refused" else "skipped" if outcome == "skipped" else "ran"
+        if run.verdict == "":
+            self.count(run, verdict)
+        elif run.verdict is None:
+            run.verdict = verdict
+            self._drain()
         self.services.audit.emit_with("statement", self.audit_base, fields)
         if self.services.stats is not None:  # metrics: counted where the event is written
             self.services.stats.statement(outcome, d, seconds, err.sqlstate if err is not None else None)

@@ -248,6 +248,8 @@ def on_query(r: Relay, payload: bytes, now: float) -> bytes | None:
         runs = [Run()]
         runs[0].start = now
     r.tracker.add(Expect(Q, runs))
+    for run in runs:
+        r.count(run, None)
     if rewritten:
         # A newline before each ";": a part may end in a -- comment that would swallow it.
         return codec.query_message(r.text.encode("\n;\n".join(parts)))
@@ -316,7 +318,9 @@ def on_parse(r: Relay, payload: bytes) -> bytes | None:
         text = d.redacted  # what the audit log may show from here on
     if d.action == "refuse":
         r.prepared[msg.name] = (text, d)
-        r.tracker.add(Expect(P, [Run(text, d)], refusal=codec.error_response(d.sqlstate, d.message), sql=text))
+        run = Run(text, d)
+        r.tracker.add(Expect(P, [run], refusal=codec.error_response(d.sqlstate, d.message), sql=text))
+        r.count(run, "refused")  # counted now: the next statement, pipelined or not, is decided after it
         return codec.message(F.PARSE, msg.name + b"\x00" + b"pgwarden refused this statement\x00\x00\x00")
     r.prepared[msg.name] = (text, d, msg.param_types) if d.lookups else (text, d)
     r.scopes.prepared(msg.name)

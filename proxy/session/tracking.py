@@ -48,12 +48,15 @@ def tag_facts(payload: bytes) -> tuple[str, int | None]:
 class Run:
     """One statement on its way through the server, for its audit event."""
 
-    __slots__ = ("text", "start", "decision", "done", "guard", "reserved", "intent")
+    __slots__ = ("text", "start", "decision", "done", "guard", "reserved", "intent", "verdict")
 
     def __init__(self, text: str = "", decision: Decision | None = None) -> None:
         self.text = text  # decoded with the session's client_encoding
         self.start = 0.0
         self.intent = 0  # seq of its durable statement_start (write-ahead), 0: none; the outcome names it
+        #: for the refusal streak, in statement order: None (not yet known), "refused", "ran", "skipped";
+        #: "" while it is not in the session's outcome queue
+        self.verdict: str | None = ""
         self.decision = decision
         self.done = False
         self.guard: dict[str, Any] | None = None  # guard counters for the audit event
@@ -235,11 +238,11 @@ class Tracker:
                 else:
                     skipped.append(e.runs[0])  # PostgreSQL skips them to the Sync: they never run
         if failed is None:
-            # Parse, Bind or Describe failed before any Execute of this batch.
-            failed = Run(head.sql or "")
-            failed.start = time.perf_counter()
-            if head.runs:
-                failed.intent = head.runs[0].intent  # an Execute refused after its intent was written
+            # Parse, Bind or Describe failed before any Execute of this batch (or an Execute pgwarden
+            # refused, answered like a Parse): its own run if it has one, so it is counted once.
+            failed = head.runs[0] if head.runs else Run(head.sql or "")
+            if not failed.start:
+                failed.start = time.perf_counter()
         if late is not None:
             failed.decision = late
             self.owner.finish(failed, "refused", None, 0, None)

@@ -6,6 +6,7 @@ The replicas are separate servers on separate ports; what one counts, the other 
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import json
 import os
@@ -754,3 +755,80 @@ def test_concurrent_migrate_applies_each_version_once(cluster: PgCluster, schema
         + [f"state schema {schema}: up to date (version {versions[-1]})"] * 3)
     assert direct(cluster, f"SELECT version FROM {schema}.schema_migrations ORDER BY version") == [
         (v,) for v in versions]
+
+
+# --- an exact lockout (issue 13, item 3) -------------------------------------------------------------
+
+
+def _streak(cluster: PgCluster, schema: str, user: str) -> int:
+    rows = direct(cluster, f"SELECT streak FROM {schema}.refusal_streaks WHERE user_name = '{user}'")
+    return rows[0][0] if rows else 0
+
+
+@pytest.mark.parametrize("attempt_no", [1, 2, 3])
+def test_the_statement_right_after_the_third_refusal_does_not_run(pair: tuple[Proxy, Proxy], cluster: PgCluster,
+                                                                  attempt_no: int) -> None:
+    a, _ = pair
+    with psycopg.connect(a.dsn("gina"), autocommit=True) as c:
+        for _ in range(3):
+            with pytest.raises(psycopg.Error) as ei:
+                c.execute("SELECT * FROM guests").fetchall()
+            assert ei.value.sqlstate == "42501" and LOCKED not in str(ei.value)
+        # at once: no round trip to the store stands between the third refusal and this statement
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("SELECT count(*) FROM cs_records").fetchall()
+        assert ei.value.sqlstate == "42501" and LOCKED in str(ei.value), str(ei.value)
+    events = [e for e in a.take_events() if e.get("statement") == "SELECT count(*) FROM cs_records"]
+    assert [(e["outcome"], e["reason"]) for e in events] == [("refused", "locked out")]
+
+
+async def test_pipelined_statements_after_the_third_refusal_do_not_run(pair: tuple[Proxy, Proxy]) -> None:
+    from proxy.wire import codec
+    from proxy.wire.codes import B
+    from tests.integration.fix_wire import errors, login
+
+    a, _ = pair
+    conn = await login(a.port, "gina")
+    try:
+        a.take_events()
+        # five Queries in one write: all are in pgwarden before the server has answered the first
+        statements = ["SELECT * FROM guests"] * 3 + ["SELECT count(*) FROM cs_records", "SELECT 1"]
+        conn.send(b"".join(codec.query_message(s) for s in statements))
+        answers = [await conn.recv_until(B.READY_FOR_QUERY) for _ in statements]
+    finally:
+        await conn.close()
+    got = [[(e.sqlstate, "locked out" in e.message) for e in errors(msgs)] for msgs in answers]
+    assert got == [[("42501", False)]] * 3 + [[("42501", True)]] * 2, got
+    events = [e for e in a.take_events() if e["event"] == "statement"]
+    assert [(e["statement"], e["outcome"], e.get("reason") == "locked out") for e in events] == [
+        ("SELECT * FROM guests", "refused", False)] * 3 + [
+        ("SELECT count(*) FROM cs_records", "refused", True), ("SELECT 1", "refused", True)], events
+
+
+def test_a_success_right_after_a_refusal_resets_the_streak(pair: tuple[Proxy, Proxy], cluster: PgCluster,
+                                                           schema: str) -> None:
+    a, b = pair
+    with psycopg.connect(a.dsn("gina"), autocommit=True) as c:
+        for _ in range(5):  # refusal, success, refusal, success ...: never three in a row
+            with pytest.raises(psycopg.Error):
+                c.execute("SELECT * FROM guests").fetchall()
+            assert c.execute("SELECT 1").fetchone() == (1,)  # no pause: the reset must not wait for anything
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("SELECT * FROM guests").fetchall()
+        assert LOCKED not in str(ei.value)
+    wait_until(lambda: _streak(cluster, schema, "gina") == 1)  # the store heard them in the same order
+    assert not locked_out(a, "gina") and not locked_out(b, "gina")
+    assert a.take_events("lockout") == []
+
+
+def test_refusals_of_two_sessions_on_two_replicas_lock_out_within_one_notify(pair: tuple[Proxy, Proxy],
+                                                                              cluster: PgCluster) -> None:
+    a, b = pair
+    with psycopg.connect(a.dsn("gina"), autocommit=True) as ca, psycopg.connect(b.dsn("gina"), autocommit=True) as cb:
+        for c in (ca, cb, ca):
+            with pytest.raises(psycopg.Error):
+                c.execute("SELECT * FROM guests").fetchall()
+        wait_until(lambda: locked_out(b, "gina"), timeout=2)  # the store's lockout, pushed by NOTIFY
+        with pytest.raises(psycopg.Error) as ei:
+            cb.execute("SELECT 1").fetchall()
+        assert LOCKED in str(ei.value)
