@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.postgres import Postgres
-from sqlglot.errors import SqlglotError
+from sqlglot.errors import ErrorLevel, SqlglotError
 from sqlglot.tokens import Token, TokenType
 
 from masking.pgtypes import MaskTypeError, parse_pg_type
@@ -323,7 +323,7 @@ def _query_statement(tree: exp.Expression, ctx: _Ctx) -> tuple[bool, str]:
 
 def _generate(tree: exp.Expression) -> str:
     try:
-        return tree.sql(dialect=DIALECT, comments=False, unsupported_level="raise")
+        return tree.sql(dialect=DIALECT, comments=False, unsupported_level=ErrorLevel.RAISE)
     except SqlglotError as e:
         raise Refused(f"{NOT_UNDERSTOOD} (cannot regenerate)", reason=str(e)[:200]) from None
 
