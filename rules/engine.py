@@ -199,30 +199,37 @@ def with_lookups(job: Job, d: Decision) -> Decision:
         found = find_lookups(job.sql, grants, job.catalog, job.search_path)
     except UnclearLookup as u:
         keys = sorted({g.subject_key for g in grants.tables.values() if g.subject_key})
+        hint = u.hint or f"look guests up with {' / '.join(keys)} = value or IN (values)"
         return redacted(job.sql, refuse(
             f"pgwarden: role {grants.role} has a per-guest lookup quota, and this statement constrains a "
-            f"guest key in a way that cannot be counted ({u}); look guests up with "
-            f"{' / '.join(keys)} = value or IN (values)", reason=f"unclear guest lookup: {u}"), job.sensitive)
+            f"guest key in a way that cannot be counted ({u}); {hint}", reason=f"unclear guest lookup: {u}"),
+            job.sensitive)
     return dataclasses.replace(d, lookups=found) if found else d
 
 
 def annotated(d: Decision, grants: Any, catalog: Any) -> Decision:
-    """What the audit event says beyond the verdict: masks and hidden columns applied, role flags."""
+    """What the audit event says beyond the verdict: the masks and hidden columns the statement
+    read (all of its tables' when that is not known), role flags."""
     from .grants import Treatment
 
     masked, hidden = [], []
+    read = d.columns_read
     for t in d.tables:
         g = grants.tables.get(t)
         rel = catalog.relations.get(t) if g is None else None
+        named = t
         if rel is not None:  # a partition or inheritance child: its root's grant applies
             t = catalog.root_of(rel).qualified_name
             g = grants.tables.get(t)
         for col, rule in (g.columns.items() if g is not None else ()):
+            if read is not None and f"{named}.{col}" not in read and f"{t}.{col}" not in read:
+                continue
             if rule.treatment == Treatment.MASK:
                 masked.append(f"{t}.{col}")
             elif rule.treatment == Treatment.HIDDEN:
                 hidden.append(f"{t}.{col}")
     flags = tuple(sorted(grants.flags))
+    masked, hidden = list(dict.fromkeys(masked)), list(dict.fromkeys(hidden))
     if not (masked or hidden or flags):
         return d
     return dataclasses.replace(d, masked=tuple(masked), hidden=tuple(hidden), flags=flags)
