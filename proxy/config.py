@@ -81,6 +81,8 @@ class Config:
     audit_path: str = "-"  # "-" is stdout; %Y and %m make it a monthly template
     audit_replica: str | None = None  # this replica's chain name; default host:listen-port
     audit_on_failure: str = "refuse"  # refuse | continue: restricted roles while the log cannot be written
+    #: Keys the hashes redacted literals leave in audit events (``audit search --value``); None: no hashes.
+    audit_value_key: bytes | None = None
     max_message_size: int = DEFAULT_MAX_MESSAGE
     max_connections: int = 1000
     secret: bytes = b""  # keys the fake SCRAM salts of unknown users; random per start if unset
@@ -248,7 +250,10 @@ def parse_config(data: Any, loc: Located) -> Config:
             nets.append(ipaddress.ip_network(str(n), strict=False))
         except ValueError as exc:
             raise ConfigError(f"{loc.where('auth', 'trust', i)}: {exc}") from exc
-    audit = _check_keys(d.get("audit") or {}, {"path", "replica", "on_failure"}, loc, ("audit",))
+    audit = _check_keys(d.get("audit") or {}, {"path", "replica", "on_failure", "value_key"}, loc, ("audit",))
+    value_key = _secret(audit.get("value_key"), loc, ("audit", "value_key"))
+    expect(value_key is None or (isinstance(value_key, str) and len(value_key) >= 16), loc, ("audit", "value_key"),
+           "value_key must be a secret of at least 16 characters (it keys the hashes of redacted values)")
     on_failure = audit.get("on_failure", "refuse")
     expect(on_failure in ("refuse", "continue"), loc, ("audit", "on_failure"),
             "on_failure must be refuse (restricted roles' statements are refused while the audit log "
@@ -298,6 +303,7 @@ def parse_config(data: Any, loc: Located) -> Config:
         state=state, guards_off=guards_off, upstream=upstream, users=users, listen_host=str(listen.get("host", "127.0.0.1")),
         listen_port=_number(listen, "port", 6432, loc, ("listen",), high=65535), tls=tls, trust_networks=tuple(nets),
         audit_path=str(audit.get("path", "-")), audit_replica=replica, audit_on_failure=on_failure,
+        audit_value_key=value_key.encode() if value_key else None,
         max_message_size=_number(limits, "max_message_size", DEFAULT_MAX_MESSAGE, loc, ("limits",), low=1024,
                                  high=1 << 30),
         max_connections=_number(limits, "max_connections", 1000, loc, ("limits",), low=1, high=1_000_000),
@@ -333,6 +339,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PGWARDEN_TLS_CERT": ("tls", "cert"),
     "PGWARDEN_TLS_KEY": ("tls", "key"),
     "PGWARDEN_AUDIT_PATH": ("audit", "path"),
+    "PGWARDEN_AUDIT_VALUE_KEY": ("audit", "value_key"),
     "PGWARDEN_RULES": ("rules",),
     "PGWARDEN_SECRET": ("secret",),
     "PGWARDEN_METRICS_LISTEN": ("metrics", "listen"),
@@ -395,7 +402,7 @@ def effective_config(cfg: Config) -> dict[str, Any]:
                      "connect_timeout": up.connect_timeout},
         "tls": {"cert": cfg.tls.cert, "key": cfg.tls.key} if cfg.tls else None,
         "auth": {"trust": [str(n) for n in cfg.trust_networks]},
-        "audit": {"path": cfg.audit_path},
+        "audit": {"path": cfg.audit_path, **({"value_key": HIDDEN} if cfg.audit_value_key else {})},
         "limits": {"max_message_size": cfg.max_message_size, "max_connections": cfg.max_connections},
         "rules": cfg.rules_path,
         "metrics": {"listen": f"{cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"} if cfg.metrics_listen else None,
