@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from rules.decision import Decision, refuse
 from rules.settings import setting_problem
-from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
+from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER, row_cap_weight
 
 from proxy.ops import console as admin_console
 from proxy import auth
@@ -284,7 +284,8 @@ class ClientSession(asyncio.Protocol):
         self._last_reserved: Any = None  # the row budget reservation the last verdict made
         self._last_left = 0  # rows left of the budget when the last verdict refused for it
         self._cap_retry: int | None = None  # a Query decided again with the rows left as its cap
-        self._cursors: set[str] = set()  # cursors declared over protected tables (their FETCHes count)
+        #: cursors declared over protected tables (their FETCHes count) -> records one of their rows carries
+        self._cursors: dict[str, int] = {}
         self._scope: Any = None  # rules.tickets.Scope of the ticket or break-glass in use, if any
         self._scope_epoch = 0  # changes whenever the scope does
         self._stmt_epoch: dict[bytes, int] = {}  # prepared under a scope -> the epoch it was prepared in
@@ -1112,16 +1113,17 @@ class ClientSession(asyncio.Protocol):
             if d.sql is not None and d.reading is not None and "DeclareCursorStmt" in d.reading.kinds:
                 name = declared_cursor(d.sql)
                 if name is not None:
-                    self._cursors.add(name)
+                    self._cursors[name] = max(1, d.records_per_row)
                 return 0
-            return min(max_rows, cap) if max_rows > 0 else cap  # anything else may return up to the cap
+            # anything else may return up to the cap (in records: rows x the records one row carries)
+            return min(max_rows * max(1, d.records_per_row), cap) if max_rows > 0 else cap
         if self._cursors:
             body = skip_comments(text)
             if body[:5].upper() == "FETCH":
                 f = fetch_rows(body, cap)
                 if f is None:
                     return cap  # a FETCH pgwarden cannot read: assume the most
-                return f[1] if f[0] in self._cursors else 0
+                return min(f[1] * self._cursors[f[0]], cap) if f[0] in self._cursors else 0
             if body[:7].upper() == "EXECUTE" or body[:4].upper() == "MOVE":
                 return cap
         return 0
@@ -1353,7 +1355,7 @@ class ClientSession(asyncio.Protocol):
         refusal = head.refusal  # our own error, replacing the server's answer to the poison statement
         late: Decision | None = None  # a refusal PostgreSQL raised for us (row cap, row check)
         if refusal is None and ROW_CAP_MARKER in err.message:
-            refusal = self._row_cap_error()
+            refusal = self._row_cap_error(row_cap_weight(err.message))
             late = refuse("row cap", reason="result larger than the role's row cap (R3.2)")
         elif refusal is None and ROW_CHECK_MARKER in err.message:
             refusal = self._row_check_error()
@@ -1394,15 +1396,19 @@ class ClientSession(asyncio.Protocol):
             self._finish(failed, "error", None, max(self._scanner.rows - head.rows0, 0), err)
         return replacement
 
-    def _row_cap_error(self) -> bytes:
-        """PostgreSQL refused the statement at the row cap the rewriter put in it: say so plainly."""
+    def _row_cap_error(self, weight: int = 1) -> bytes:
+        """PostgreSQL refused the statement at the row cap the rewriter put in it: say so plainly.
+
+        ``weight``: the records one row of it carries (rules.records); the cap counts records."""
         grants, _ = self.server.engine.grants(self.principal) if self.principal else (None, "")
         cap = getattr(grants, "row_cap", None)
         role = getattr(grants, "role", "")
         budget = " (or than is left of the row budget)" if getattr(grants, "row_budget", None) else ""
+        what = f"{cap} rows" if weight <= 1 else \
+            f"{cap} records (each of its rows carries {weight} records of protected tables)"
         return codec.error_response(
             SqlState.INSUFFICIENT_PRIVILEGE,
-            f"pgwarden: the result has more than {cap} rows, the row cap of role {role}{budget}; "
+            f"pgwarden: the result has more than {what}, the row cap of role {role}{budget}; "
             "narrow the query (filters, LIMIT) or ask for a ticket")
 
     def _row_check_error(self) -> bytes:
@@ -1472,6 +1478,8 @@ class ClientSession(asyncio.Protocol):
                     d.masked or d.hidden or not protected_by(self.server.engine.rules).isdisjoint(d.tables)):
                 fields["receipt"] = rid = new_receipt()
                 slip = receipt_notice(receipt_text(rid, rows, d.tables, d.masked, d.hidden))
+        if d is not None and d.value_hashes:
+            fields["value_hashes"] = list(d.value_hashes)  # keyed hashes of the redacted literals (R2.4)
         if d is not None and d.flags:
             fields["flags"] = list(d.flags)
         if outcome == "refused" and d is not None:
@@ -1484,13 +1492,27 @@ class ClientSession(asyncio.Protocol):
             if run.guard is not None:
                 fields["guard"] = run.guard
             if run.reserved is not None:
-                guards.give_back(self.principal, run.reserved, rows if outcome != "refused" else 0)
+                guards.give_back(self.principal, run.reserved, self._records_sent(run, rows) if outcome != "refused"
+                                 else 0)
             guards.after(self.principal, outcome == "refused", (d.reason or d.message) if d is not None else "",
                          self._emit_event)
         self.server.audit.emit_with("statement", self._audit_base, fields)
         if self.server.stats is not None:  # metrics: counted where the event is written
             self.server.stats.statement(outcome, d, dur / 1000.0, err.sqlstate if err is not None else None)
         return slip
+
+    def _records_sent(self, run: Run, rows: int) -> int:
+        """What a statement's rows cost the row budget: rows x the records one of them carries
+        (the decision's, or for a FETCH the cursor's; rules.records)."""
+        d = run.decision
+        weight = d.records_per_row if d is not None else 1
+        if self._cursors and run.text:
+            body = skip_comments(run.text)
+            if body[:5].upper() == "FETCH":
+                f = fetch_rows(body, 1)
+                if f is not None:
+                    weight = self._cursors.get(f[0], weight)
+        return rows * max(1, weight)
 
     # --- endings ------------------------------------------------------------------------------
 
