@@ -21,13 +21,18 @@ carries a key, could hide a lookup from the count, so the statement is refused
 with a message that says how to write it. Showing, grouping or sorting by the
 key itself, and computing output from it, looks nobody up.
 
-Records picked by other identifying values: rows of a keyed table chosen by a
-constant on its ``record_key`` (``WHERE id = 12345``) or on a column of
-personal data (``guest_name = '张三'``, ``phone = ...``, masked or not) name a
-guest pgwarden cannot tell from the text. For a role with a quota they are
-refused unless the same statement also pins that table's guest key
-(``AND guest_id = 42``), which is then counted. Searches that are not
-equalities (``LIKE '%...%'``, ranges) are not lookups and are not counted.
+Records picked by other identifying values: rows of a keyed table chosen by
+its ``record_key`` (``WHERE id = 12345``) or by a column of personal data the
+role sees in clear (a supervisor's ``guest_name = '张三'``) name a guest
+pgwarden cannot tell from the text. For a role with a quota, any condition on
+such an identity column (an equality, a pattern, a function of it) is refused
+unless the same statement also pins that table's guest key (``AND guest_id =
+42``), which is then counted; joining on it (``c.id = d.cs_record_id``) and
+showing or sorting by it are not conditions. A range of record keys against
+values (``id > $1 ORDER BY id LIMIT 50``: a tool paging through a table) picks
+no guest and is allowed, unless its bounds meet (``BETWEEN 5 AND 5``, ``>= 5
+AND <= 5``). A masked column is not an identity: a condition on it compares
+masked values, which name no one for sure.
 """
 
 from __future__ import annotations
@@ -190,6 +195,21 @@ class _Statement:
                 return True
         return False
 
+    def identity(self, inst: tuple[int, ...], col: str) -> bool:
+        """A column naming one record or one person for this role: the record key, clear personal data."""
+        from .grants import Treatment
+
+        g = self.grant(inst)
+        if g is None or col == g.subject_key:
+            return False
+        if col == g.record_key:
+            return True
+        rule = g.columns.get(col)
+        return col in g.personal and (rule is None or rule.treatment == Treatment.CLEAR)
+
+    def identities(self, info: Info) -> list[tuple[tuple[int, ...], str]]:
+        return [(inst, c) for inst, c in info.reads if inst and self.identity(inst, c)]
+
     def integer(self, t: Term) -> bool:
         base = self.lin.base(t[1])
         col = base.rel.column(t[2]) if base is not None and base.rel is not None else None
@@ -208,13 +228,25 @@ class _Statement:
                 if any(self.involves_key(s.whole()) for s in scope.sources):
                     raise UnclearLookup(f"a join whose common columns pgwarden cannot tell ({join.sql(dialect=DIALECT)})",
                                         "name the join's columns (JOIN ... ON a.guest_id = b.guest_id)")
+        picked: list[tuple[tuple[int, ...], str]] = []  # identity columns used in a condition
+        bounds: dict[tuple[Any, ...], tuple[set[str], set[str]]] = {}  # record key ranges: (lower, upper) values
         for col in self.tree.find_all(exp.Column):
             if id(col) in self.recognised:
                 continue
             info = self.lin.info(col)
-            if self.involves_key(info) and not self._harmless(col, info):
+            if self._harmless(col, info):
+                continue
+            if self.involves_key(info):
                 raise UnclearLookup(col.sql(dialect=DIALECT))
-        yield from self._counted()
+            ids = self.identities(info)
+            if ids and self._paging(col, info, bounds):
+                continue
+            picked.extend(ids)
+        for (inst, name), (low, high) in bounds.items():
+            if low & high:
+                picked.append((inst, name))  # >= x AND <= x: one record
+        found = list(self._counted(picked))
+        yield from found
 
     def _read(self, conj: exp.Expression, scope: Scope) -> None:
         """Record what one condition says about guest keys; shapes not recognised are left alone (their key
@@ -312,9 +344,53 @@ class _Statement:
             return False
         return node.arg_key == "expressions" and node.arg_key not in _CONDITION_ARGS
 
+    _RANGES: dict[type, int] = {exp.GT: 0, exp.GTE: 0, exp.LT: 1, exp.LTE: 1}  # column on the left: lower/upper
+
+    def _paging(self, col: exp.Column, info: Info, bounds: dict[tuple[Any, ...], tuple[set[str], set[str]]]) -> bool:
+        """Is ``col`` a record key compared, as a range, with a value (not picking one record)?"""
+        if not (info.pure and info.exact and len(info.terms) == 1):
+            return False
+        (t,) = info.terms
+        g = self.grant(t[1]) if t[0] == "col" else None
+        if g is None or t[2] != g.record_key:
+            return False
+        p = col.parent
+        while isinstance(p, exp.Paren):
+            p = p.parent
+        key = (t[1], t[2])
+        if isinstance(p, exp.Between) and _unparen(p.this) is col:
+            lo, hi = self._value(p.args.get("low")), self._value(p.args.get("high"))
+            return lo is not None and hi is not None and lo != hi
+        side = self._RANGES.get(type(p))
+        if side is None:
+            return False
+        if _unparen(p.this) is col:
+            other = p.expression
+        elif _unparen(p.expression) is col:
+            other, side = p.this, 1 - side
+        else:
+            return False
+        v = self._value(other)
+        if v is None:
+            return False
+        bounds.setdefault(key, (set(), set()))[side].add(v)
+        return True
+
+    def _value(self, e: exp.Expression | None) -> str | None:
+        """The text of a constant or parameter (``$1``), else None."""
+        if e is None:
+            return None
+        info = self.lin.info(e)
+        if not (info.pure and len(info.terms) == 1):
+            return None
+        (t,) = info.terms
+        if t[0] == "const":
+            return canonical_key(t[2], True)
+        return f"${t[1]}" if t[0] == "param" else None
+
     # --- what is counted --------------------------------------------------------------------------
 
-    def _counted(self) -> Iterator[Lookup]:
+    def _counted(self, picked: list[tuple[tuple[int, ...], str]]) -> Iterator[Lookup]:
         groups = self.classes.groups()
         pinned = {root for root, members in groups.items() if any(t[0] in ("const", "param") for t in members)}
         for root, members in groups.items():
@@ -336,21 +412,39 @@ class _Statement:
                         raise UnclearLookup(f"a cast of {text!r}")
                     yield Lookup("", canonical_key(text, integer), None, integer)
                 continue
-            if not values:
+            if values:  # an identity column equal to a value picks a record or a person
+                picked.extend((t[1], t[2]) for t in members if t[0] == "col" and self.identity(t[1], t[2]))
+        for inst, col in dict.fromkeys(picked):
+            g = self.grant(inst)
+            assert g is not None
+            if not self._pinned(inst, pinned):
+                name = self._describe(("col", inst, col))
+                raise UnclearLookup(f"rows picked by {name} name a guest pgwarden cannot count",
+                                    f"add {g.subject_key} = <the guest> to the condition (it is then counted)")
+
+    def _pinned(self, inst: tuple[int, ...], pinned: set[Term]) -> bool:
+        """Are this table instance's rows those of guests the statement names (and counts)? Its key is
+        equal to values, or its record key to the record key of such an instance (the same records)."""
+        seen: set[tuple[int, ...]] = set()
+        todo = [inst]
+        while todo:
+            cur = todo.pop()
+            if cur in seen:
                 continue
-            for t in members:  # a record picked by its id or by personal data
-                if t[0] != "col":
-                    continue
-                g = self.grant(t[1])
-                if g is None or not (t[2] == g.record_key or t[2] in g.personal):
-                    continue
-                key = ("col", t[1], g.subject_key)
-                if self.classes.find(key) not in pinned:
-                    name = self._describe(t)
-                    raise UnclearLookup(
-                        f"rows picked by {name} name a guest pgwarden cannot count",
-                        f"add {g.subject_key} = <the guest> to the condition (it is then counted), "
-                        f"or search {name} with LIKE or a range")
+            seen.add(cur)
+            g = self.grant(cur)
+            if g is None:
+                continue
+            if self.classes.find(("col", cur, g.subject_key)) in pinned:
+                return True
+            if g.record_key:
+                root = self.classes.find(("col", cur, g.record_key))
+                for t in self.classes.parent:
+                    if t[0] == "col" and t[1] != cur and self.classes.find(t) == root:
+                        other = self.grant(t[1])
+                        if other is not None and other.table == g.table and t[2] == other.record_key:
+                            todo.append(t[1])
+        return False
 
     def _describe(self, t: Term) -> str:
         base = self.lin.base(t[1])
