@@ -46,7 +46,8 @@ from typing import Any
 import sqlglot
 from sqlglot import exp
 
-__all__ = ["Redaction", "sensitive_columns", "redaction_of", "mentions_sensitive", "needs_redaction", "redact",
+__all__ = ["Redaction", "sensitive_columns", "redaction_of", "mentions_sensitive", "needs_redaction", "mask_shapes",
+           "redact",
            "redact_values", "value_hash", "normalise_value", "shapes", "NOT_REDACTED"]
 
 NOT_REDACTED = "<statement not parsed; not logged in clear>"
@@ -152,6 +153,15 @@ def shapes(text: str) -> list[tuple[int, int, str]]:
             found.append((m.start(), m.end(), "email"))
             taken.append(m.span())
     return sorted(found)
+
+
+def mask_shapes(text: str) -> str:
+    """``text`` with every shaped value masked (for free text the log keeps, e.g. PostgreSQL's error
+    messages, which echo literals: ``invalid input syntax for type integer: "139..."``). Never raises."""
+    try:
+        return _masked_shapes(text) if _SHAPE_HINT.search(text) else text
+    except Exception:  # noqa: BLE001
+        return "<message not logged in clear>"
 
 
 def needs_redaction(sql: str, sensitive: Redaction | Mapping[str, Any]) -> bool:

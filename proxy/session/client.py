@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from rules.decision import Decision, refuse
 from rules.settings import setting_problem
+from rules.redact import mask_shapes
 from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER, row_cap_weight
 
 from proxy.ops import console as admin_console
@@ -1349,7 +1350,7 @@ class ClientSession(asyncio.Protocol):
             self._upstream_fatal = True
         expect = self._expect
         if not expect:
-            self.server.audit.emit("error", self.principal, sqlstate=err.sqlstate, error=err.message)
+            self.server.audit.emit("error", self.principal, sqlstate=err.sqlstate, error=mask_shapes(err.message))
             return None
         head = expect[0]
         refusal = head.refusal  # our own error, replacing the server's answer to the poison statement
@@ -1457,7 +1458,7 @@ class ClientSession(asyncio.Protocol):
         }
         if err is not None:
             fields["sqlstate"] = err.sqlstate
-            fields["error"] = err.message
+            fields["error"] = mask_shapes(err.message)  # PostgreSQL's messages echo literals (R2.4)
         d = run.decision
         slip: bytes | None = None
         if d is not None and d.reading is not None and d.reading.search_path is not None and outcome == "ok":

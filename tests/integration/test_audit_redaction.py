@@ -129,3 +129,15 @@ def test_masked_and_receipts_name_the_columns_read(logged: Proxy, cluster: PgClu
     s = summarise(events, since=now - timedelta(hours=1), until=now + timedelta(hours=1))
     assert dict(s.masked) == {"public.cs_records.phone": 4, "public.cs_records.content": 3,
                               "public.cs_records.id_number": 2, "public.cs_records.bank_card": 2}
+
+
+def test_postgresqls_error_echo_is_masked_too(logged: Proxy) -> None:
+    # PostgreSQL's message repeats the literal ("invalid input syntax for type bigint: ..."): the event keeps
+    # the message, with the value masked.
+    logged.take_events(None)
+    err = run(logged, "carol", f"SELECT '{PHONE}x'::bigint")
+    assert isinstance(err, psycopg.Error) and err.sqlstate == "22P02"
+    (ev,) = logged.take_events()
+    assert ev["outcome"] == "error" and "invalid input syntax" in ev["error"]
+    assert PHONE not in json.dumps(ev, ensure_ascii=False) and "139****4321" in ev["error"]
+    assert PHONE not in Path(logged.audit_path).read_text(encoding="utf-8")

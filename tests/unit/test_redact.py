@@ -133,3 +133,11 @@ def test_redaction_never_raises(red) -> None:  # noqa: ANN001
         assert out in (None, NOT_REDACTED)
         if PHONE in hostile:
             assert out == NOT_REDACTED and value_hash(KEY, PHONE) in hashes
+
+
+def test_mask_shapes_in_free_text() -> None:
+    from rules.redact import mask_shapes
+
+    assert mask_shapes(f'invalid input syntax for type bigint: "{PHONE}x"') == \
+        'invalid input syntax for type bigint: "139****5678x"'
+    assert mask_shapes("nothing here 123") == "nothing here 123"
