@@ -244,7 +244,9 @@ def redacted(sql: str, d: Decision, sensitive: Redaction | Mapping[str, Any], ca
 
     text, hashes = redact_values(sql, sensitive, catalog=catalog, search_path=search_path)
     sent = None
-    if d.sql:
+    # The text sent holds the client's literals (where the client's text needs none redacted, neither does
+    # it) and pgwarden's own constants: only a mask salt or a shaped value there needs a look of its own.
+    if d.sql and (text is not None or has_shapes(d.sql, sensitive)):
         skip = d.reading.bodies if d.reading is not None else ()
         sent, more = redact_values(d.sql, sensitive, catalog=catalog, search_path=search_path, skip=skip)
         hashes += more
