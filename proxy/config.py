@@ -88,6 +88,8 @@ class Config:
     audit_write_ahead: bool = True  # restricted roles' statements wait until their statement_start is durable
     audit_anchor_every: int = 1000  # anchor the chain head in the state store every N events ...
     audit_anchor_seconds: float = 5.0  # ... or S seconds, whichever comes first (0: never)
+    #: Keys the hashes redacted literals leave in audit events (``audit search --value``); None: no hashes.
+    audit_value_key: bytes | None = None
     max_message_size: int = DEFAULT_MAX_MESSAGE
     max_connections: int = 1000
     secret: bytes = b""  # keys the fake SCRAM salts of unknown users; random per start if unset
@@ -285,11 +287,14 @@ def parse_config(data: Any, loc: Located) -> Config:
         except ValueError as exc:
             raise ConfigError(f"{loc.where('auth', 'trust', i)}: {exc}") from exc
     audit = _check_keys(d.get("audit") or {}, {"path", "replica", "on_failure", "key", "write_ahead", "anchor_every",
-                                               "anchor_seconds"}, loc, ("audit",))
+                                               "anchor_seconds", "value_key"}, loc, ("audit",))
     audit_key, audit_key_source = _audit_key(audit.get("key"), str(audit.get("path", "-")), loc)
     write_ahead = audit.get("write_ahead", True)
     expect(isinstance(write_ahead, bool), loc, ("audit", "write_ahead"),
            "write_ahead must be true (restricted roles' statements wait for their durable statement_start) or false")
+    value_key = _secret(audit.get("value_key"), loc, ("audit", "value_key"))
+    expect(value_key is None or (isinstance(value_key, str) and len(value_key) >= 16), loc, ("audit", "value_key"),
+           "value_key must be a secret of at least 16 characters (it keys the hashes of redacted values)")
     on_failure = audit.get("on_failure", "refuse")
     expect(on_failure in ("refuse", "continue"), loc, ("audit", "on_failure"),
             "on_failure must be refuse (restricted roles' statements are refused while the audit log "
@@ -342,6 +347,7 @@ def parse_config(data: Any, loc: Located) -> Config:
         audit_key=audit_key, audit_key_source=audit_key_source, audit_write_ahead=write_ahead,
         audit_anchor_every=_number(audit, "anchor_every", 1000, loc, ("audit",), low=1, high=10_000_000),
         audit_anchor_seconds=_number(audit, "anchor_seconds", 5.0, loc, ("audit",), integer=False, low=0, high=86400),
+        audit_value_key=value_key.encode() if value_key else None,
         max_message_size=_number(limits, "max_message_size", DEFAULT_MAX_MESSAGE, loc, ("limits",), low=1024,
                                  high=1 << 30),
         max_connections=_number(limits, "max_connections", 1000, loc, ("limits",), low=1, high=1_000_000),
@@ -377,6 +383,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PGWARDEN_TLS_CERT": ("tls", "cert"),
     "PGWARDEN_TLS_KEY": ("tls", "key"),
     "PGWARDEN_AUDIT_PATH": ("audit", "path"),
+    "PGWARDEN_AUDIT_VALUE_KEY": ("audit", "value_key"),
     "PGWARDEN_RULES": ("rules",),
     "PGWARDEN_SECRET": ("secret",),
     "PGWARDEN_METRICS_LISTEN": ("metrics", "listen"),
@@ -441,7 +448,8 @@ def effective_config(cfg: Config) -> dict[str, Any]:
         "auth": {"trust": [str(n) for n in cfg.trust_networks]},
         "audit": {"path": cfg.audit_path, "key": f"{cfg.audit_key_source} ({HIDDEN})" if cfg.audit_key else None,
                   "write_ahead": cfg.audit_write_ahead, "anchor_every": cfg.audit_anchor_every,
-                  "anchor_seconds": cfg.audit_anchor_seconds},
+                  "anchor_seconds": cfg.audit_anchor_seconds,
+                  **({"value_key": HIDDEN} if cfg.audit_value_key else {})},
         "limits": {"max_message_size": cfg.max_message_size, "max_connections": cfg.max_connections},
         "rules": cfg.rules_path,
         "metrics": {"listen": f"{cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"} if cfg.metrics_listen else None,

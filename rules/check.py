@@ -62,7 +62,7 @@ def check_rules(rules: Rules, cat: Catalog) -> list[str]:
 
 def _check_table(t: TableRules, rel: Any) -> list[str]:
     out = []
-    for label, col in (("subject_key", t.subject_key), ("time_column", t.time_column),
+    for label, col in (("subject_key", t.subject_key), ("record_key", t.record_key), ("time_column", t.time_column),
                        ("department_column", t.department_column)):
         if col and rel.column(col) is None:
             out.append(f"{t.line}: {label} {col!r} does not exist in {t.name}")

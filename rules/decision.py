@@ -32,6 +32,15 @@ class Decision:
     #: What the statement is, as PostgreSQL's parser confirmed it (rules.pgconfirm.Reading): statement
     #: kinds, relations, cursors WITH HOLD. The session acts on these facts, never on the text.
     reading: Any = None
+    #: The most records of protected tables one result row may carry (rules.records): the row cap
+    #: allows rows x this, and the row budget is charged rows x this for what was sent.
+    records_per_row: int = 1
+    #: "schema.table.column" of every protected column the statement uses (rules.records.columns_read);
+    #: None when that is not followed (writes): then every masked column of its tables is listed.
+    columns_read: frozenset[str] | None = None
+    #: Keyed hashes (rules.redact.value_hash) of the literals redacted from the logged statement, so
+    #: ``pgwarden audit search --value X`` finds who searched for X without X being in the log.
+    value_hashes: tuple[str, ...] = ()
 
     @property
     def refused(self) -> bool:

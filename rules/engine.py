@@ -10,14 +10,14 @@ analysed is refused too (R6.4).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .principal import Principal
 
 from .decision import ALLOW, Decision, refuse
-from .redact import mentions_sensitive
+from .redact import Redaction, has_shapes, mentions_sensitive
 from .templates import TemplateCache
 
 Context = Mapping[str, Any]  # "search_path": tuple[str, ...] | None
@@ -27,7 +27,8 @@ DECISION_CACHE = 20_000
 class Engine:
     """Holds the loaded rules; ``decide`` is pure and cheap to call per statement."""
 
-    def __init__(self, rules: Any = None, *, max_tokens: int | None = None) -> None:
+    def __init__(self, rules: Any = None, *, max_tokens: int | None = None, value_key: bytes | None = None) -> None:
+        """``value_key``: the key of the hashes redacted literals leave in the audit log (``audit.value_key``)."""
         self.rules = rules
         self.max_tokens = max_tokens  # restricted roles' statements with more tokens are refused
         self._grants: dict[tuple[Any, ...], tuple[Any, str]] = {}
@@ -35,15 +36,15 @@ class Engine:
         self._decisions: dict[tuple[Any, ...], Decision] = {}
         self._pinned: dict[int, Any] = {}
         self._templates = TemplateCache()
-        self._sensitive: dict[str, Any] = {}
+        self._sensitive = Redaction(key=value_key)
         # Read by /metrics: decisions from the exact-text cache, from a verified template, and full analyses.
         self.cache_hits = 0
         self.template_hits = 0
         self.cache_misses = 0
         if rules is not None:
-            from .redact import sensitive_columns
+            from .redact import redaction_of
 
-            self._sensitive = sensitive_columns(rules.tables)
+            self._sensitive = redaction_of(rules.tables, value_key)
 
     @property
     def enforcing(self) -> bool:
@@ -101,7 +102,8 @@ class Engine:
         else the Job an analysis needs: the caller runs it here (:meth:`run`) or in a worker
         process (:func:`analyse`), then hands the result to :meth:`finish`."""
         if self.rules is None:
-            return ALLOW
+            # A transparent relay still logs no ID number, card, mobile or e-mail in clear (R2.4).
+            return redacted(sql, ALLOW, self._sensitive) if has_shapes(sql) else ALLOW
         try:
             grants, why = self.grants(principal)
             if grants is None:
@@ -128,14 +130,15 @@ class Engine:
     def run(self, job: Job) -> Decision:
         """Analyse here, reusing verified templates of statements that differ only in literals."""
         try:
-            if self._sensitive and mentions_sensitive(job.sql.lower(), self._sensitive):
+            if mentions_sensitive(job.sql.lower(), self._sensitive) or has_shapes(job.sql, self._sensitive):
                 self.cache_misses += 1
                 return analyse(job)  # literals to redact: decided on their own
             analyses = self.cache_misses
 
             def full(text: str) -> Decision:
+                # Redacted by lineage too (a renamed sensitive column): such a shape is never templated.
                 self.cache_misses += 1
-                return _rewritten(text, job)
+                return redacted(text, _rewritten(text, job), job.sensitive, job.catalog, job.search_path)
 
             d = self._templates.decide(job.sql, (id(job.grants), id(job.catalog), job.search_path), full)
             if self.cache_misses == analyses:
@@ -165,7 +168,7 @@ class Job:
     grants: Any  # rules.grants.StatementGrants
     catalog: Any  # rules.catalog.Catalog
     search_path: tuple[str, ...] | None
-    sensitive: Mapping[str, Any]
+    sensitive: Redaction
     max_tokens: int | None = None
 
 
@@ -173,9 +176,7 @@ def analyse(job: Job) -> Decision:
     """The full analysis of one statement: rewrite (with PostgreSQL's parser confirming it), the
     masks and flags for the audit log, guest lookups, redaction. Pure; never raises."""
     try:
-        d = _rewritten(job.sql, job)
-        if job.sensitive and mentions_sensitive(job.sql.lower(), job.sensitive):
-            d = redacted(job.sql, d, job.sensitive)
+        d = redacted(job.sql, _rewritten(job.sql, job), job.sensitive, job.catalog, job.search_path)
         return with_lookups(job, d)
     except Exception as exc:  # noqa: BLE001 - fail closed
         return _engine_error(exc)
@@ -207,46 +208,60 @@ def with_lookups(job: Job, d: Decision) -> Decision:
         found = find_lookups(job.sql, grants, job.catalog, job.search_path)
     except UnclearLookup as u:
         keys = sorted({g.subject_key for g in grants.tables.values() if g.subject_key})
+        hint = u.hint or f"look guests up with {' / '.join(keys)} = value or IN (values)"
         return redacted(job.sql, refuse(
             f"pgwarden: role {grants.role} has a per-guest lookup quota, and this statement constrains a "
-            f"guest key in a way that cannot be counted ({u}); look guests up with "
-            f"{' / '.join(keys)} = value or IN (values)", reason=f"unclear guest lookup: {u}"), job.sensitive)
+            f"guest key in a way that cannot be counted ({u}); {hint}", reason=f"unclear guest lookup: {u}"),
+            job.sensitive, job.catalog, job.search_path)
     return dataclasses.replace(d, lookups=found) if found else d
 
 
 def annotated(d: Decision, grants: Any, catalog: Any) -> Decision:
-    """What the audit event says beyond the verdict: masks and hidden columns applied, role flags."""
+    """What the audit event says beyond the verdict: the masks and hidden columns the statement
+    read (all of its tables' when that is not known), role flags."""
     from .grants import Treatment
 
     masked, hidden = [], []
+    read = d.columns_read
     for t in d.tables:
         g = grants.tables.get(t)
         rel = catalog.relations.get(t) if g is None else None
+        named = t
         if rel is not None:  # a partition or inheritance child: its root's grant applies
             t = catalog.root_of(rel).qualified_name
             g = grants.tables.get(t)
         for col, rule in (g.columns.items() if g is not None else ()):
+            if read is not None and f"{named}.{col}" not in read and f"{t}.{col}" not in read:
+                continue
             if rule.treatment == Treatment.MASK:
                 masked.append(f"{t}.{col}")
             elif rule.treatment == Treatment.HIDDEN:
                 hidden.append(f"{t}.{col}")
     flags = tuple(sorted(grants.flags))
+    masked, hidden = list(dict.fromkeys(masked)), list(dict.fromkeys(hidden))
     if not (masked or hidden or flags):
         return d
     return dataclasses.replace(d, masked=tuple(masked), hidden=tuple(hidden), flags=flags)
 
 
-def redacted(sql: str, d: Decision, sensitive: Mapping[str, Any]) -> Decision:
-    """Attach the statement as it may be logged (sensitive literals masked), if it differs."""
-    if not sensitive:
-        return d
-    from .redact import redact
+def redacted(sql: str, d: Decision, sensitive: Redaction | Mapping[str, Any], catalog: Any = None,
+             search_path: Sequence[str] | None = None) -> Decision:
+    """Attach the statement and the text sent as they may be logged (R2.4), if either differs,
+    with the keyed hashes of what was redacted."""
+    from .redact import redact_values
 
-    red = redact(sql, sensitive)
-    if red is None:
+    text, hashes = redact_values(sql, sensitive, catalog=catalog, search_path=search_path)
+    sent = None
+    # The text sent holds the client's literals (where the client's text needs none redacted, neither does
+    # it) and pgwarden's own constants: only a mask salt or a shaped value there needs a look of its own.
+    if d.sql and (text is not None or has_shapes(d.sql, sensitive)):
+        skip = d.reading.bodies if d.reading is not None else ()
+        sent, more = redact_values(d.sql, sensitive, catalog=catalog, search_path=search_path, skip=skip)
+        hashes += more
+    if text is None and sent is None:
         return d
-    red_sql = (redact(d.sql, sensitive) or d.sql) if d.sql else None
-    return dataclasses.replace(d, redacted=red, redacted_sql=red_sql)
+    return dataclasses.replace(d, redacted=text or sql, redacted_sql=sent or d.sql,
+                               value_hashes=tuple(dict.fromkeys(hashes)))
 
 
 def decide(principal: Principal, sql: str, catalog: Any = None, context: Context | None = None, *,

@@ -53,6 +53,10 @@ class TableGrant:
     kinds: frozenset[StatementKind] = frozenset({StatementKind.SELECT})
     reason: str = ""  # which YAML rule produced it (for explain and the audit log)
     subject_key: str | None = None  # the column naming the guest a row is about (lookup quotas, R3.4)
+    #: The column naming one record (``id``): picking rows by it looks a guest up (rules.lookups).
+    record_key: str | None = None
+    #: The columns the rules classify as personal data (``sensitive:``), masked or not for this role.
+    personal: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ class TableRules:
     line: str = ""
     legal_hold_column: str | None = None  # rows under legal hold (R2.5): a ticket opens them only if legal
     region_column: str | None = None  # for region-scoped (cross-region) tickets (R1.5)
+    record_key: str | None = None  # the column naming one record (lookup quotas: a pick by it names a guest)
 
 
 @dataclass(frozen=True)
@@ -288,9 +289,10 @@ def parse_rules(data: Any, loc: Located) -> Rules:
     for name, v in _mapping(d.get("tables"), loc, ("tables",), "tables").items():
         t = _mapping(v, loc, ("tables", name), f"table {name}")
         _keys(t, {"subject_key", "time_column", "department_column", "sensitive", "legal_hold_column",
-                  "region_column"}, loc, ("tables", name))
+                  "region_column", "record_key"}, loc, ("tables", name))
         tables[name] = TableRules(
-            name=name, subject_key=t.get("subject_key"), time_column=t.get("time_column"),
+            name=name, subject_key=t.get("subject_key"), record_key=t.get("record_key"),
+            time_column=t.get("time_column"),
             department_column=t.get("department_column"), legal_hold_column=t.get("legal_hold_column"),
             region_column=t.get("region_column"),
             sensitive={c: _mask(k, loc, ("tables", name, "sensitive", c)) for c, k in
@@ -721,7 +723,8 @@ def grants_for(rules: Rules, p: Principal) -> tuple[StatementGrants | None, str]
             cols[col] = ColumnRule(Treatment.HIDDEN)
         tables[_canonical(name)] = TableGrant(table=_canonical(name), row_filter=row_filter, columns=cols,
                                               kinds=g.kinds, reason=f"{role.name} grant at {g.where}",
-                                              subject_key=rules.tables[name].subject_key)
+                                              subject_key=t.subject_key, record_key=t.record_key,
+                                              personal=frozenset(t.sensitive))
     kinds = role.kinds | (frozenset({StatementKind.COPY_TO}) if role.export else frozenset())
     return StatementGrants(tables=tables, kinds=kinds, catalog_relations=CATALOG_RELATIONS,
                            row_cap=role.row_cap, export=role.export, allowed_functions=role.functions,

@@ -56,6 +56,8 @@ from .decision import ALLOW, Decision, refuse
 from .pgconfirm import DISAGREEMENT, Disagreement, Reading, agree, confirm
 from .functions import refused as function_refused
 from .grants import StatementGrants, StatementKind, TableGrant, Treatment
+from .lineage import PACKING_AGGREGATES, Lineage
+from .records import Unbounded, columns_read, records_per_row
 
 __all__ = ["rewrite", "NOT_UNDERSTOOD"]
 
@@ -112,6 +114,9 @@ class _Ctx:
     client_relations: set[str] = field(default_factory=set)  # in the client's text
     sent_relations: set[str] = field(default_factory=set)  # in the text pgwarden sends
     targets: set[str] = field(default_factory=set)
+    #: Protected (relation, column) pairs the statements use; None once a statement's use is not followed (DML).
+    read: set[tuple[str, str]] | None = field(default_factory=set)
+    weights: list[int] = field(default_factory=list)  # records one result row may carry, per capped statement
 
     @property
     def role(self) -> str:
@@ -163,8 +168,9 @@ def rewrite(sql: str, grants: StatementGrants, catalog: Catalog,
         return Decision("allow", sql=text, reason="nothing protected; pgwarden's own text of it is sent",
                         reading=sent)
     tables = tuple(dict.fromkeys(ctx.tables))
+    read = frozenset(f"{t}.{c}" for t, c in ctx.read) if ctx.read is not None else None
     return Decision("rewrite", sql=text, reason="protected tables replaced by policy derived tables", tables=tables,
-                    reading=sent)
+                    reading=sent, records_per_row=max(ctx.weights, default=1), columns_read=read)
 
 
 def _tokenize(sql: str) -> list[Token]:
@@ -283,25 +289,65 @@ def _is_query(tree: exp.Expression) -> bool:
 
 ROW_CAP_MARKER = "pgwarden-row-cap-exceeded:"
 # The row cap (R3.2) as SQL: the uncorrelated subquery runs once, before the first row is sent,
-# and reads at most cap+1 rows of the (materialised, order-keeping) result; past the cap, a cast
+# and reads at most limit+1 rows of the (materialised, order-keeping) result; past the limit, a cast
 # that depends on the count fails, so PostgreSQL itself refuses the statement and aborts the
 # transaction, and the proxy swaps that error for its own 42501. Cursors and Execute with
 # max_rows are covered: the check runs on the first fetch, over the whole result.
+# The limit is cap // W, W the records one result row may carry (rules.records): rows x W <= cap.
 _CAP_TEMPLATE = (
     "WITH pgwarden_capped AS MATERIALIZED (SELECT 1) SELECT * FROM pgwarden_capped WHERE ("
-    "SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.>) {cap} "
-    "THEN CAST(pg_catalog.textcat('" + ROW_CAP_MARKER + "', CAST(pg_catalog.count(*) AS pg_catalog.text)) "
+    "SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.>) {limit} "
+    "THEN CAST(pg_catalog.textcat('{marker}', CAST(pg_catalog.count(*) AS pg_catalog.text)) "
     "AS pg_catalog.int4) IS NULL ELSE TRUE END "
     "FROM (SELECT 1 FROM pgwarden_capped LIMIT {probe}) AS pgwarden_probe)"
 )
+_CAP_WEIGHT = re.compile(re.escape(ROW_CAP_MARKER) + r"(\d+)x")
 
 
-def _capped(tree: exp.Expression, cap: int) -> exp.Expression:
-    wrapper = sqlglot.parse_one(_CAP_TEMPLATE.format(cap=int(cap), probe=int(cap) + 1), read=DIALECT)
+def _capped(tree: exp.Expression, cap: int, weight: int = 1) -> exp.Expression:
+    limit = int(cap) // max(1, int(weight))
+    marker = ROW_CAP_MARKER if weight <= 1 else f"{ROW_CAP_MARKER}{int(weight)}x"
+    wrapper = sqlglot.parse_one(_CAP_TEMPLATE.format(limit=limit, probe=limit + 1, marker=marker), read=DIALECT)
     cte = wrapper.find(exp.CTE)
     assert cte is not None
     cte.set("this", tree)
     return wrapper
+
+
+def row_cap_weight(message: str) -> int:
+    """The records per row a row-cap error (PostgreSQL's cast error on the marker) was raised with."""
+    m = _CAP_WEIGHT.search(message)
+    return int(m.group(1)) if m else 1
+
+
+def _records(tree: exp.Expression, hits: list[_Hit], ctx: _Ctx) -> int:
+    """What the statement's protected records do (rules.records): the columns it uses, for the audit
+    event's ``masked``, and, for a role with a row cap, the most records one result row carries."""
+    if not hits:
+        return 1
+    ids = {id(h.node) for h in hits}
+    capped = bool(ctx.grants.row_cap)
+    try:
+        lin = Lineage(tree, ctx.catalog, ctx.search_path, protected=lambda n, _r: id(n) in ids)
+    except (RecursionError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+        if capped:
+            raise
+        ctx.read = None  # what was read is not known: the audit event lists every masked column
+        return 1
+    if ctx.read is not None:
+        try:
+            ctx.read |= columns_read(lin)
+        except (RecursionError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+            ctx.read = None
+    if not capped:
+        return 1
+    try:
+        weight = records_per_row(lin)
+    except Unbounded:
+        raise Refused(f"pgwarden: role {ctx.role} has a row cap of {ctx.grants.row_cap}; a value that carries any "
+                      "number of records (array_agg, string_agg, json_agg, ARRAY(SELECT ...)) is refused") from None
+    ctx.weights.append(weight)
+    return weight
 
 
 def _query_statement(tree: exp.Expression, ctx: _Ctx) -> tuple[bool, str]:
@@ -309,13 +355,14 @@ def _query_statement(tree: exp.Expression, ctx: _Ctx) -> tuple[bool, str]:
     shadowed = ctx.shadowed
     ctx.client_relations |= _relations_of(tree, ctx)
     hits = _analyze(tree, ctx)
+    if hits and ctx.grants.row_cap and any(w.args.get("recursive") for w in tree.find_all(exp.With)):
+        # A recursive CTE can fold any number of rows' values into one result row.
+        raise Refused(f"pgwarden: role {ctx.role} has a row cap of {ctx.grants.row_cap}; "
+                      "WITH RECURSIVE over protected tables is refused")
+    weight = _records(tree, hits, ctx)  # on the client's tree, before the fences replace its tables
     _fence_all(tree, hits, ctx)
     if hits and ctx.grants.row_cap:
-        if any(w.args.get("recursive") for w in tree.find_all(exp.With)):
-            # A recursive CTE can fold any number of rows' values into one result row.
-            raise Refused(f"pgwarden: role {ctx.role} has a row cap of {ctx.grants.row_cap}; "
-                          "WITH RECURSIVE over protected tables is refused")
-        tree = _capped(tree, ctx.grants.row_cap)
+        tree = _capped(tree, ctx.grants.row_cap, weight)
     text = _generate(tree)
     _verify(text, ctx, _is_query)
     return bool(hits) or ctx.shadowed > shadowed, text
@@ -508,13 +555,8 @@ def _func_name(node: exp.Func) -> tuple[tuple[str, ...], str]:
 
 
 # Aggregates that put many rows' values into one result row: with them a row cap counts one row
-# while the whole table leaves. Refused for roles with a row cap (sqlglot's names for some of them).
-_ROW_VALUE_AGGREGATES = frozenset({
-    "array_agg", "group_concat", "string_agg", "j_s_o_n_array_agg", "json_agg", "jsonb_agg", "json_agg_strict",
-    "jsonb_agg_strict", "j_s_o_n_object_agg", "json_object_agg", "j_s_o_n_b_object_agg", "jsonb_object_agg",
-    "json_object_agg_strict", "jsonb_object_agg_strict", "json_object_agg_unique", "jsonb_object_agg_unique",
-    "xmlagg", "j_s_o_n_arrayagg", "json_arrayagg", "json_objectagg", "range_agg", "range_intersect_agg",
-})
+# while the whole table leaves. Refused for roles with a row cap (rules.lineage.PACKING_AGGREGATES).
+_ROW_VALUE_AGGREGATES = PACKING_AGGREGATES
 # Ordered-set aggregates return one value per fraction: an array of fractions returns many rows' values.
 _ORDERED_SET = frozenset({"percentile_disc", "percentile_cont", "percentile_disc_array", "percentile_cont_array"})
 
@@ -1129,6 +1171,7 @@ def _dml_statement(tree: exp.Insert | exp.Update | exp.Delete, ctx: _Ctx) -> tup
         raise Refused(f"pgwarden: role {ctx.role} may not use ON CONFLICT; refused")
     ctx.client_relations |= _relations_of(tree, ctx)
     ctx.targets.add(rel.qualified_name)
+    ctx.read = None  # a write's use of columns is not followed: its event lists every masked column
     masked_returning = _check_dml_columns(tree, target, rel, grant, ctx)
     hits = _analyze(tree, ctx, skip={id(target)})
     _fence_all(tree, hits, ctx)
@@ -1450,6 +1493,7 @@ def _copy_statement(tree: exp.Copy, ctx: _Ctx) -> tuple[bool, str]:
         raise Refused(f"{NOT_UNDERSTOOD} (COPY source)")
     ctx.client_relations |= _relations_of(source.this, ctx)
     hits = _analyze(source.this, ctx)
+    _records(source.this, hits, ctx)
     _fence_all(tree, hits, ctx)
     text = _generate(tree)
     _verify(text, ctx, lambda t: isinstance(t, exp.Copy) and isinstance(t.this, exp.Subquery))

@@ -156,7 +156,9 @@ class TemplateCache:
         ds = full(sentinel_text)
         pg_normal = normalize(sentinel_text)
         tmpl = Template(ds, sentinels, pg_normal)
-        same = (ds.action == d.action and ds.message == d.message and ds.sqlstate == d.sqlstate
+        # A decision whose logged text is redacted depends on the literals themselves: never templated.
+        same = (d.redacted is None and ds.redacted is None
+                and ds.action == d.action and ds.message == d.message and ds.sqlstate == d.sqlstate
                 and ds.tables == d.tables and tmpl.fill([t for _, _, t, _ in literals]).sql == d.sql
                 and (ds.sql is None or all(s in ds.sql for s in sentinels))
                 and pg_normal is not None and normalize(sql) == pg_normal)

@@ -182,7 +182,8 @@ def widen(grants: StatementGrants, tables: Mapping[str, Any], scope: Scope,
         if g is None:
             cols = {c: ColumnRule(Treatment.MASK, kind) for c, kind in t.sensitive.items()}
             out[key] = TableGrant(table=key, row_filter=extra, columns=cols, kinds=frozenset({StatementKind.SELECT}),
-                                  reason=f"ticket {scope.ticket}", subject_key=t.subject_key)
+                                  reason=f"ticket {scope.ticket}", subject_key=t.subject_key,
+                                  record_key=t.record_key, personal=frozenset(t.sensitive))
         else:
             flt = extra if g.row_filter is None else exp.or_(exp.Paren(this=g.row_filter.copy()),
                                                               exp.Paren(this=extra))

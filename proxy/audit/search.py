@@ -1,4 +1,4 @@
-"""``pgwarden audit search``: find events by user, role, guest, table, decision, ticket, time, receipt.
+"""``pgwarden audit search``: find events by user, role, guest, table, decision, ticket, time, receipt, value.
 
 Pure functions over event dicts (``matches``, ``guests_of``); the command
 reads the files. Guests: when the lookup quota (R3.4, a state store) counted
@@ -8,6 +8,11 @@ literals compared with a table's subject key (``guest_id = 42``,
 ``guests.id IN (1, 2)``), with the subject keys taken from the rules; a
 guest passed as a bind parameter ($1) is then not in the text, and such
 lookups are found only by table and time.
+
+Values: a literal redacted from the log (R2.4) left its keyed hash in the
+event's ``value_hashes`` (rules.redact.value_hash); ``--value X`` hashes X with
+the same key and matches those, and also finds X where it was logged in clear
+(a literal no rule made sensitive), as a whole literal.
 """
 
 from __future__ import annotations
@@ -136,6 +141,8 @@ class Filters:
     since: datetime | None = None
     until: datetime | None = None
     event: str | None = None
+    value: str | None = None  # a literal value searched for (see value_hash)
+    value_hash: str | None = None  # rules.redact.value_hash(key, value), when the key is known
 
 
 def matches(ev: Mapping[str, Any], f: Filters, keys: SubjectKeys = {}) -> bool:  # noqa: B006 - read only
@@ -162,7 +169,24 @@ def matches(ev: Mapping[str, Any], f: Filters, keys: SubjectKeys = {}) -> bool: 
             return False
     if f.guest is not None and f.guest not in guests_of(ev, keys):
         return False
+    if f.value is not None and not has_value(ev, f.value, f.value_hash):
+        return False
     return True
+
+
+def has_value(ev: Mapping[str, Any], value: str, digest: str | None) -> bool:
+    """Did this statement search for ``value``: its redacted literals' hashes, or the value as a literal in clear?"""
+    hashes = ev.get("value_hashes")
+    if digest is not None and isinstance(hashes, list) and digest in hashes:
+        return True
+    text = ev.get("statement")
+    if not isinstance(text, str) or not value:
+        return False
+    quoted = "'" + value.replace("'", "''") + "'"
+    if quoted in text:
+        return True
+    return bool(re.fullmatch(r"-?\d+(\.\d+)?", value)) and re.search(rf"(?<![\w.']){re.escape(value)}(?![\w.'])",
+                                                                   text) is not None
 
 
 def search(events: Iterable[dict[str, Any]], f: Filters, keys: SubjectKeys = {}) -> Iterator[dict[str, Any]]:  # noqa: B006

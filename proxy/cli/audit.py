@@ -121,6 +121,24 @@ def _subject_keys(rules_path: str | None) -> dict[str, str]:
     return {name: t.subject_key for name, t in rules.tables.items() if t.subject_key}
 
 
+def _value_digest(args: argparse.Namespace) -> str | None:
+    """The keyed hash of --value: the key is audit.value_key (--config) or PGWARDEN_AUDIT_VALUE_KEY."""
+    import os
+
+    from rules.redact import value_hash
+
+    key: bytes | None = None
+    if args.config:
+        key = load_config(args.config).audit_value_key
+    elif os.environ.get("PGWARDEN_AUDIT_VALUE_KEY"):
+        key = os.environ["PGWARDEN_AUDIT_VALUE_KEY"].encode()
+    if key is None:
+        print("pgwarden: no audit.value_key (--config, or PGWARDEN_AUDIT_VALUE_KEY): only values logged in clear "
+              "are found", file=sys.stderr)
+        return None
+    return value_hash(key, args.value)
+
+
 def _audit_search(args: argparse.Namespace) -> int:
     import orjson
 
@@ -129,10 +147,12 @@ def _audit_search(args: argparse.Namespace) -> int:
 
     try:
         keys = _subject_keys(args.rules)
+        digest = _value_digest(args) if args.value is not None else None
         f = Filters(user=args.user, role=args.role, guest=args.guest, table=args.table, decision=args.decision,
                     ticket=args.ticket, receipt=args.receipt, event=args.event,
                     since=parse_when(args.since) if args.since else None,
-                    until=parse_when(args.until) if args.until else None)
+                    until=parse_when(args.until) if args.until else None,
+                    value=args.value, value_hash=digest)
     except (ConfigError, ValueError) as exc:
         print(f"pgwarden: {exc}", file=sys.stderr)
         return 2
@@ -287,6 +307,9 @@ def add_commands(sub: Any) -> None:
     se.add_argument("--since", help="30d, 12h or an ISO date/time")
     se.add_argument("--until", help="30d, 12h or an ISO date/time (exclusive)")
     se.add_argument("--rules", help="rules YAML: subject keys for --guest")
+    se.add_argument("--value", help="a value someone searched for (an ID number, a phone, ...), redacted or not; "
+                                    "redacted ones are matched by their keyed hash (needs audit.value_key)")
+    se.add_argument("--config", "-c", help="pgwarden configuration: audit.value_key for --value")
     se.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     se.set_defaults(fn=_audit_search)
     rp = asub.add_parser("report", help="a self-contained HTML report for security review")

@@ -190,7 +190,7 @@ def _explain(args: argparse.Namespace) -> int:
         return 2
     principal = Principal(user=entry.name, role=entry.role, department=entry.department,
                           attributes=dict(entry.attributes), database=args.database)
-    engine = Engine(rules, max_tokens=cfg.analysis.max_tokens)
+    engine = Engine(rules, max_tokens=cfg.analysis.max_tokens, value_key=cfg.audit_value_key)
     grants, why = engine.grants(principal)
     cat = asyncio.run(load_catalog_for(cfg, args.database))
     d = engine.decide(principal, args.sql, cat, {})

@@ -58,7 +58,7 @@ class Server:
                 from rules.model import load_rules
 
                 rules = load_rules(config.rules_path)  # ConfigError (file:line) stops the start
-            engine = Engine(rules, max_tokens=config.analysis.max_tokens)
+            engine = Engine(rules, max_tokens=config.analysis.max_tokens, value_key=config.audit_value_key)
         self.engine = engine
         self.analysis = AnalysisPool(config.analysis)  # large uncached analyses, off the event loop
         self._catalogs: dict[str, Any] = {}
@@ -192,7 +192,8 @@ class Server:
         old = self.engine
         for k, v in (("exact", old.cache_hits), ("template", old.template_hits), ("misses", old.cache_misses)):
             self._cache_base[k] += v
-        self.engine = Engine(rules, max_tokens=self.config.analysis.max_tokens)
+        self.engine = Engine(rules, max_tokens=self.config.analysis.max_tokens,
+                             value_key=self.config.audit_value_key)
         if self.stats is not None:
             self.stats.reloads["ok"] += 1
         self.forget_catalogs()  # a reload is also how a DBA makes pgwarden see new tables (new sessions)

@@ -41,6 +41,7 @@ from proxy.wire import codec
 from proxy.wire.codes import F, SqlState
 from rules.decision import Decision, refuse
 from rules.principal import Principal
+from rules.redact import mask_shapes
 
 __all__ = ["Relay", "Services", "Phase"]
 
@@ -451,7 +452,8 @@ class Relay:
         guards = self.services.guards
         if guards.store is not None:
             if run.reserved is not None:
-                guards.give_back(self.principal, run.reserved, fields["rows"] if outcome != "refused" else 0)
+                guards.give_back(self.principal, run.reserved,
+                                 self.guard.records_sent(run, fields["rows"]) if outcome != "refused" else 0)
         else:
             fields.pop("guard", None)
         # A statement that never ran neither breaks nor extends a refusal streak.
@@ -470,14 +472,18 @@ class Relay:
         """An event of this person's that is not a statement (a lockout the guards decided)."""
         self.services.audit.emit(event, self.principal, **fields)
 
-    def row_cap_error(self) -> bytes:
-        """PostgreSQL refused the statement at the row cap the rewriter put in it: say so plainly."""
+    def row_cap_error(self, weight: int = 1) -> bytes:
+        """PostgreSQL refused the statement at the row cap the rewriter put in it: say so plainly.
+
+        ``weight``: the records one row of it carries (rules.records); the cap counts records."""
         grants, _ = self.services.engine.grants(self.principal)
         cap = getattr(grants, "row_cap", None)
         budget = " (or than is left of the row budget)" if getattr(grants, "row_budget", None) else ""
+        what = f"{cap} rows" if weight <= 1 else \
+            f"{cap} records (each of its rows carries {weight} records of protected tables)"
         return codec.error_response(
             SqlState.INSUFFICIENT_PRIVILEGE,
-            f"pgwarden: the result has more than {cap} rows, the row cap of role {getattr(grants, 'role', '')}"
+            f"pgwarden: the result has more than {what}, the row cap of role {getattr(grants, 'role', '')}"
             f"{budget}; narrow the query (filters, LIMIT) or ask for a ticket")
 
     def row_check_error(self) -> bytes:
@@ -514,7 +520,7 @@ class Relay:
         if self.phase is Phase.COPY_IN:
             self.phase = Phase.READY  # the server left COPY mode
     def unexpected_error(self, err: Any) -> None:
-        self.services.audit.emit("error", self.principal, sqlstate=err.sqlstate, error=err.message)
+        self.services.audit.emit("error", self.principal, sqlstate=err.sqlstate, error=mask_shapes(err.message))
 
     def _follow_search_path(self, path: tuple[str, ...]) -> None:
         """A SET search_path took effect (its transaction ended without an error): resolve names with it."""

@@ -9,6 +9,7 @@ from proxy.audit.receipts import new_receipt, receipt_notice, receipt_text
 from proxy.session.sqltext import statement_type
 from proxy.session.tracking import Run
 from proxy.wire.codes import SqlState
+from rules.redact import mask_shapes
 
 __all__ = ["statement_fields"]
 
@@ -36,7 +37,7 @@ def statement_fields(run: Run, outcome: str, tag: tuple[str, int | None] | None,
         fields["start"] = run.intent  # its statement_start (write-ahead)
     if err is not None:
         fields["sqlstate"] = err.sqlstate
-        fields["error"] = err.message
+        fields["error"] = mask_shapes(err.message)  # PostgreSQL's messages echo literals (R2.4)
     d = run.decision
     slip: bytes | None = None
     if d is not None and d.action == "rewrite":
@@ -52,6 +53,8 @@ def statement_fields(run: Run, outcome: str, tag: tuple[str, int | None] | None,
                 d.masked or d.hidden or not protected.isdisjoint(d.tables)):
             fields["receipt"] = rid = new_receipt()
             slip = receipt_notice(receipt_text(rid, rows, d.tables, d.masked, d.hidden))
+    if d is not None and d.value_hashes:
+        fields["value_hashes"] = list(d.value_hashes)  # keyed hashes of the redacted literals (R2.4)
     if d is not None and d.flags:
         fields["flags"] = list(d.flags)
     if outcome == "refused" and d is not None:

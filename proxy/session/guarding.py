@@ -38,7 +38,8 @@ class GuardGate:
         self.last_reserved: Any = None  # the row budget reservation the last verdict made
         self.last_left = 0  # rows left of the budget when the last verdict refused for it
         self.cap_retry: int | None = None  # a Query decided again with the rows left as its cap
-        self.cursors: set[str] = set()  # cursors declared over protected tables (their FETCHes count)
+        #: cursors declared over protected tables (their FETCHes count) -> records one of their rows carries
+        self.cursors: dict[str, int] = {}
 
     def capped(self, p: Principal) -> Principal:
         """This person, with the rows left of their budget as the cap of the statement being decided."""
@@ -62,19 +63,33 @@ class GuardGate:
             if d.sql is not None and d.reading is not None and "DeclareCursorStmt" in d.reading.kinds:
                 name = declared_cursor(d.sql)
                 if name is not None:
-                    self.cursors.add(name)
+                    self.cursors[name] = max(1, d.records_per_row)
                 return 0
-            return min(max_rows, cap) if max_rows > 0 else cap  # anything else may return up to the cap
+            # anything else may return up to the cap (in records: rows x the records one row carries)
+            return min(max_rows * max(1, d.records_per_row), cap) if max_rows > 0 else cap
         if self.cursors:
             body = skip_comments(text)
             if body[:5].upper() == "FETCH":
                 f = fetch_rows(body, cap)
                 if f is None:
                     return cap  # a FETCH pgwarden cannot read: assume the most
-                return f[1] if f[0] in self.cursors else 0
+                return min(f[1] * self.cursors[f[0]], cap) if f[0] in self.cursors else 0
             if body[:7].upper() == "EXECUTE" or body[:4].upper() == "MOVE":
                 return cap
         return 0
+
+    def records_sent(self, run: Any, rows: int) -> int:
+        """What a statement's rows cost the row budget: rows x the records one of them carries
+        (the decision's, or for a FETCH the cursor's; rules.records)."""
+        d = run.decision
+        weight = d.records_per_row if d is not None else 1
+        if self.cursors and run.text:
+            body = skip_comments(run.text)
+            if body[:5].upper() == "FETCH":
+                f = fetch_rows(body, 1)
+                if f is not None:
+                    weight = self.cursors.get(f[0], weight)
+        return rows * max(1, weight)
 
     def verdict(self, guests: list[str | None], want: int) -> Decision | None:
         """None if the statement may go ahead; else the refusal. Suspends the first time it is asked."""

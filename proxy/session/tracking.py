@@ -19,7 +19,7 @@ from proxy.session.sqltext import type_from_tag
 from proxy.wire import codec
 from proxy.wire.codes import B
 from rules.decision import Decision, refuse
-from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER
+from rules.rewrite import ROW_CAP_MARKER, ROW_CHECK_MARKER, row_cap_weight
 
 __all__ = ["Run", "Expect", "Tracker", "TrackerOwner", "Q", "P", "BIND", "D", "E", "C", "S", "FN"]
 
@@ -88,7 +88,7 @@ class TrackerOwner(Protocol):
     def finish(self, run: Run, outcome: str, tag: tuple[str, int | None] | None, rows: int,
                err: Any = None) -> bytes | None: ...
 
-    def row_cap_error(self) -> bytes: ...
+    def row_cap_error(self, weight: int = 1) -> bytes: ...
 
     def row_check_error(self) -> bytes: ...
 
@@ -205,7 +205,7 @@ class Tracker:
         refusal = head.refusal  # our own error, replacing the server's answer to the poison statement
         late: Decision | None = None  # a refusal PostgreSQL raised for us (row cap, row check)
         if refusal is None and ROW_CAP_MARKER in err.message:
-            refusal = self.owner.row_cap_error()
+            refusal = self.owner.row_cap_error(row_cap_weight(err.message))
             late = refuse("row cap", reason="result larger than the role's row cap (R3.2)")
         elif refusal is None and ROW_CHECK_MARKER in err.message:
             refusal = self.owner.row_check_error()

@@ -92,3 +92,17 @@ def test_ticket_summary_reads_monthly_and_gzipped_audit_files(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit-2026-10.jsonl.gz", "audit-2026-11.jsonl"]
     assert read_summary(template, "T-7") == {"statements": 2, "rows": 7, "guests": [],
                                              "tables": ["public.cs_records", "public.guests"]}
+
+
+def test_search_by_value_matches_keyed_hashes_and_clear_literals() -> None:
+    from proxy.audit.search import Filters, matches
+    from rules.redact import value_hash
+
+    key = b"k" * 32
+    redacted = {"event": "statement", "statement": "SELECT * FROM cs_records WHERE phone = '139****5678'",
+                "value_hashes": [value_hash(key, "13912345678")]}
+    clear = {"event": "statement", "statement": "SELECT * FROM cs_records WHERE agent = 'zhou' AND guest_id = 42"}
+    f = Filters(value="13912345678", value_hash=value_hash(key, "13912345678"))
+    assert matches(redacted, f) and not matches(clear, f)
+    assert matches(clear, Filters(value="zhou")) and matches(clear, Filters(value="42"))
+    assert not matches(clear, Filters(value="4")) and not matches(redacted, Filters(value="139"))

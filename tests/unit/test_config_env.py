@@ -105,3 +105,15 @@ def test_config_show_reports_errors_with_file_and_line(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr == f"pgwarden: {bad}:2: expected host:port, not 'nowhere:port'\n"
+
+
+def test_audit_value_key_from_the_environment_and_hidden(tmp_path: Path) -> None:
+    from proxy.config import effective_config
+
+    assert load_config(config_file(tmp_path), environ={}).audit_value_key is None
+    cfg = load_config(config_file(tmp_path), environ={"PGWARDEN_AUDIT_VALUE_KEY": "a-long-audit-value-key"})
+    assert cfg.audit_value_key == b"a-long-audit-value-key"
+    assert effective_config(cfg)["audit"]["value_key"] == "<hidden>"
+    with pytest.raises(ConfigError) as ei:
+        load_config(config_file(tmp_path), environ={"PGWARDEN_AUDIT_VALUE_KEY": "short"})
+    assert "value_key" in str(ei.value) and "16 characters" in str(ei.value)
