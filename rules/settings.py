@@ -19,6 +19,7 @@ SESSION_SETTINGS = frozenset({
     "default_transaction_isolation", "default_transaction_read_only", "bytea_output", "geqo",
     "standard_conforming_strings", "client_min_messages", "jit", "work_mem",
 })
+_OFF = frozenset({"off", "false", "0", "no"})
 _ON = frozenset({"on", "true", "1", "yes", "'on'", "'true'", "'1'", "'yes'"})
 
 
@@ -30,6 +31,9 @@ def setting_problem(name: str, value: str | None, how: str | None = None) -> str
         if how is not None:
             return f"pgwarden: {how} {name!r} is not allowed; allowed settings: {allowed}"
         return f"pgwarden: changing setting {name} is not allowed; refused (allowed settings: {allowed})"
+    if name == "jit" and value is not None and value.strip().strip("'").lower() not in _OFF:
+        return ("pgwarden: jit may only be switched off (compiling pgwarden's masked statements can keep the "
+                "server busy for a minute)")
     if name == "standard_conforming_strings" and value is not None and value.strip().lower() not in _ON:
         return "pgwarden: standard_conforming_strings must stay on (backslashes in strings would be read differently)"
     return None

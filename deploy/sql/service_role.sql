@@ -31,6 +31,8 @@ ALTER ROLE :"svc" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION N
 \if :{?svc_password}
 ALTER ROLE :"svc" WITH PASSWORD :'svc_password';
 \endif
+-- JIT compiling pgwarden's masked statements can take a minute of CPU (1 s without): off for the service role.
+ALTER ROLE :"svc" SET jit = off;
 
 -- Start from nothing in this database, then grant what the rules need.
 REVOKE ALL ON DATABASE :"DBNAME" FROM :"svc";

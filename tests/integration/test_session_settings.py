@@ -110,3 +110,16 @@ def test_startup_allows_exactly_what_set_allows(shadowed: Proxy, name: str, valu
             or "must stay on" in str(e) else str(e)
     assert by_set == at_startup, (name, by_set, at_startup)
     assert (name in SESSION_SETTINGS and value != "off") == (by_set is None), (name, by_set)
+
+
+def test_jit_is_off_for_restricted_sessions_and_cannot_be_switched_on(shadowed: Proxy) -> None:
+    with psycopg.connect(shadowed.dsn("carol"), autocommit=True) as c:
+        assert c.execute("SELECT current_setting('jit')").fetchone() == ("off",)
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("SET jit TO on")
+        assert ei.value.sqlstate == "42501" and "jit may only be switched off" in str(ei.value)
+        c.execute("SET jit TO off")
+    _refused_login = psycopg.OperationalError
+    with pytest.raises(_refused_login) as ei:
+        psycopg.connect(shadowed.dsn("carol") + " options='-c jit=on'")
+    assert "jit may only be switched off" in str(ei.value)
